@@ -1,0 +1,111 @@
+"""The data of every stage, built deterministically from the preset and cached under runs/<preset>/data.
+
+Splits (each row one hand; `prompt`/`completion` are TRL's conversational prompt-completion format):
+- sft_train: ID-rule hands with a solver answer, `data.sft_size` rows, seed `data.seed`;
+- id_test, ood_test: `data.test_size` hands per rule (234 in the paper), each drawn with seed
+  `data.test_seed` (42); the first `data.loss_set_size` rows of id_test give Figure 2's ID test loss;
+- ood_loss: `data.loss_set_size` OOD hands with answers for Figure 2's OOD loss, seed `data.seed + 1`.
+Hands repeat across splits as they do upstream: with 715 distinct ID multisets, a 100k-example SFT set
+covers them all.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import artifacts, cards
+from .config import Config
+
+log = logging.getLogger(__name__)
+SPLITS = ("sft_train", "id_test", "ood_test", "ood_loss")
+
+
+def example(hand: cards.Hand, formula: str, target: int = cards.TARGET) -> dict[str, Any]:
+    """One row: the hand, the prompt turn, and the SFT answer with `formula`."""
+    return {
+        "rule": hand.rule,
+        "cards": list(hand.cards),
+        "numbers": list(hand.numbers),
+        "prompt": cards.prompt_messages(hand, target),
+        "completion": [{"role": "assistant", "content": cards.answer_text(hand, formula, target)}],
+        "formula": formula,
+        "n_solutions": len(cards.solve(hand.numbers, target)),
+    }
+
+
+def sample_split(n: int, rule: str, seed: int, answer_choice: str = "random",
+                 target: int = cards.TARGET) -> list[dict[str, Any]]:
+    """n hands of a rule from one seeded generator, each with a solver answer.
+
+    answer_choice "random" draws the answer uniformly among all solutions from the same generator
+    (upstream does not publish its choice); "first" takes the first in solve()'s order (shortest).
+    """
+    if answer_choice not in ("random", "first"):
+        raise ValueError(f"data.answer_choice must be 'random' or 'first', got {answer_choice!r}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in tqdm(range(n), desc=f"{rule} hands (seed {seed})", disable=n < 2000, leave=False):
+        hand = cards.sample_hand(rng, rule, target)
+        solutions = cards.solve(hand.numbers, target)
+        formula = rng.choice(solutions) if answer_choice == "random" else solutions[0]
+        rows.append(example(hand, formula, target))
+    return rows
+
+
+def build_splits(cfg: Config) -> dict[str, list[dict[str, Any]]]:
+    d = cfg.data
+    if d.sft_size < 1 or d.test_size < 1 or d.loss_set_size < 1:
+        raise ValueError("data.sft_size, data.test_size and data.loss_set_size must be positive")
+    return {
+        "sft_train": sample_split(d.sft_size, "id", d.seed, d.answer_choice, d.target),
+        "id_test": sample_split(d.test_size, "id", d.test_seed, d.answer_choice, d.target),
+        "ood_test": sample_split(d.test_size, "ood", d.test_seed, d.answer_choice, d.target),
+        "ood_loss": sample_split(d.loss_set_size, "ood", d.seed + 1, d.answer_choice, d.target),
+    }
+
+
+def build(cfg: Config, force: bool = False) -> Path:
+    """Build (or reuse) every split under runs/<preset>/data; returns that directory."""
+    spec = {"stage": "data", "data": asdict(cfg.data), "code": artifacts.code_hash("cards", "data")}
+
+    def write(tmp: Path) -> None:
+        splits = build_splits(cfg)
+        datasets.disable_progress_bars()  # one bar per tiny split is noise
+        datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(tmp))
+        log.info("data: %s", {k: len(v) for k, v in splits.items()})
+
+    return artifacts.cached_stage(artifacts.data_dir(cfg), spec, write, force=force)
+
+
+def load(cfg: Config) -> datasets.DatasetDict:
+    """Every split, building them first if needed."""
+    return datasets.load_from_disk(str(build(cfg)))
+
+
+def split_sizes(splits: datasets.DatasetDict) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"split": name, "rule": ds[0]["rule"] if len(ds) else "", "hands": len(ds),
+         "distinct hands": len({tuple(sorted(c)) for c in ds["cards"]})}
+        for name, ds in splits.items()
+    ])
+
+
+def solvable_share(rule: str, target: int = cards.TARGET) -> float:
+    """Exact share of upstream's raw draws (before resampling) that are solvable under the rule:
+    all 13^4 ordered ID draws, or all 13^3 x 3 OOD draws."""
+    if rule == "id":
+        draws = Counter(tuple(sorted(min(r, 10) for r in (a, b, c, d)))
+                        for a in range(1, 14) for b in range(1, 14) for c in range(1, 14) for d in range(1, 14))
+    else:
+        draws = Counter(tuple(sorted((a, b, c, d)))
+                        for a in range(1, 14) for b in range(1, 14) for c in range(1, 14) for d in range(11, 14))
+    solvable = sum(n for hand, n in draws.items() if cards.is_solvable(hand, target))
+    return solvable / sum(draws.values())

@@ -1,0 +1,72 @@
+"""Config: presets load typed and frozen; overrides apply; unknown keys fail with the valid ones listed."""
+import dataclasses
+
+import pytest
+
+from paper_lib import config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smol", "qwen7b", "llama11b"])
+def test_every_preset_loads_with_typed_values(preset):
+    cfg = config.load(preset)
+    assert cfg.preset == preset
+    assert isinstance(cfg.sft.learning_rate, float)  # YAML's 1e-6 is a string to PyYAML
+    assert isinstance(cfg.restore.top_ks, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sft.learning_rate = 1.0
+
+
+def test_paper_settings_in_the_large_presets():
+    for preset in ("qwen7b", "llama11b"):
+        sft = config.load(preset).sft
+        assert (sft.learning_rate, sft.per_device_batch_size * sft.num_processes) == (1e-6, 64)
+        assert (sft.lr_scheduler, sft.warmup_ratio, sft.weight_decay, sft.save_steps, sft.eval_steps) == (
+            "cosine", 0.03, 0.0, 20, 5)
+    rl = config.load("qwen7b").rl
+    assert (rl.gamma, rl.gae_lambda, rl.clip_eps, rl.value_coef, rl.ppo_epochs, rl.max_grad_norm) == (
+        0.9, 0.95, 0.1, 0.5, 4, 0.01)
+    assert (rl.temperature, rl.max_new_tokens, rl.thought_prob_coef, rl.kl_coef) == (0.2, 512, 0.5, 0.0)
+
+
+def test_overrides_in_every_form():
+    cfg = config.load("tiny", sft__learning_rate="2e-5", **{"data.sft_size": 10}, eval={"max_attempts": 3},
+                      model__tiny__layers=3)
+    assert (cfg.sft.learning_rate, cfg.data.sft_size, cfg.eval.max_attempts, cfg.model.tiny.layers) == (
+        2e-5, 10, 3, 3)
+    assert config.load("tiny").sft.learning_rate == 1e-3  # the file is untouched
+
+
+def test_unknown_keys_fail_with_the_valid_ones_listed():
+    with pytest.raises(config.ConfigError, match=r"unknown key\(s\) \['lr'\] in sft; valid keys: \['learning_rate'"):
+        config.load("tiny", sft__lr=1e-5)
+    with pytest.raises(config.ConfigError, match=r"in top level; valid keys: \['preset', 'model'"):
+        config.load("tiny", training={"lr": 1})
+    with pytest.raises(config.ConfigError, match=r"in model.tiny; valid keys"):
+        config.load("tiny", model__tiny__depth=1)
+
+
+def test_unknown_keys_in_a_file_fail_too(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("model:\n  name: tiny\nsft:\n  learning_rat: 1e-5\n")
+    with pytest.raises(config.ConfigError, match="learning_rat"):
+        config.load(bad)
+    good = tmp_path / "mine2.yaml"
+    good.write_text("model:\n  name: /models/mine\nsft:\n  learning_rate: 3e-6\n")
+    cfg = config.load(good)
+    assert (cfg.preset, cfg.model.name, cfg.sft.learning_rate) == ("mine2", "/models/mine", 3e-6)
+
+
+def test_bad_values_and_presets_fail_clearly():
+    with pytest.raises(config.ConfigError, match="sft.save_steps must be int"):
+        config.load("tiny", sft__save_steps=2.5)
+    with pytest.raises(config.ConfigError, match="sft.bf16 must be bool"):
+        config.load("tiny", sft__bf16="maybe")
+    with pytest.raises(config.ConfigError, match=r"unknown preset 'qwen70b'; choose one of \["):
+        config.load("qwen70b")
+
+
+def test_section_hash_tracks_only_the_named_sections():
+    a, b = config.load("tiny"), config.load("tiny", sft__learning_rate=1e-4)
+    assert a.section_hash("data") == b.section_hash("data")
+    assert a.section_hash("sft") != b.section_hash("sft")
+    assert a.section_hash() != b.section_hash()

@@ -1,0 +1,67 @@
+"""Datasets: determinism, sizes from the preset, answers that grade correct, and the build cache."""
+import datasets
+
+from paper_lib import artifacts, cards, config, data
+
+
+def small(**overrides):
+    sizes = {"data__sft_size": 64, "data__test_size": 20, "data__loss_set_size": 8}
+    return config.load("tiny", **{**sizes, **overrides})
+
+
+def test_splits_are_deterministic_for_a_seed_and_change_with_it():
+    cfg = small()
+    assert data.build_splits(cfg) == data.build_splits(cfg)
+    other = data.build_splits(small(data__seed=1))
+    assert other["sft_train"] != data.build_splits(cfg)["sft_train"]
+    assert other["id_test"] == data.build_splits(cfg)["id_test"]  # test sets use data.test_seed
+
+
+def test_split_sizes_rules_and_answers():
+    cfg = small()
+    splits = data.build_splits(cfg)
+    assert {k: len(v) for k, v in splits.items()} == {"sft_train": 64, "id_test": 20, "ood_test": 20, "ood_loss": 8}
+    for name, rows in splits.items():
+        rule = "ood" if name.startswith("ood") else "id"
+        for row in rows:
+            assert row["rule"] == rule
+            assert row["prompt"][0]["role"] == "user" and len(row["prompt"]) == 1
+            answer = row["completion"][0]["content"]
+            assert cards.grade_answer(answer, row["numbers"]).status == "CORRECT"
+            assert row["numbers"] == [cards.card_value(c, rule) for c in row["cards"]]
+            assert row["n_solutions"] == len(cards.solve(row["numbers"])) > 0
+    assert all(any(c in "JQK" for c in row["cards"]) for row in splits["ood_test"])
+
+
+def test_answer_choice_first_takes_the_shortest_solution():
+    rows = data.build_splits(small(data__answer_choice="first"))["id_test"]
+    assert all(r["formula"] == cards.solve(r["numbers"])[0] for r in rows)
+
+
+def test_test_sets_use_seed_42_by_default():
+    cfg = config.load("qwen7b")
+    assert (cfg.data.test_size, cfg.data.test_seed) == (234, 42)
+    assert cfg.data.sft_size >= 64 * 1600
+
+
+def test_build_saves_with_datasets_and_skips_when_unchanged():
+    cfg = small()
+    path = data.build(cfg)
+    assert path == artifacts.data_dir(cfg)
+    loaded = datasets.load_from_disk(str(path))
+    assert set(loaded) == set(data.SPLITS)
+    assert loaded["sft_train"].to_list() == [dict(r) for r in data.build_splits(cfg)["sft_train"]]
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    data.build(cfg)
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    data.build(cfg, force=True)
+    assert (path / "manifest.json").stat().st_mtime_ns != stamp
+    bigger = small(data__sft_size=65)
+    data.build(bigger)
+    assert len(data.load(bigger)["sft_train"]) == 65
+
+
+def test_solvable_share_is_exact_over_raw_draws():
+    share = data.solvable_share("ood")
+    assert 0 < share < 1
+    assert share * 13 ** 3 * 3 == round(share * 13 ** 3 * 3)  # a count over all 6591 OOD draws
