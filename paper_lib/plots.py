@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -60,5 +61,215 @@ def solutions_per_hand(table: pd.DataFrame) -> plt.Figure:
     ax.set_xlabel("distinct solutions of the hand (log scale)")
     ax.set_ylabel("hands")
     ax.set_title("Test hands: how many ways reach 24")
+    fig.tight_layout()
+    return fig
+
+
+STAGE_ORDER = {"base": 0, "sft": 1, "rl": 2, "other": 3}
+
+
+def success_across_checkpoints(table: pd.DataFrame, inter_sft: str | None = None) -> plt.Figure:
+    """Figure 1: ID and OOD success rate (Wilson 95% intervals) at every checkpoint, base -> SFT -> RL.
+
+    `table` is evaluate.sweep's: label, stage, step, rule, success_rate, ci_low, ci_high.
+    """
+    style()
+    order = (table.drop_duplicates("label").assign(key=lambda t: t["stage"].map(STAGE_ORDER))
+             .sort_values(["key", "step"])["label"].tolist())
+    x = {label: i for i, label in enumerate(order)}
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * len(order) + 2), 3.8))
+    for rule, group in table.groupby("rule"):
+        group = group.assign(x=group["label"].map(x)).sort_values("x")
+        ax.errorbar(group["x"], 100 * group["success_rate"],
+                    yerr=[100 * (group["success_rate"] - group["ci_low"]), 100 * (group["ci_high"] - group["success_rate"])],
+                    marker="o", capsize=3, color=RULE_COLORS.get(rule), label=rule.upper())
+    for stage, shade in (("sft", "#f2f2f2"), ("rl", "#e6f0e6")):
+        xs = [x[l] for l in order if table.loc[table["label"] == l, "stage"].iloc[0] == stage]
+        if xs:
+            ax.axvspan(min(xs) - 0.5, max(xs) + 0.5, color=shade, zorder=0)
+            ax.text((min(xs) + max(xs)) / 2, 1.0, stage.upper(), transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=9, color="0.35")
+    if inter_sft in x:
+        ax.axvline(x[inter_sft], color="0.4", ls="--", lw=1)
+        ax.text(x[inter_sft], 0.02, " Inter_SFT", transform=ax.get_xaxis_transform(), fontsize=8, color="0.3")
+    ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(bottom=0)
+    ax.legend(title="test set", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+REFERENCE_STYLES = {"base": ("0.2", ":"), "Inter_SFT": ("#2ca02c", "--"), "full SFT": ("#9467bd", "-.")}
+
+
+def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, title: str) -> plt.Figure:
+    """Figures 5 and 6: ID and OOD success after restoring directions, one point per variant (column
+    `x`, in table order), with the base, Inter_SFT and full-SFT rates as horizontal lines.
+
+    `references` has columns name (base / Inter_SFT / full SFT), rule, success_rate.
+    """
+    style()
+    order = list(dict.fromkeys(table["x"]))
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.5, 1.1 * len(order) + 4), 3.6), sharey=False)
+    for ax, rule in zip(axes, ("id", "ood")):
+        part = table[table["rule"] == rule].set_index("x").loc[order]
+        xs = range(len(order))
+        ax.errorbar(xs, 100 * part["success_rate"],
+                    yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
+                    marker="o", capsize=3, color=RULE_COLORS[rule], label="restored")
+        for _, ref in references[references["rule"] == rule].iterrows():
+            color, ls = REFERENCE_STYLES.get(ref["name"], ("0.5", "--"))
+            ax.axhline(100 * ref["success_rate"], color=color, ls=ls, lw=1.2, label=ref["name"])
+        ax.set_xticks(list(xs), order, rotation=30, ha="right")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("success rate (%)")
+        ax.set_title(f"{rule.upper()} test set")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.suptitle(title, y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def causal(table: pd.DataFrame) -> plt.Figure:
+    """Figure 7: the RL model against the RL model with the SFT model's singular directions, ID and OOD
+    success with Wilson 95% intervals. `table` has columns variant, rule, success_rate, ci_low, ci_high."""
+    style()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    variants = list(dict.fromkeys(table["variant"]))
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        part = table[table["variant"] == variant].set_index("rule").loc[["id", "ood"]]
+        xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(2)]
+        ax.bar(xs, 100 * part["success_rate"], width, label=variant,
+               yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
+               capsize=4)
+    ax.set_xticks([0, 1], ["ID", "OOD"])
+    ax.set_ylabel("success rate (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("Imposing SFT's directions on the RL model")
+    fig.tight_layout()
+    return fig
+
+
+def gauge(sigmas: pd.DataFrame, scaling: pd.DataFrame, slopes: dict[str, float]) -> plt.Figure:
+    """Appendix A: (left) W1's singular values before and after a gauge rotation, identical, while its
+    singular vectors rotate; (right) ‖Δ(W1 W2)‖F against the parameter step η on log-log axes, a gauge step
+    (fitted slope ≈ 2) against a change of σ (slope ≈ 1)."""
+    style()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for column, marker in (("before", "o"), ("after", "x")):
+        left.plot(sigmas["index"], sigmas[column], marker=marker, ls="none", label=f"σ {column} rotation")
+    left.set_xlabel("index i")
+    left.set_ylabel("σᵢ(W1)")
+    left.set_title(f"σ unchanged; vectors rotate {sigmas.attrs.get('rotation_deg', float('nan')):.0f}° on average",
+                   fontsize=10)
+    left.legend(fontsize=8)
+    for kind, group in scaling.groupby("kind"):
+        right.loglog(group["eta"], group["product_change"], marker="o",
+                     label=f"{kind} step (fitted slope {slopes[kind]:.2f})")
+    right.set_xlabel("parameter step η")
+    right.set_ylabel("‖Δ(W1 W2)‖F")
+    right.set_title("Same step size, different cost to the function", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _layer0(table: pd.DataFrame, modules: tuple[str, ...]) -> dict[str, str]:
+    rows = table[(table["layer"] == 0) & table["module"].isin(modules) & (table["block"] != "cross_attn")]
+    return {r["module"]: r["name"] for _, r in rows.iterrows()}
+
+
+def singular_values(pairs: dict[str, tuple[pd.DataFrame, dict]], modules=("q_proj", "k_proj", "v_proj")) -> plt.Figure:
+    """Figure 3: σ before and after (left axis, log) and Δσ = σ_after − σ_before (right axis) of layer 0's
+    q/k/v, one row per pair (e.g. base→SFT, base→RL). `pairs` maps a title to spectra.load_pair's output."""
+    style()
+    fig, axes = plt.subplots(len(pairs), len(modules), figsize=(4.2 * len(modules), 3.2 * len(pairs)), squeeze=False)
+    for row, (title, (table, arrays)) in zip(axes, pairs.items()):
+        names = _layer0(table, modules)
+        for ax, module in zip(row, modules):
+            a = arrays[names[module]]
+            idx = range(len(a["sigma_before"]))
+            ax.plot(idx, a["sigma_before"], lw=2, color="0.6", label="σ before")
+            ax.plot(idx, a["sigma_after"], lw=1, ls="--", color="#1f77b4", label="σ after")
+            ax.set_yscale("log")
+            twin = ax.twinx()
+            twin.plot(idx, a["sigma_after"] - a["sigma_before"], lw=0.8, color="#d62728", alpha=0.8, label="Δσ")
+            twin.axhline(0, color="#d62728", lw=0.5, alpha=0.5)
+            twin.set_ylabel("Δσ", color="#d62728")
+            twin.grid(False)
+            ax.set_title(f"{title}: layer 0 {module}", fontsize=10)
+            ax.set_xlabel("index i")
+        row[0].set_ylabel("σᵢ")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def principal_angle_spectrum(pairs: dict[str, tuple[pd.DataFrame, dict]], module: str = "up_proj") -> plt.Figure:
+    """Figure 4: principal angles (degrees, ascending) between the top-k left and right singular subspaces
+    of layer 0's `module`, one curve per pair (the paper: SFT and RL nearly overlap)."""
+    style()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    for title, (table, arrays) in pairs.items():
+        a = arrays[_layer0(table, (module,))[module]]
+        for ax, side in zip(axes, ("u", "v")):
+            ax.plot(np.degrees(a[f"angles_{side}"]), label=title)
+    for ax, side in zip(axes, ("left (U)", "right (V)")):
+        ax.set_title(f"layer 0 {module}, {side} singular subspace", fontsize=10)
+        ax.set_xlabel("principal angle index")
+    axes[0].set_ylabel("angle (degrees)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_module_heatmap(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Mean principal angle (U side, degrees) and max |Δσ| / σ₁ per layer × module of one pair."""
+    style()
+    layers = table[table["layer"] >= 0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, max(3.0, 0.28 * layers["layer"].nunique() + 1.5)))
+    for ax, (value, label, fmt) in zip(axes, (("angle_u_mean_deg", "mean principal angle (°)", ".0f"),
+                                              ("rel_dsigma_absmax", "max |Δσ| / σ₁", ".1e"))):
+        grid = layers.pivot_table(index="layer", columns="module", values=value, aggfunc="mean")
+        grid = grid[[m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if m in grid]]
+        sns.heatmap(grid, ax=ax, cmap="viridis", annot=len(grid) <= 12, fmt=fmt, cbar_kws={"label": label})
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title, y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+SFT_CURVES = {"id_train": ("ID train", "#1f77b4", "-"), "id_test": ("ID test", "#1f77b4", "--"),
+              "ood": ("OOD", "#d62728", "-")}
+
+
+def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None) -> plt.Figure:
+    """Figure 2: ID train loss, ID test loss and OOD loss (answer tokens only) during SFT, against the step.
+
+    `table` is sft.loss_table's: step, curve (id_train, id_test, ood), loss. `marks` names checkpoints to
+    draw as vertical lines, e.g. {"Inter_SFT": 120, "full SFT": 800}; those beyond the last step are left out.
+    """
+    style()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for curve, (label, color, ls) in SFT_CURVES.items():
+        group = table[table["curve"] == curve].sort_values("step")
+        if not group.empty:
+            ax.plot(group["step"], group["loss"], color=color, ls=ls, marker="o", ms=3, label=label)
+    last = table["step"].max() if not table.empty else 0
+    for name, step in (marks or {}).items():
+        if step is not None and 0 <= step <= last:
+            ax.axvline(step, color="0.45", ls=":", lw=1)
+            ax.text(step, 0.98, f" {name}", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="right",
+                    fontsize=8, color="0.3")
+    ood = table[table["curve"] == "ood"]
+    if not ood.empty:
+        low = ood.loc[ood["loss"].idxmin()]
+        ax.annotate(f"OOD min {low['loss']:.2f} @ {int(low['step'])}", (low["step"], low["loss"]),
+                    xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8, color="#d62728")
+    ax.set_xlabel("SFT step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title("SFT: ID train / ID test / OOD loss")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig

@@ -1,0 +1,92 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Success across checkpoints (Figure 1)
+#
+# Every checkpoint plays the 234 ID and 234 OOD test hands by the multi-turn protocol (PAPER_SPEC §2.5):
+# up to 5 graded attempts, each failure answered with `You failed this trial because …`. A hand counts
+# as a success when an attempt is correct. The checkpoints are the base model, every SFT checkpoint and
+# every RL checkpoint that exists.
+#
+# The paper's finding: ID success rises steadily through SFT, while OOD success peaks early at
+# **Inter_SFT** and then falls. RL, started from the end of SFT, recovers most of the lost OOD success.
+# Results are cached per checkpoint under `runs/<preset>/eval/`, so re-running after new checkpoints
+# appear evaluates only those.
+
+# %% tags=["parameters"]
+preset = "tiny"
+overrides = {}
+force = False  # re-evaluate every checkpoint
+
+# %%
+import pandas as pd
+from IPython.display import display
+
+from paper_lib import artifacts, config, evaluate, plots
+
+cfg = config.load(preset, **overrides)
+checkpoints = evaluate.discover_checkpoints(cfg)
+print(f"{len(checkpoints)} checkpoint(s):", ", ".join(c.label for c in checkpoints))
+table = evaluate.sweep(cfg, force=force, checkpoints=checkpoints)
+display(table.pivot(index="label", columns="rule", values="success_rate").reindex([c.label for c in checkpoints]).style.format("{:.1%}"))
+
+# %% [markdown]
+# ## Figure 1
+
+# %%
+has_sft = (table["stage"] == "sft").any()
+inter = evaluate.inter_sft(table) if has_sft else None
+fig = plots.success_across_checkpoints(table, inter_sft=inter)
+plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", sources=[artifacts.eval_dir(cfg) / "results.parquet"]);
+
+# %% [markdown]
+# ## The paper's quantities
+# Inter_SFT is the SFT checkpoint with the best OOD success. "Full SFT" is the checkpoint at
+# `sft.full_sft_step`, or the last one if that step does not exist; RL starts from it. The drop is
+# Inter_SFT minus full SFT, and RL's share recovered is (RL − full SFT) / drop. The 95% intervals come
+# from a paired bootstrap over the test hands.
+
+# %%
+if has_sft:
+    full = evaluate.full_sft(cfg, table)
+    rl_labels = [c.label for c in checkpoints if c.stage == "rl"]
+    rl = rl_labels[-1] if rl_labels else None
+    episodes = {label: evaluate.episodes_table(artifacts.eval_dir(cfg) / label) for label in {inter, full, rl} - {None}}
+    rows = [evaluate.recovery(episodes, inter, full, rl, rule=rule) for rule in ("ood", "id")]
+    quantities = pd.DataFrame(rows).set_index("rule")
+    quantities.to_csv(artifacts.eval_dir(cfg) / "recovery.csv")
+    display(quantities)
+else:
+    print("no SFT checkpoint yet: run 02_sft first")
+
+# %% [markdown]
+# ## A few failed episodes
+# Transcripts of OOD hands that the last checkpoint failed, with each attempt and the verifier's verdict.
+
+# %%
+last = checkpoints[-1].label
+eps = evaluate.episodes_table(artifacts.eval_dir(cfg) / last)
+for _, ep in eps[(eps["rule"] == "ood") & ~eps["success"]].head(3).iterrows():
+    print(f"=== {last}, OOD hand {ep['cards']} -> {ep['numbers']}")
+    for k, attempt in enumerate(ep["transcript"], 1):
+        print(f"  attempt {k}: {attempt['status']:<16} reward {attempt['reward']:+.0f}  formula {attempt['formula'][:60]!r}")
+        print(f"             {attempt['message'][:120]}")
+
+# %% [markdown]
+# ## Checks
+
+# %%
+assert set(table["label"]) == {c.label for c in checkpoints}
+assert (table["episodes"] == cfg.data.test_size).all(), "every checkpoint played every test hand"
+assert ((table["ci_low"] <= table["success_rate"]) & (table["success_rate"] <= table["ci_high"])).all()
+print("all checks passed")

@@ -1,0 +1,111 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Spectra of the weights (Figures 3 and 4)
+#
+# For every weight matrix W = U Σ Vᵀ, compare the checkpoints (PAPER_SPEC §5):
+# - the singular values σ before and after, and Δσ;
+# - the energy ‖W‖F² = Σσ²;
+# - the principal angles between the top-k singular subspaces. These are computed from sines where
+#   they are small, so tiny angles stay accurate.
+#
+# The paper's finding: σ barely moves (|Δσ| ≲ 0.005, centred on zero), while the singular *directions*
+# rotate. Angles start near 25–30° for the leading directions and rise toward 90° in the tail, with the
+# SFT and RL curves nearly on top of each other.
+#
+# Both figures measure change from the base model, so the SFT and RL curves are comparable: base → full
+# SFT and base → RL. The table also holds SFT → RL and base → Inter_SFT. Tensors stream from the shards
+# one at a time; the decompositions are cached for 06_restore.
+
+# %% tags=["parameters"]
+preset = "tiny"
+overrides = {}
+force = False
+
+# %%
+import pandas as pd
+from IPython.display import display
+
+from paper_lib import artifacts, config, evaluate, plots, spectra
+
+cfg = config.load(preset, **overrides)
+table = evaluate.sweep(cfg)  # cached by 04_eval; names Inter_SFT and full SFT
+by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
+inter, full = evaluate.inter_sft(table), evaluate.full_sft(cfg, table)
+rl_labels = [label for label, c in by_label.items() if c.stage == "rl"]
+rl = rl_labels[-1] if rl_labels else None
+pairs = [("base", full), ("base", inter)] + ([(full, rl), ("base", rl)] if rl else [])
+pairs = list(dict.fromkeys(pairs))  # Inter_SFT may be the full-SFT checkpoint on a short run
+checkpoints = {label: by_label[label].path for pair in pairs for label in pair}
+print("pairs:", ", ".join(f"{a} → {b}" for a, b in pairs))
+spec_table = spectra.run_stage(cfg, checkpoints, pairs, force=force)
+out = artifacts.spectra_dir(cfg)
+
+# %% [markdown]
+# ## Figure 3: singular values barely move
+
+# %%
+shown = {f"base → {full} (SFT)": spectra.load_pair(out, "base", full)}
+if rl:
+    shown[f"base → {rl} (RL)"] = spectra.load_pair(out, "base", rl)
+fig = plots.singular_values(shown)
+plots.save_figure(fig, "fig3_singular_values", cfg, notebook="05_spectra", sources=[out]);
+
+# %% [markdown]
+# ## Figure 4: the principal-angle spectrum, layer-0 up_proj
+
+# %%
+fig = plots.principal_angle_spectrum(shown, module="up_proj")
+plots.save_figure(fig, "fig4_principal_angles", cfg, notebook="05_spectra", sources=[out]);
+
+# %% [markdown]
+# ## Every layer and module
+# Mean principal angle and the largest |Δσ| relative to σ₁, per layer × module, from base to full SFT.
+
+# %%
+fig = plots.layer_module_heatmap(spec_table[spec_table["pair"] == f"base__{full}"], f"base → {full}")
+plots.save_figure(fig, "spectra_heatmap", cfg, notebook="05_spectra", sources=[out]);
+
+# %% [markdown]
+# ## Energy and size of the change
+# Energy ‖W‖F² summed per module kind, before and after, with ‖ΔW‖F / ‖W‖F. A rotation keeps the
+# energy, and so does a weight decay that sees only σ.
+
+# %%
+energy = (spec_table.groupby(["pair", "module"])
+          .agg(energy_before=("energy_before", "sum"), energy_after=("energy_after", "sum"),
+               rel_fro_delta=("rel_fro_delta", "mean"), dsigma_absmax=("dsigma_absmax", "max"),
+               angle_u_mean_deg=("angle_u_mean_deg", "mean"))
+          .assign(energy_change=lambda t: t["energy_after"] / t["energy_before"] - 1))
+display(energy.style.format({"energy_before": "{:.4g}", "energy_after": "{:.4g}", "rel_fro_delta": "{:.2e}",
+                             "dsigma_absmax": "{:.2e}", "angle_u_mean_deg": "{:.1f}", "energy_change": "{:+.2e}"}))
+
+# %% [markdown]
+# ## embed_tokens and lm_head
+# Where the two are untied: the principal angles between their hidden-space singular subspaces, and
+# the cosine between a token's embedding row and its output row (the paper's alignment hypothesis).
+
+# %%
+alignment = out / "embed_lm_head.parquet"
+if alignment.is_file():
+    display(pd.read_parquet(alignment))
+else:
+    print("embed_tokens and lm_head are tied in this model: nothing to compare")
+
+# %% [markdown]
+# ## Checks
+
+# %%
+assert set(spec_table["pair"]) == {f"{a}__{b}" for a, b in pairs}
+assert (spec_table["angle_u_mean_deg"].between(0, 90)).all()
+print("all checks passed")

@@ -1,0 +1,232 @@
+"""Direction restore (PAPER_SPEC 6): put a source model's singular directions into a target model.
+
+    W' = U_src[:, S] Σ[S] V_src[:, S]ᵀ + U_tgt[:, R] Σ_tgt[R] V_tgt[:, R]ᵀ
+
+S is the restored set of ranks (the top `top`, and optionally the bottom `tail`), R the rest. With
+keep="target-sigma" (the paper's UV restore) Σ[S] is the target's, so only directions move. With
+keep="source" whole triplets are swapped, σ included: the variant of the authors' svd_recover.py.
+
+Checkpoints are written tensor by tensor into shards with the target's index, so peak memory is about a
+shard, never a model. Decompositions come from the spectra stage's on-disk cache when given.
+
+    python -m paper_lib.restore --target T --source S (--layers 0-9 | --top K [--tail K]) --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import artifacts, evaluate, spectra
+from .config import Config
+
+log = logging.getLogger(__name__)
+KEEP = ("target-sigma", "source")
+_SIDE_FILES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # config, tokenizer, chat template
+_TRAINING_STATE = ("trainer_state.json",)
+
+
+def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail: int = 0,
+                       keep: str = "target-sigma", *, dtype: str = "float32", device: str = "auto",
+                       svd_tgt: tuple | None = None, svd_src: tuple | None = None) -> torch.Tensor:
+    """W_tgt with the directions of its top `top` (and bottom `tail`) ranks taken from W_src.
+
+    top = 0 and tail = 0 return W_tgt unchanged; top = rank gives U_src Σ_tgt V_srcᵀ (keep="target-sigma")
+    or W_src (keep="source"). Precomputed thin SVDs (U, S, Vh) may be passed to skip the decompositions.
+    """
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    if W_tgt.shape != W_src.shape or W_tgt.ndim != 2:
+        raise ValueError(f"target and source must be matrices of one shape, got {tuple(W_tgt.shape)} and "
+                         f"{tuple(W_src.shape)}")
+    if top < 0 or tail < 0:
+        raise ValueError(f"top and tail must be >= 0, got {top}, {tail}")
+    rank = min(W_tgt.shape)
+    top = min(top, rank)
+    tail = min(tail, rank - top)
+    if top == 0 and tail == 0:
+        return W_tgt.clone()
+    Ut, St, Vht = svd_tgt if svd_tgt is not None else spectra.decompose(W_tgt, dtype, device)
+    Us, Ss, Vhs = svd_src if svd_src is not None else spectra.decompose(W_src, dtype, device)
+    chosen = torch.zeros(rank, dtype=torch.bool, device=St.device)
+    chosen[:top] = True
+    chosen[rank - tail:] = True
+    sigma = St if keep == "target-sigma" else Ss.to(St)
+    # Σ enters as a column scale: U[:, S] * σ[S] is U[:, S] diag(σ[S]) without forming the diagonal.
+    restored = (Us[:, chosen].to(Ut) * sigma[chosen]) @ Vhs[chosen].to(Ut)
+    kept = (Ut[:, ~chosen] * St[~chosen]) @ Vht[~chosen]
+    return (restored + kept).to(device=W_tgt.device, dtype=W_tgt.dtype)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which matrices to restore and how many ranks.
+
+    layers: inclusive (first, last) layer range, or None for every matrix (embed_tokens and lm_head too);
+    top: ranks restored from the top (None = full rank); tail: ranks from the bottom;
+    modules: module kinds to restore (e.g. ("q_proj", "up_proj")), None for all.
+    """
+
+    layers: tuple[int, int] | None = None
+    top: int | None = None
+    tail: int = 0
+    keep: str = "target-sigma"
+    modules: tuple[str, ...] | None = None
+
+    def applies(self, key: str) -> bool:
+        parsed = spectra.parse_name(key)
+        if parsed is None:
+            return False
+        _, layer, _, module = parsed
+        if self.modules is not None and module not in self.modules:
+            return False
+        if self.layers is None:
+            return True
+        return layer is not None and layer >= 0 and self.layers[0] <= layer <= self.layers[1]
+
+
+def _model_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise spectra.SpectraError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def write_restored(target: str | Path, source: str | Path, out: str | Path, plan: Plan, *,
+                   dtype: str = "float32", device: str = "auto", cache_dir: str | Path | None = None,
+                   progress: bool = True) -> Path:
+    """Write `target` with `plan`'s matrices direction-restored from `source`, as a full HF checkpoint at
+    `out` (the target's shards, index, config and tokenizer; no training state). Returns `out`."""
+    if plan.keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {plan.keep!r}")
+    tgt, src = spectra.Checkpoint("target", target), spectra.Checkpoint("source", source)
+    to_key = {name: key for key, name in tgt.names.items()}
+    selected = [k for k in tgt.names if plan.applies(k)]
+    missing = [k for k in selected if k not in src.names or src.shapes[k] != tgt.shapes[k]]
+    if missing:
+        raise spectra.SpectraError(f"source {src.path} lacks or reshapes {len(missing)} matrices the plan "
+                                   f"restores, e.g. {missing[:3]}; restore between checkpoints of one model")
+    if not selected:
+        raise spectra.SpectraError(f"the plan {plan} selects no matrix of {tgt.path}")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    record = []
+    bar = tqdm(total=len(selected), desc=f"restore -> {out.name}", disable=not progress, leave=False)
+    for shard in _model_files(tgt.path):
+        tensors = {}
+        with safe_open(str(tgt.path / shard), framework="pt") as f:
+            metadata = f.metadata() or {"format": "pt"}
+            for name in f.keys():
+                W = f.get_tensor(name)
+                key = to_key.get(name)
+                if key in selected:
+                    rank = min(W.shape)
+                    top = rank if plan.top is None else plan.top
+                    svd_t = spectra.load_or_decompose(W, name, cache_dir, dtype, device)
+                    W_src = src.load(key)
+                    svd_s = spectra.load_or_decompose(W_src, src.names[key], cache_dir, dtype, device)
+                    W = restore_directions(W, W_src, top, plan.tail, plan.keep, svd_tgt=svd_t, svd_src=svd_s)
+                    record.append({"name": name, "top": min(top, rank), "tail": min(plan.tail, rank - min(top, rank)),
+                                   "rank": rank})
+                    bar.update()
+                tensors[name] = W.contiguous()
+        save_file(tensors, str(tmp / shard), metadata=metadata)
+        del tensors
+    bar.close()
+    for side in tgt.path.iterdir():
+        if side.is_file() and side.suffix in _SIDE_FILES and side.name not in _TRAINING_STATE:
+            shutil.copy2(side, tmp / side.name)
+    (tmp / "restore_manifest.json").write_text(json.dumps({
+        "target": str(tgt.path), "source": str(src.path), "plan": asdict(plan), "dtype": dtype,
+        "restored": record}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def layer_blocks(num_layers: int, block: int) -> list[tuple[int, int]]:
+    """Consecutive inclusive layer ranges of `block` layers (the paper: 0-9, 10-19, ...)."""
+    if block < 1:
+        raise ValueError("restore.layer_block must be >= 1")
+    return [(a, min(a + block, num_layers) - 1) for a in range(0, num_layers, block)]
+
+
+def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, source: evaluate.Checkpoint,
+                        plan: Plan, force: bool = False) -> evaluate.Checkpoint:
+    """runs/<preset>/restore/<name>: `target` with `plan` restored from `source`, written once (a manifest
+    of both checkpoints' weights and the plan decides), ready for evaluate.evaluate_checkpoint."""
+    out = artifacts.restore_dir(cfg) / name
+    spec = {"stage": "restore", "target": evaluate.fingerprint(target.path), "source": evaluate.fingerprint(source.path),
+            "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore", "spectra")}
+    if force or not artifacts.manifest_matches(out, spec):
+        write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
+                       cache_dir=svd_cache(cfg))
+        artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label)
+    return evaluate.Checkpoint(name, "restore", 0, out)
+
+
+def svd_cache(cfg: Config) -> Path:
+    """Decompositions shared by the spectra and restore stages."""
+    return artifacts.spectra_dir(cfg) / "svd_cache"
+
+
+def model_dims(checkpoint: str | Path) -> tuple[int, int]:
+    """(number of layers, hidden size) of a checkpoint, read from its weight names and shapes; the hidden
+    size bounds the rank of q/o/gate/up/down, so "20% of the ranks" means 20% of it."""
+    ckpt = spectra.Checkpoint("model", checkpoint)
+    parsed = [(spectra.parse_name(key), shape) for key, shape in ckpt.shapes.items()]
+    layers = {p[1] for p, _ in parsed if p and p[1] >= 0}
+    hidden = max(min(shape) for p, shape in parsed if p and p[3] in ("q_proj", "o_proj"))
+    return max(layers) + 1, hidden
+
+
+def _parse_layers(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    try:
+        return int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers look like 0-9 or 5, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paper_lib.restore", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", required=True, help="checkpoint whose singular values are kept")
+    parser.add_argument("--source", required=True, help="checkpoint whose directions are restored")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--layers", type=_parse_layers, help="restore every matrix of these layers, e.g. 0-9")
+    how.add_argument("--top", type=int, help="restore the top K ranks of every matrix")
+    how.add_argument("--all", action="store_true", help="every rank of every matrix (the causal test)")
+    parser.add_argument("--tail", type=int, default=0, help="also restore the bottom K ranks (with --top)")
+    parser.add_argument("--keep", choices=KEEP, default="target-sigma")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", help="SVD cache directory shared with python -m paper_lib.spectra --cache")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    plan = Plan(layers=args.layers, top=args.top, tail=args.tail, keep=args.keep)
+    try:
+        out = write_restored(args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device,
+                             cache_dir=args.cache)
+    except (spectra.SpectraError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Batched generation for the multi-turn episodes: a `generate(conversations) -> texts` for
+`cards.run_episodes`, shared by evaluation and RL.
+
+Conversations are rendered with the model's chat template (generation prompt added), sorted by length
+so a batch wastes little padding, left-padded, and generated with the KV cache. Only the new tokens are
+decoded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .cards import Conversation
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+
+
+class Generator:
+    """Callable `generate(conversations) -> texts` over an HF causal LM and its tokenizer.
+
+    temperature 0 is greedy decoding; above 0, sampling at that temperature (top-p 1, top-k off).
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32,
+                 progress: bool = False):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before generating")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.batch_size, self.progress = batch_size, progress
+        self.calls = 0  # generate() calls so far; one per attempt round of a batch of episodes
+
+    def render(self, conversation: Conversation) -> list[int]:
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def generate_tokens(self, conversations: list[Conversation]) -> list[Generation]:
+        prompts = [self.render(c) for c in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        eos = self._stop_ids()
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc="generate", disable=not self.progress, leave=False):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0} \
+                if self.temperature > 0 else {"do_sample": False}
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad, eos_token_id=eos, use_cache=True, **sampling)
+            for row, i in enumerate(batch):
+                response = out[row, width:].tolist()
+                for k, token in enumerate(response):  # cut at the first stop token, keep it
+                    if token in eos:
+                        response = response[:k + 1]
+                        break
+                text = self.tokenizer.decode(response, skip_special_tokens=True)
+                results[i] = Generation(prompts[i], response, text)
+        self.calls += 1
+        return results  # type: ignore[return-value]
+
+    def __call__(self, conversations: list[Conversation]) -> list[str]:
+        return [g.text for g in self.generate_tokens(conversations)]
+
+    def _stop_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids

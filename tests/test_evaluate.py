@@ -1,0 +1,107 @@
+"""Evaluation: counting by the multi-turn protocol, Wilson intervals, Inter_SFT and the recovery arithmetic."""
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from paper_lib import cards, evaluate
+from paper_lib.evaluate import Checkpoint
+
+HANDS = [cards.Hand(("A", "3", "K", "10"), "id"), cards.Hand(("3", "3", "8", "8"), "id"),
+         cards.Hand(("K", "Q", "2", "A"), "ood")]
+JOBS = [(h.rule, i, h) for i, h in enumerate(HANDS)]
+
+
+def answer(hand, correct=True):
+    formula = cards.solve(hand.numbers)[0] if correct else "1+2+3+4"
+    return cards.answer_text(hand, formula)
+
+
+def scripted(policy):
+    """generate() answering each conversation by policy(hand, attempt_number)."""
+    def generate(conversations):
+        texts = []
+        for conv in conversations:
+            hand = next(h for h in HANDS if cards.prompt_text(h.cards, h.rule) == conv[0]["content"])
+            attempt = sum(m["role"] == "assistant" for m in conv) + 1
+            texts.append(policy(hand, attempt))
+        return texts
+    return generate
+
+
+def summary(records):
+    return {r["rule"]: (r["successes"], r["episodes"], r["mean_attempts"])
+            for r in evaluate.summarize(Checkpoint("x", "sft", 1, Path(".")), pd.DataFrame(records))}
+
+
+def test_all_correct():
+    records = evaluate.play_hands(scripted(lambda h, a: answer(h)), JOBS, max_attempts=5)
+    assert [r["attempts"] for r in records] == [1, 1, 1]
+    assert summary(records) == {"id": (2, 2, 1.0), "ood": (1, 1, 1.0)}
+
+
+def test_all_wrong_uses_every_attempt():
+    records = evaluate.play_hands(scripted(lambda h, a: answer(h, correct=False)), JOBS, max_attempts=5)
+    assert [r["attempts"] for r in records] == [5, 5, 5]
+    assert summary(records) == {"id": (0, 2, 5.0), "ood": (0, 1, 5.0)}
+    assert {r["first_status"] for r in records} == {"INCORRECT_NUMBER"}
+
+
+def test_correct_on_the_third_attempt_counts_as_a_success():
+    records = evaluate.play_hands(scripted(lambda h, a: answer(h, correct=a == 3)), JOBS, max_attempts=5)
+    assert [r["attempts"] for r in records] == [3, 3, 3]
+    assert all(r["success"] for r in records)
+    assert [t["status"] for t in records[0]["transcript"]][-1] == "CORRECT"
+    # with only two attempts allowed the same model never succeeds
+    two = evaluate.play_hands(scripted(lambda h, a: answer(h, correct=a == 3)), JOBS, max_attempts=2)
+    assert not any(r["success"] for r in two)
+
+
+def test_malformed_output_is_a_failed_attempt():
+    records = evaluate.play_hands(scripted(lambda h, a: "garbage {{{" if a == 1 else answer(h)), JOBS, 5)
+    assert [r["first_status"] for r in records] == ["ILLEGAL_FORMULA"] * 3
+    assert all(r["success"] and r["attempts"] == 2 for r in records)
+
+
+def test_wilson_interval():
+    lo, hi = evaluate.wilson_interval(21, 234)  # the paper's 8.97%; scipy's binomtest agrees
+    assert lo < 21 / 234 < hi
+    assert (round(lo, 4), round(hi, 4)) == (0.0594, 0.1333)
+    assert evaluate.wilson_interval(0, 10)[0] == 0.0 and evaluate.wilson_interval(10, 10)[1] == 1.0
+    assert all(math.isnan(x) for x in evaluate.wilson_interval(0, 0))
+
+
+def _episodes(successes):
+    return pd.DataFrame({"rule": "ood", "hand": range(len(successes)), "success": successes})
+
+
+def test_inter_sft_is_the_best_ood_sft_checkpoint_earliest_on_ties():
+    table = pd.DataFrame([
+        {"label": "base", "stage": "base", "step": 0, "rule": "ood", "success_rate": 0.9},
+        {"label": "sft-0020", "stage": "sft", "step": 20, "rule": "ood", "success_rate": 0.2},
+        {"label": "sft-0040", "stage": "sft", "step": 40, "rule": "ood", "success_rate": 0.3},
+        {"label": "sft-0060", "stage": "sft", "step": 60, "rule": "ood", "success_rate": 0.3},
+        {"label": "sft-0060", "stage": "sft", "step": 60, "rule": "id", "success_rate": 0.99},
+        {"label": "rl-0001", "stage": "rl", "step": 1, "rule": "ood", "success_rate": 0.8},
+    ])
+    assert evaluate.inter_sft(table) == "sft-0040"
+    with pytest.raises(ValueError, match="no SFT checkpoint"):
+        evaluate.inter_sft(table[table["stage"] != "sft"])
+
+
+def test_recovery_arithmetic_on_a_hand_made_table():
+    n = 100
+    inter = _episodes([1] * 40 + [0] * 60)  # 40%
+    full = _episodes([1] * 20 + [0] * 80)  # 20%
+    rl = _episodes([1] * 35 + [0] * 65)  # 35%: recovers 15 of the 20 points lost
+    out = evaluate.recovery({"i": inter, "f": full, "r": rl}, "i", "f", "r")
+    assert out["drop"] == pytest.approx(0.20) and out["gain"] == pytest.approx(0.15)
+    assert out["share_recovered"] == pytest.approx(0.75)
+    lo, hi = out["share_ci"]
+    assert lo < 0.75 < hi and hi - lo < 0.6
+    assert len(inter) == n
+    none = evaluate.recovery({"i": inter, "f": full}, "i", "f", None)
+    assert "share_recovered" not in none and none["drop"] == pytest.approx(0.2)
+    flat = evaluate.recovery({"i": full, "f": full, "r": rl}, "i", "f", "r")
+    assert math.isnan(flat["share_recovered"])  # no drop, nothing to recover

@@ -1,0 +1,119 @@
+"""Direction restore: the identities, σ kept, streaming equals in-memory, checkpoints that load."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from paper_lib import restore, spectra
+from paper_lib.restore import Plan, restore_directions
+
+
+def pair(m=12, n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W_tgt = torch.randn(m, n, generator=g, dtype=torch.float64)
+    W_src = W_tgt + 0.3 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    return W_tgt, W_src
+
+
+def svals(W):
+    return torch.linalg.svdvals(W)
+
+
+def test_top_zero_and_tail_zero_return_the_target_unchanged():
+    W_tgt, W_src = pair()
+    assert torch.equal(restore_directions(W_tgt, W_src, top=0, tail=0, dtype="float64"), W_tgt)
+
+
+def test_full_rank_gives_source_directions_with_target_sigma():
+    W_tgt, W_src = pair()
+    out = restore_directions(W_tgt, W_src, top=8, dtype="float64")
+    Us, _, Vhs = torch.linalg.svd(W_src, full_matrices=False)
+    assert torch.allclose(out, Us @ torch.diag(svals(W_tgt)) @ Vhs, atol=1e-12)
+    assert torch.allclose(svals(out), svals(W_tgt), atol=1e-12)  # σ kept exactly
+    assert torch.allclose(restore_directions(W_tgt, W_src, top=99, dtype="float64"), out, atol=1e-12)  # clipped
+    assert torch.allclose(restore_directions(W_tgt, W_src, top=8, keep="source", dtype="float64"), W_src, atol=1e-12)
+
+
+def test_partial_restore_moves_only_the_chosen_directions():
+    W_tgt, W_src = pair()
+    out = restore_directions(W_tgt, W_src, top=3, tail=2, dtype="float64")
+    Ut, St, Vht = torch.linalg.svd(W_tgt, full_matrices=False)
+    Us, _, Vhs = torch.linalg.svd(W_src, full_matrices=False)
+    keep = slice(3, 6)
+    expected = (Us[:, :3] * St[:3]) @ Vhs[:3] + (Ut[:, keep] * St[keep]) @ Vht[keep] + (Us[:, 6:] * St[6:]) @ Vhs[6:]
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert not torch.allclose(out, W_tgt) and not torch.allclose(out, W_src)
+
+
+def test_bad_arguments():
+    W_tgt, W_src = pair()
+    with pytest.raises(ValueError, match="one shape"):
+        restore_directions(W_tgt, W_src[:, :4], top=2)
+    with pytest.raises(ValueError, match="keep must be one of"):
+        restore_directions(W_tgt, W_src, top=2, keep="mine")
+
+
+def tiny_qwen(path, seed):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model
+
+
+def test_layer_restore_writes_a_checkpoint_that_loads_and_touches_only_those_layers(tmp_path):
+    tiny_qwen(tmp_path / "tgt", 0)
+    tiny_qwen(tmp_path / "src", 1)
+    out = restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "out", Plan(layers=(1, 1)),
+                                 dtype="float64", device="cpu", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)
+    before, after, src = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "tgt", out, tmp_path / "src"))
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {n for n in before if n.startswith("model.layers.1.") and n.endswith("_proj.weight")}
+    for name in changed:  # streaming equals the in-memory restore, matrix by matrix
+        rank = min(before[name].shape)
+        expected = restore_directions(before[name], src[name], top=rank, dtype="float64")
+        assert torch.allclose(after[name], expected, atol=1e-6)
+        assert torch.allclose(svals(after[name].double()), svals(before[name].double()), atol=1e-5)
+    manifest = json.loads((out / "restore_manifest.json").read_text())
+    assert {r["name"] for r in manifest["restored"]} == changed and manifest["plan"]["layers"] == [1, 1]
+
+
+def test_top_k_restore_with_the_svd_cache(tmp_path):
+    tiny_qwen(tmp_path / "tgt", 0)
+    tiny_qwen(tmp_path / "src", 1)
+    cache = tmp_path / "cache"
+    plan = Plan(top=4)
+    out = restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "out", plan, cache_dir=cache,
+                                 device="cpu", progress=False)
+    cached = sorted(cache.iterdir())
+    assert cached  # decompositions were stored for reuse
+    again = restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "out2", plan, cache_dir=cache,
+                                   device="cpu", progress=False)
+    assert sorted(cache.iterdir()) == cached  # ... and reused, not recomputed
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    restored = json.loads((out / "restore_manifest.json").read_text())["restored"]
+    assert {r["top"] for r in restored} == {4}
+    assert any("embed_tokens" in r["name"] for r in restored)  # every matrix, embeddings too
+
+
+def test_mismatched_checkpoints_fail_clearly(tmp_path):
+    tiny_qwen(tmp_path / "tgt", 0)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "big")
+    with pytest.raises(spectra.SpectraError, match="lacks or reshapes"):
+        restore.write_restored(tmp_path / "tgt", tmp_path / "big", tmp_path / "out", Plan(top=2), progress=False)
+    assert restore.main(["--target", str(tmp_path / "tgt"), "--source", str(tmp_path / "big"), "--top", "2",
+                         "--out", str(tmp_path / "o")]) == 2
+
+
+def test_layer_blocks():
+    assert restore.layer_blocks(28, 10) == [(0, 9), (10, 19), (20, 27)]
+    assert restore.layer_blocks(2, 1) == [(0, 0), (1, 1)]
