@@ -273,3 +273,35 @@ def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None) -> plt.Fi
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
+
+
+PPO_PANELS = {  # metrics.csv column -> panel title (03_ppo)
+    "mean_reward": "mean reward per attempt",
+    "success_rate": "rollout success rate",
+    "value_loss": "value loss",
+    "clip_fraction": "clip fraction",
+    "approx_kl": "approx. KL to the start policy",
+    "entropy": "entropy (nats per token)",
+}
+
+
+def ppo_metrics(table: pd.DataFrame) -> plt.Figure:
+    """RL training curves (03_ppo): one panel per metric of PPO_PANELS against the update.
+
+    `table` is rl_dir/metrics.csv: one row per update; panels whose column is missing or empty (e.g. GRPO's
+    KL without a reference model) say so instead of plotting.
+    """
+    style()
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.2), sharex=True)
+    for ax, (column, title) in zip(axes.flat, PPO_PANELS.items()):
+        values = table[column] if column in table else pd.Series(dtype=float)
+        if values.notna().any():
+            ax.plot(table["update"], values, marker="o", ms=3, color="#2ca02c")
+        else:
+            ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        ax.set_title(title, fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("update")
+    fig.suptitle("RL from the full-SFT checkpoint: per-update training metrics")
+    fig.tight_layout()
+    return fig

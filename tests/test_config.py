@@ -33,7 +33,7 @@ def test_overrides_in_every_form():
                       model__tiny__layers=3)
     assert (cfg.sft.learning_rate, cfg.data.sft_size, cfg.eval.max_attempts, cfg.model.tiny.layers) == (
         2e-5, 10, 3, 3)
-    assert config.load("tiny").sft.learning_rate == 1e-3  # the file is untouched
+    assert config.load("tiny").sft.learning_rate == 1e-2  # the file is untouched
 
 
 def test_unknown_keys_fail_with_the_valid_ones_listed():

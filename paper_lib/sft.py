@@ -1,0 +1,578 @@
+"""Full-parameter SFT of a preset's base model on the ID card-game answers (PAPER_SPEC §3, Figure 2).
+
+    python -m paper_lib.sft --preset tiny                                   # one process
+    accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 4 \\
+        -m paper_lib.sft --preset qwen7b [--override sft.max_steps=200 ...] [--force]
+
+From Python (a notebook): `sft.run(cfg)` builds that command (`launch_command`), runs it as a subprocess
+so the caller never holds the model, streams its progress bar and log, and appends them to
+runs/<preset>/sft/sft.log.
+
+What a run leaves in runs/<preset>/sft/ (`artifacts.sft_dir`):
+- checkpoint-<step>/ every `sft.save_steps` steps and at the last step, all kept, each a Hugging Face
+  checkpoint with its tokenizer (`models.load(cfg, checkpoint=...)` loads it). Only the newest keeps the
+  optimizer state, which is all a resume needs (for the 7B presets it is ~100 GB a checkpoint);
+- losses.csv, a tidy table (step, curve, loss) of Figure 2's curves every `sft.eval_steps` steps:
+  id_train (the training loss, averaged over the steps since the last point), id_test (the first
+  `data.loss_set_size` hands of id_test) and ood (the ood_loss split); id_test and ood also at step 0;
+- tensorboard/ (the same curves, learning rate and gradient norm), run_spec.json (the spec being
+  trained), manifest.json (written only when training finished).
+
+The loss is on the answer only: TRL's SFTTrainer tokenizes a conversational prompt-completion row as the
+chat-templated prompt (with the generation prompt) followed by the completion, and masks the prompt
+tokens' labels with -100. A killed run resumes from its newest complete checkpoint (Trainer's
+resume_from_checkpoint: weights, optimizer, scheduler, RNG and data order), and the loss table drops
+the rows logged after that checkpoint, so it continues without duplicates. A finished run whose
+manifest matches (cfg.sft, cfg.data, the base model's identity, this module's code) is not redone;
+`force` redoes it from scratch.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import csv
+import dataclasses
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import artifacts, models
+from . import config as config_lib
+from . import data as data_lib
+from .config import PROJECT_ROOT, Config
+
+log = logging.getLogger(__name__)
+
+ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"
+LOSS_TABLE = "losses.csv"
+LOG_FILE = "sft.log"
+RUN_SPEC = "run_spec.json"
+CURVES = {"loss": "id_train", "eval_id_test_loss": "id_test", "eval_ood_loss": "ood"}
+_CKPT_PREFIX = "checkpoint-"
+
+
+class SFTError(RuntimeError):
+    """The SFT subprocess failed; the message holds its command, exit code and the tail of its log."""
+
+
+# --------------------------------------------------------------------------------------------- artifacts
+def manifest_spec(cfg: Config) -> dict[str, Any]:
+    """What a finished SFT run is keyed on: cfg.sft, cfg.data, the base model's identity, this code."""
+    return {"stage": "sft", "sft": dataclasses.asdict(cfg.sft), "data": dataclasses.asdict(cfg.data),
+            "base_model": base_model_identity(cfg), "code": artifacts.code_hash("sft")}
+
+
+def base_model_identity(cfg: Config) -> dict[str, Any]:
+    """Name, config.json hash and weight file sizes of the base model (and the tiny model's architecture
+    and build code), cheap to compute even for a 7B checkpoint. The load dtype is left out: SFT always
+    trains float32 master weights."""
+    path = models.base_model_path(cfg)
+    identity: dict[str, Any] = {
+        "name": cfg.model.name,
+        "config": artifacts.file_hash(path / "config.json"),
+        "weights": sorted([p.name, p.stat().st_size] for p in path.glob("*.safetensors")),
+    }
+    if cfg.model.name == "tiny":
+        identity["tiny"] = dataclasses.asdict(cfg.model.tiny)
+    built = artifacts.read_manifest(path)  # tiny and smol are built here, with their own manifest
+    if built is not None:
+        identity["build_code"] = built.get("code")
+    return identity
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    name = Path(path).name
+    if not name.startswith(_CKPT_PREFIX) or not name[len(_CKPT_PREFIX):].isdigit():
+        raise ValueError(f"{path} is not a checkpoint-<step> directory")
+    return int(name[len(_CKPT_PREFIX):])
+
+
+def _is_complete(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last, after the weights and the optimizer state."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    found = [p for p in out.glob(f"{_CKPT_PREFIX}*") if p.is_dir() and p.name[len(_CKPT_PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoints(cfg: Config) -> list[Path]:
+    """The complete SFT checkpoints of the preset, ordered by step."""
+    return [p for p in _checkpoint_dirs(artifacts.sft_dir(cfg)) if _is_complete(p)]
+
+
+def checkpoint(cfg: Config, step: int | str = "final") -> Path:
+    """The checkpoint at `step` (an int, "final", "inter_sft" or "full_sft"; the last two are the paper's
+    named checkpoints cfg.sft.inter_sft_step and full_sft_step, or the nearest saved step)."""
+    found = {checkpoint_step(p): p for p in checkpoints(cfg)}
+    if not found:
+        raise FileNotFoundError(f"no SFT checkpoint in {artifacts.sft_dir(cfg)}; run the SFT first "
+                                f"(notebooks/02_sft.py, or `python -m paper_lib.sft --preset {cfg.preset}`)")
+    if step == "final":
+        return found[max(found)]
+    if step in ("inter_sft", "full_sft"):
+        want = cfg.sft.inter_sft_step if step == "inter_sft" else cfg.sft.full_sft_step
+        nearest = min(found, key=lambda s: (abs(s - want), s))
+        if nearest != want:
+            log.warning("%s: no checkpoint at step %d; using the nearest, step %d", step, want, nearest)
+        return found[nearest]
+    if isinstance(step, str) or step not in found:
+        raise FileNotFoundError(f"no SFT checkpoint for {step!r} in {artifacts.sft_dir(cfg)}; saved steps: "
+                                f"{sorted(found)} (or 'final', 'inter_sft', 'full_sft')")
+    return found[step]
+
+
+def loss_table(cfg: Config) -> "pd.DataFrame":  # noqa: F821
+    """Figure 2's tidy table: one row per (step, curve) with its loss."""
+    import pandas as pd
+
+    path = artifacts.sft_dir(cfg) / LOSS_TABLE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the SFT first (sft.run(cfg))")
+    return pd.read_csv(path)
+
+
+def log_tail(cfg: Config, lines: int = 20) -> str:
+    """The last lines of runs/<preset>/sft/sft.log (progress-bar redraws collapsed)."""
+    path = artifacts.sft_dir(cfg) / LOG_FILE
+    if not path.is_file():
+        return ""
+    return _tail(path.read_text(errors="replace"), lines)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _tail(text: str, lines: int) -> str:
+    text = _ANSI.sub("", text).replace("\r\n", "\n")
+    rows = [row.rstrip("\r").rsplit("\r", 1)[-1] for row in text.split("\n")]
+    return "\n".join([r for r in rows if r.strip()][-lines:])
+
+
+# ------------------------------------------------------------------------------------------- launching
+def accelerate_config_path(cfg: Config) -> Path:
+    path = ACCELERATE_DIR / f"{cfg.sft.accelerate_config}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"accelerate config {path} does not exist: sft.accelerate_config="
+                                f"{cfg.sft.accelerate_config!r} must be one of {choices} (files in {ACCELERATE_DIR})")
+    return path
+
+
+def config_overrides(cfg: Config) -> dict[str, Any]:
+    """The `section.key` settings in which cfg differs from its preset file, to pass on a command line."""
+    if cfg.preset not in config_lib.available_presets():
+        raise ValueError(f"preset {cfg.preset!r} is not under configs/presets/ ({config_lib.available_presets()}), "
+                         f"so a subprocess cannot rebuild this config; copy the .yaml there or run "
+                         f"`python -m paper_lib.sft --preset path/to/{cfg.preset}.yaml`")
+    mine, base = _flatten(cfg.to_dict()), _flatten(config_lib.load(cfg.preset).to_dict())
+    return {key: value for key, value in mine.items() if key != "preset" and value != base.get(key)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def launch_command(cfg: Config, force: bool = False, use_accelerate: bool | None = None) -> list[str]:
+    """The command that trains cfg: `python -m paper_lib.sft --preset P --override k=v ...`, behind
+    `accelerate launch --config_file configs/accelerate/<sft.accelerate_config>.yaml --num_processes N`
+    unless (use_accelerate=None) it is one process without a distributed backend."""
+    acc_path = accelerate_config_path(cfg)
+    args = ["-m", "paper_lib.sft", "--preset", cfg.preset]
+    for key, value in config_overrides(cfg).items():
+        args += ["--override", f"{key}={json.dumps(value)}"]
+    if force:
+        args.append("--force")
+    if use_accelerate is None:
+        distributed = (yaml.safe_load(acc_path.read_text()) or {}).get("distributed_type", "NO")
+        use_accelerate = cfg.sft.num_processes > 1 or str(distributed).upper() != "NO"
+    if not use_accelerate:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_path),
+            "--num_processes", str(cfg.sft.num_processes), *args]
+
+
+def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
+    """Train cfg's SFT in a subprocess (see launch_command) unless a finished run matches; returns sft_dir.
+
+    The subprocess's output (progress bar and log) is appended to sft_dir/sft.log and, with stream=True,
+    echoed as it comes. A failure raises SFTError with the tail of the log."""
+    out = artifacts.sft_dir(cfg)
+    data_lib.build(cfg)  # here, once, rather than racing in several ranks
+    spec = manifest_spec(cfg)  # builds the tiny base model here too
+    if not force and artifacts.manifest_matches(out, spec):
+        log.info("SFT in %s is up to date (manifest matches); pass force=True to redo it", out)
+        return out
+    if force:
+        _clear(out)
+    cmd = launch_command(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_FILE
+    log.info("launching: %s", " ".join(cmd))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    recent: deque[str] = deque(maxlen=200)
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        log_file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log_file.flush()
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        fd, pending, shown = proc.stdout.fileno(), "", time.monotonic()
+        try:
+            while True:
+                ready = select.select([fd], [], [], 0.5)[0]
+                chunk = os.read(fd, 1 << 14) if ready else None
+                if chunk is not None:
+                    text = decoder.decode(chunk, final=not chunk)
+                    log_file.write(text)
+                    log_file.flush()
+                    recent.append(text)
+                    pending += text
+                # echo a finished log line at once, progress-bar redraws at most twice a second
+                if stream and pending and (not chunk or "\n" in pending or time.monotonic() - shown > 0.5):
+                    sys.stdout.write(pending)
+                    sys.stdout.flush()
+                    pending, shown = "", time.monotonic()
+                if chunk == b"":
+                    break
+            code = proc.wait()
+        except BaseException:  # interrupted (e.g. a notebook's stop button): stop the run we started
+            _stop(proc)
+            raise
+        finally:
+            proc.stdout.close()
+    if code != 0:
+        raise SFTError(f"SFT failed with exit code {code}.\ncommand: {' '.join(cmd)}\nfull log: {log_path}\n"
+                       f"last lines:\n{_tail(''.join(recent), 40)}")
+    if not artifacts.manifest_matches(out, spec):
+        raise SFTError(f"the SFT command exited cleanly but {out / artifacts.MANIFEST} does not match the config; "
+                       f"see {log_path}")
+    return out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _clear(out: Path) -> None:
+    """Empty the SFT directory, but keep the log (a run() in progress appends to it)."""
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        if child.name == LOG_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# -------------------------------------------------------------------------------------------- training
+def sft_args(cfg: Config, resume: bool = False) -> Any:
+    """TRL's SFTConfig for cfg.sft. bf16 only where the device supports it (fp32 on CPU); gradient
+    checkpointing on GPU only; evaluation and logging every eval_steps; every checkpoint kept."""
+    import torch
+    from trl import SFTConfig
+
+    # transformers 5.x renamed gradient_checkpointing (TRL's default: on) to activation_checkpointing
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    s = cfg.sft
+    cuda = torch.cuda.is_available()
+    bf16 = bool(s.bf16 and cuda and torch.cuda.is_bf16_supported())
+    if s.bf16 and not bf16:
+        log.info("sft.bf16 is set but no bf16-capable GPU is here: training in float32")
+    if not 0 <= s.warmup_ratio < 1:
+        raise ValueError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+    return SFTConfig(
+        output_dir=str(artifacts.sft_dir(cfg)),
+        per_device_train_batch_size=s.per_device_batch_size,
+        per_device_eval_batch_size=s.per_device_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        num_train_epochs=s.epochs,
+        max_steps=s.max_steps,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=s.weight_decay,
+        bf16=bf16,
+        use_cpu=not cuda,
+        **{checkpointing: cuda},
+        # every trainable parameter gets a gradient (Mllama's unused parts are frozen), so DDP needs no search
+        ddp_find_unused_parameters=False,
+        max_length=s.max_length,
+        completion_only_loss=True,
+        packing=False,
+        eval_strategy="steps",
+        eval_steps=s.eval_steps,
+        eval_on_start=not resume,  # the step-0 points; a resumed run has them already
+        logging_strategy="steps",
+        logging_steps=s.eval_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=None,
+        report_to="none",  # LossTableCallback writes the curves to CSV and TensorBoard
+        seed=s.seed,
+        disable_tqdm=False,
+    )
+
+
+def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenizer: Any = None) -> Any:
+    """The SFTTrainer for cfg: the base model (float32 master weights), sft_train as prompt-completion
+    pairs, eval sets {"id_test": first loss_set_size rows of id_test, "ood": ood_loss}. Pass model and
+    tokenizer together to train something other than models.load(cfg)."""
+    from trl import SFTTrainer
+
+    if (model is None) != (tokenizer is None):
+        raise TypeError("build_trainer needs model and tokenizer together (or neither, for the preset's base model)")
+
+    args = sft_args(cfg, resume=resume)  # before the model: under ZeRO-3 it partitions at load
+    splits = data_lib.load(cfg)
+    columns = ["prompt", "completion"]
+    n_loss = min(cfg.data.loss_set_size, len(splits["id_test"]))
+    eval_sets = {"id_test": splits["id_test"].select(range(n_loss)).select_columns(columns),
+                 "ood": splits["ood_loss"].select_columns(columns)}
+    if model is None:
+        model, tokenizer = models.load(cfg, dtype="float32", device=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=splits["sft_train"].select_columns(columns),
+                         eval_dataset=eval_sets, processing_class=tokenizer)
+    trainer.add_callback(LossTableCallback(artifacts.sft_dir(cfg)))
+    return trainer
+
+
+def train(cfg: Config, force: bool = False) -> Path:
+    """Train in this process (or in each rank of an accelerate launch); returns sft_dir.
+
+    Skips a finished run with a matching manifest; resumes an interrupted run of the same spec from its
+    newest complete checkpoint; starts afresh when forced or when the directory holds another spec."""
+    state = _process_state()
+    out = artifacts.sft_dir(cfg)
+    with state.main_process_first():  # data and the tiny base model are built once
+        data_lib.build(cfg)
+        spec = manifest_spec(cfg)
+    if not force and artifacts.manifest_matches(out, spec):
+        log.info("SFT in %s is up to date (manifest matches); pass --force to redo it", out)
+        return out
+    if state.num_processes != cfg.sft.num_processes:
+        log.warning("running %d process(es) but sft.num_processes is %d: the global batch is %d, not %d",
+                    state.num_processes, cfg.sft.num_processes, state.num_processes * _per_process_batch(cfg),
+                    cfg.sft.num_processes * _per_process_batch(cfg))
+    if state.is_main_process:
+        _prepare_dir(out, spec, force)
+    state.wait_for_everyone()
+    resume_from = _last_complete(out)
+    if resume_from is not None:
+        log.info("resuming from %s (step %d)", resume_from, checkpoint_step(resume_from))
+
+    started = time.time()
+    trainer = build_trainer(cfg, resume=resume_from is not None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        done = checkpoints(cfg)
+        final = trainer.state.global_step
+        if not done or checkpoint_step(done[-1]) != final:
+            hint = ""
+            if (out / f"{_CKPT_PREFIX}{final}" / "trainer_state.json").is_file():
+                hint = (" (it has no *.safetensors weights: under DeepSpeed ZeRO-3 the accelerate config needs "
+                        "`zero3_save_16bit_model: true`, as configs/accelerate/zero3.yaml has)")
+            raise SFTError(f"training ended at step {final} but the newest complete checkpoint in {out} is "
+                           f"{done[-1].name if done else 'none'}{hint}")
+        artifacts.write_manifest(out, spec, final_step=final, checkpoints=[p.name for p in done],
+                                 resumed_from=resume_from.name if resume_from else None,
+                                 seconds=round(time.time() - started, 1), processes=state.num_processes)
+        log.info("SFT done: %d checkpoints in %s, final step %d", len(done), out, final)
+    state.wait_for_everyone()
+    return out
+
+
+def _process_state() -> Any:
+    """accelerate's shared process state, made as the Trainer makes it (cpu=True without CUDA, or a
+    multi-process CPU launch would be taken for one process)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _per_process_batch(cfg: Config) -> int:
+    return cfg.sft.per_device_batch_size * cfg.sft.gradient_accumulation_steps
+
+
+def _last_complete(out: Path) -> Path | None:
+    done = [p for p in _checkpoint_dirs(out) if _is_complete(p)]
+    return done[-1] if done else None
+
+
+def _prepare_dir(out: Path, spec: dict[str, Any], force: bool) -> None:
+    """Make out ready for training spec: clear it when forced or when it holds another spec; otherwise
+    drop what follows the newest complete checkpoint (partial checkpoints, later loss rows)."""
+    canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
+    previous = None
+    if (out / RUN_SPEC).is_file():
+        try:
+            previous = json.loads((out / RUN_SPEC).read_text())
+        except json.JSONDecodeError:
+            previous = None
+    if force or (out.is_dir() and previous != canon and any(p.name != LOG_FILE for p in out.iterdir())):
+        if not force:
+            log.warning("%s holds an SFT run of another config; starting afresh", out)
+        _clear(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten only when training finishes
+    (out / RUN_SPEC).write_text(json.dumps(canon, indent=2, sort_keys=True))
+    resume = _last_complete(out)
+    step = checkpoint_step(resume) if resume else 0
+    for path in _checkpoint_dirs(out):
+        if checkpoint_step(path) > step or not _is_complete(path):
+            log.info("removing %s (incomplete, or after the checkpoint we resume from)", path.name)
+            shutil.rmtree(path)
+    table = out / LOSS_TABLE
+    if resume is None:
+        table.unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    elif table.is_file():
+        with open(table, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        _write_rows(table, rows, mode="w")
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]], mode: str = "a") -> None:
+    new = mode == "w" or not path.is_file()
+    with open(path, mode, newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["step", "curve", "loss"])
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+try:
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - transformers is a dependency
+    _CallbackBase = object
+
+
+class LossTableCallback(_CallbackBase):
+    """Appends Figure 2's points (id_train, id_test, ood) to losses.csv and TensorBoard as they are logged;
+    after each save, drops the optimizer state of the older checkpoints (a resume needs the newest only)."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.writer = None
+        self.seen: set[tuple[int, str]] = set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        table = self.out / LOSS_TABLE
+        if table.is_file():
+            with open(table, newline="") as fh:
+                self.seen = {(int(r["step"]), r["curve"]) for r in csv.DictReader(fh)}
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run logged after the checkpoint this run resumes from
+        self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=state.global_step + 1 if state.global_step else None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last id_train point, when max_steps is not a multiple of eval_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        step = state.global_step
+        rows = [{"step": step, "curve": curve, "loss": float(logs[key])}
+                for key, curve in CURVES.items() if key in logs and (step, curve) not in self.seen]
+        if rows:
+            _write_rows(self.out / LOSS_TABLE, rows)
+            self.seen.update((r["step"], r["curve"]) for r in rows)
+        if self.writer is not None:
+            for row in rows:
+                self.writer.add_scalar(f"loss/{row['curve']}", row["loss"], step)
+            for key in ("learning_rate", "grad_norm"):
+                if key in logs:
+                    self.writer.add_scalar(f"train/{key}", float(logs[key]), step)
+            self.writer.flush()
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        newest = self.out / f"{_CKPT_PREFIX}{state.global_step}"
+        for path in _checkpoint_dirs(self.out):
+            if path == newest or checkpoint_step(path) > state.global_step:
+                continue
+            for item in [path / "optimizer.pt", path / "latest", *path.glob("global_step*")]:
+                if item.is_dir():
+                    shutil.rmtree(item, ignore_errors=True)
+                elif item.exists():
+                    item.unlink()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings into config.load overrides; values are read as YAML (1e-3, true, [1, 2])."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise config_lib.ConfigError(f"--override needs section.key=value, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paper_lib.sft", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", help="a preset name under configs/presets/ or a .yaml path")
+    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="e.g. --override sft.learning_rate=1e-5 data.sft_size=2048")
+    parser.add_argument("--force", action="store_true", help="train afresh even if a finished run matches")
+    args = parser.parse_args(argv)
+    main_process = _process_state().is_main_process
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = config_lib.load(args.preset, **parse_overrides([i for group in args.override for i in group]))
+    train(cfg, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

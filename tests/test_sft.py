@@ -1,0 +1,249 @@
+"""paper_lib.sft: checkpoints, Figure 2's loss table, completion-only loss, resume after SIGKILL, the
+manifest skip, and a Mllama-shaped model. Tiny runs only; one thread per run (the box has 2 cores)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from paper_lib import artifacts, config, data, models, sft
+
+# 8 steps of 8 examples; checkpoints at 3, 6 and the last step, 8; loss points every 2 steps.
+SMALL = {"data.sft_size": 64, "data.test_size": 8, "data.loss_set_size": 8, "sft.per_device_batch_size": 8,
+         "sft.save_steps": 3, "sft.eval_steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocess runs; in-process runs use one_thread()
+
+
+@contextlib.contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One finished tiny SFT run (through sft.run, i.e. a subprocess), shared by the tests that read it."""
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAPER_RUNS_DIR", str(runs))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        cfg = config.load("tiny", **SMALL)
+        out = sft.run(cfg, stream=False)
+    return runs, cfg, out
+
+
+def test_run_writes_loadable_checkpoints_at_the_save_steps(tiny_run, monkeypatch):
+    runs, cfg, out = tiny_run
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
+    found = sft.checkpoints(cfg)
+    assert [sft.checkpoint_step(p) for p in found] == [3, 6, 8]  # every save step and the last step
+    assert sft.checkpoint(cfg) == found[-1] and sft.checkpoint(cfg, 6) == found[1]
+    assert sft.checkpoint(cfg, "inter_sft") == found[-1]  # tiny's inter_sft_step 16: nearest saved is 8
+    with pytest.raises(FileNotFoundError, match=r"saved steps: \[3, 6, 8\]"):
+        sft.checkpoint(cfg, 5)
+    base, _ = models.load(cfg)
+    for path in found:
+        model, tokenizer = models.load(cfg, checkpoint=path)
+        assert type(model).__name__ == "Qwen2ForCausalLM"
+        assert (path / "tokenizer.json").is_file() and tokenizer.eos_token == "<|im_end|>"
+        assert json.loads((path / "trainer_state.json").read_text())["global_step"] == sft.checkpoint_step(path)
+        assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    # only the newest keeps the optimizer state a resume needs
+    assert [(p / "optimizer.pt").is_file() for p in found] == [False, False, True]
+    manifest = artifacts.read_manifest(out)
+    assert manifest["provenance"]["final_step"] == 8 and manifest["provenance"]["resumed_from"] is None
+
+
+def test_loss_table_has_three_curves_and_the_loss_falls(tiny_run, monkeypatch):
+    runs, cfg, out = tiny_run
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
+    table = sft.loss_table(cfg)
+    assert list(table.columns) == ["step", "curve", "loss"]
+    assert not table.duplicated(["step", "curve"]).any()
+    steps = {c: sorted(g["step"]) for c, g in table.groupby("curve")}
+    assert steps == {"id_train": [2, 4, 6, 8], "id_test": [0, 2, 4, 6, 8], "ood": [0, 2, 4, 6, 8]}
+    assert table["loss"].notna().all() and (table["loss"] > 0).all()
+    curve = table.set_index(["curve", "step"])["loss"]
+    assert curve["id_train", 8] < curve["id_train", 2] - 0.5
+    assert curve["id_test", 8] < curve["id_test", 0] - 1.0
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_second_run_with_same_config_is_skipped(tiny_run, monkeypatch):
+    runs, cfg, out = tiny_run
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a finished run with a matching manifest must not be launched again")
+
+    monkeypatch.setattr(sft.subprocess, "Popen", no_launch)
+    started = time.time()
+    assert sft.run(config.load("tiny", **SMALL)) == out
+    assert time.time() - started < 30
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # any change of the SFT settings or the data makes it stale
+    assert not artifacts.manifest_matches(out, sft.manifest_spec(config.load("tiny", **SMALL, sft__learning_rate=1e-3)))
+    assert not artifacts.manifest_matches(out, sft.manifest_spec(config.load("tiny", **{**SMALL, "data.seed": 1})))
+
+
+def test_prompt_tokens_are_masked_in_a_collated_batch():
+    cfg = config.load("tiny", **SMALL)
+    with one_thread():
+        trainer = sft.build_trainer(cfg)
+    tok = trainer.processing_class
+    rows = data.load(cfg)["sft_train"]
+    answers = {row["completion"][0]["content"] for row in rows}
+    prompts = {tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) for row in rows}
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        trained = labels != -100
+        assert torch.equal(labels[trained], ids[trained])
+        assert not trained[mask == 0].any(), "padding is masked"
+        first = int(trained.nonzero()[0])
+        assert trained[first:][mask[first:] == 1].all(), "the completion is one contiguous span to the end"
+        prompt, answer = tok.decode(ids[:first]), tok.decode(ids[trained])
+        assert prompt in prompts, "exactly the chat-templated prompt, generation prompt included, is masked"
+        assert answer.endswith("<|im_end|>\n") and answer.removesuffix("<|im_end|>\n") in answers
+
+
+def test_resumes_after_sigkill(tmp_path):
+    cfg = config.load("tiny", **{**SMALL, "data.sft_size": 160, "sft.save_steps": 4})  # 20 steps
+    out = artifacts.sft_dir(cfg)
+    cmd = sft.launch_command(cfg)
+    assert cmd[1:4] == ["-m", "paper_lib.sft", "--preset"]  # one process: no accelerate wrapper
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=config.PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not (out / "checkpoint-4" / "trainer_state.json").is_file():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert artifacts.read_manifest(out) is None
+    survived = sft.checkpoints(cfg)
+    last = survived[-1]
+    assert sft.checkpoint_step(last) < 20
+    stamp = (last / "trainer_state.json").stat().st_mtime_ns
+
+    sft.run(cfg, stream=False)
+    steps = [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)]
+    assert steps == [4, 8, 12, 16, 20]
+    assert json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
+    assert (last / "trainer_state.json").stat().st_mtime_ns == stamp, "the checkpoint resumed from is not redone"
+    assert artifacts.read_manifest(out)["provenance"]["resumed_from"] == last.name
+    assert f"resuming from {last}" in sft.log_tail(cfg, 10_000)
+    table = sft.loss_table(cfg)
+    assert not table.duplicated(["step", "curve"]).any()
+    assert sorted(table.loc[table.curve == "id_test", "step"]) == list(range(0, 21, 2))
+    assert sorted(table.loc[table.curve == "id_train", "step"]) == list(range(2, 21, 2))
+
+
+def _fake_checkpoint(out, step, complete=True):
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_interrupted_directory_is_trimmed_to_its_last_complete_checkpoint(tmp_path):
+    out, spec = tmp_path / "sft", {"stage": "sft", "sft": {"learning_rate": 1}}
+    _fake_checkpoint(out, 3)
+    _fake_checkpoint(out, 6, complete=False)  # killed while saving
+    (out / sft.RUN_SPEC).write_text(json.dumps(spec))
+    rows = "".join(f"{s},{c},1.0\n" for s in range(0, 7) for c in ("id_test", "ood"))
+    (out / sft.LOSS_TABLE).write_text("step,curve,loss\n" + rows)
+    sft._prepare_dir(out, spec, force=False)
+    assert [p.name for p in sft._checkpoint_dirs(out)] == ["checkpoint-3"]
+    assert sorted(set(pd.read_csv(out / sft.LOSS_TABLE)["step"])) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_stale_or_forced_directory_starts_afresh(tmp_path, force):
+    out, spec = tmp_path / "sft", {"stage": "sft", "sft": {"learning_rate": 2}}
+    _fake_checkpoint(out, 3)
+    (out / sft.RUN_SPEC).write_text(json.dumps(spec if force else {"stage": "sft", "sft": {"learning_rate": 1}}))
+    (out / sft.LOSS_TABLE).write_text("step,curve,loss\n0,id_test,7.0\n")
+    (out / sft.LOG_FILE).write_text("old log\n")
+    sft._prepare_dir(out, spec, force=force)
+    assert sorted(p.name for p in out.iterdir()) == sorted([sft.LOG_FILE, sft.RUN_SPEC])  # the log is kept
+    assert json.loads((out / sft.RUN_SPEC).read_text())["sft"] == {"learning_rate": 2}
+
+
+def test_launch_command_round_trips_the_config_and_names_missing_accelerate_configs():
+    cfg = config.load("qwen7b", sft__learning_rate=3e-6, model__name="/models/qwen", restore__top_ks=[4, 8])
+    cmd = sft.launch_command(cfg)
+    assert cmd[1:7] == ["-m", "accelerate.commands.launch", "--config_file",
+                        str(config.PROJECT_ROOT / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "4"]
+    items = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--override"]
+    assert config.load("qwen7b", **sft.parse_overrides(items)) == cfg
+    assert sft.launch_command(config.load("tiny"))[1:] == ["-m", "paper_lib.sft", "--preset", "tiny"]
+    with pytest.raises(FileNotFoundError, match=r"zero9.*\['single', 'zero2', 'zero3'\]"):
+        sft.launch_command(config.load("tiny", sft__accelerate_config="zero9"))
+
+
+def _tiny_mllama(path, tokenizer):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    vocab = len(tokenizer) + 1  # the last id is the image token
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    text = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, cross_attention_layers=[1], max_position_embeddings=1024, bos_token_id=pad,
+                pad_token_id=pad, eos_token_id=eos, tie_word_embeddings=False)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=64,
+                  vision_output_dim=64, image_size=28, patch_size=14, intermediate_layers_indices=[0])
+    torch.manual_seed(0)
+    MllamaForConditionalGeneration(MllamaConfig(text_config=text, vision_config=vision,
+                                                image_token_index=vocab - 1)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def test_mllama_shaped_model_trains_text_only(tmp_path):
+    from transformers import MllamaForConditionalGeneration
+
+    path = tmp_path / "Llama-3.2-11B-Vision-Instruct"
+    _tiny_mllama(path, models.build_tiny_tokenizer(config.load("tiny")))
+    cfg = config.load("tiny", model__name=str(path), **{**SMALL, "data.sft_size": 32, "sft.save_steps": 4})
+    with one_thread():
+        out = sft.train(cfg)
+    assert [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)] == [4]
+    model, _ = models.load(cfg, checkpoint=sft.checkpoint(cfg))
+    assert isinstance(model, MllamaForConditionalGeneration)
+    with safe_open(path / "model.safetensors", "pt") as before, \
+            safe_open(sft.checkpoint(cfg) / "model.safetensors", "pt") as after:
+        assert set(before.keys()) == set(after.keys())  # saved under the hub checkpoint's names
+        changed = {k for k in before.keys() if not torch.equal(before.get_tensor(k), after.get_tensor(k))}
+    assert changed and all("vision_model" not in k and "multi_modal_projector" not in k for k in changed)
+    assert not any(".layers.1." in k for k in changed), "the cross-attention layer is frozen"
+    assert any(k.startswith("language_model.model.layers.0.") for k in changed)
+    assert "language_model.lm_head.weight" in changed
+    table = pd.read_csv(out / sft.LOSS_TABLE)
+    assert set(table["curve"]) == {"id_train", "id_test", "ood"} and table["loss"].notna().all()
+
+
+def test_a_failing_run_raises_with_the_tail_of_its_log():
+    cfg = config.load("tiny", **SMALL, sft__lr_scheduler="no_such_schedule")
+    with pytest.raises(sft.SFTError, match=r"(?s)exit code 1.*no_such_schedule"):
+        sft.run(cfg, stream=False)
+    assert artifacts.read_manifest(artifacts.sft_dir(cfg)) is None
