@@ -26,7 +26,8 @@ else
     [ -x "$py" ] || python3 -m venv "$venv"
     "$py" -m pip install -q --upgrade pip >&2
     "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" >&2
-    "$py" -m pip install -q -e ".[dev]" >&2
+    extras="dev"; command -v nvidia-smi >/dev/null 2>&1 && extras="dev,gpu"  # DeepSpeed where GPUs are
+    "$py" -m pip install -q -e ".[$extras]" >&2
     echo "$want" > "$stamp"
   fi
 fi

@@ -1,0 +1,225 @@
+"""PPO (paper_lib.ppo): the estimator and loss by hand, the thought weighting, the value head on disk, a
+short run whose optimiser must raise an easy reward, resume after SIGKILL, and a GRPO smoke run."""
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from paper_lib import artifacts, cards, config, models, ppo
+from paper_lib.config import PROJECT_ROOT
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 2-layer model gains nothing from threads, and another test may hold the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """The tiny preset's base model (random Qwen2 + the project's tokenizer), built once."""
+    root = tmp_path_factory.mktemp("base_runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PAPER_RUNS_DIR", str(root))
+        return models.base_model_path(config.load("tiny"))
+
+
+@pytest.fixture
+def sft_ready(tiny_base):
+    """This test's runs dir holds the tiny base model and, standing in for 02_sft, an SFT checkpoint."""
+    cfg = config.load("tiny")
+    shutil.copytree(tiny_base, artifacts.base_model_dir(cfg))
+    shutil.copytree(tiny_base, artifacts.sft_dir(cfg) / "checkpoint-4")
+    return artifacts.sft_dir(cfg) / "checkpoint-4"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    return models.load_tokenizer(tiny_base)
+
+
+# ------------------------------------------------------------------------------------- by hand
+def test_gae_by_hand():
+    # slot 0: rewards 1, 0, 2 with the episode ending after step 1; slot 1: one long episode
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 1.0]])
+    values = torch.tensor([[0.5, 1.0], [0.4, 1.0], [0.3, 1.0]])
+    dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    next_values = torch.tensor([0.2, 2.0])
+    adv, ret = ppo.gae(rewards, values, dones, next_values, gamma=0.9, lam=0.95)
+    # slot 0: t=2: 2 + .9*.2 - .3 = 1.88; t=1 (terminal): -0.4; t=0: 1 + .9*.4 - .5 + .9*.95*(-.4) = 0.518
+    # slot 1 (rewards 0, 0, 1): deltas 0 + .9 - 1 = -.1, -.1, 1 + .9*2 - 1 = 1.8; gamma*lambda = .855
+    d = [-0.1, -0.1, 1.8]
+    g2 = d[2]
+    g1 = d[1] + 0.855 * g2
+    g0 = d[0] + 0.855 * g1
+    assert torch.allclose(adv[:, 0], torch.tensor([0.518, -0.4, 1.88]), atol=1e-6)
+    assert torch.allclose(adv[:, 1], torch.tensor([g0, g1, g2]), atol=1e-6)
+    assert torch.allclose(ret, adv + values)
+
+
+def test_clipped_losses_by_hand():
+    ratio = torch.tensor([1.2, 0.8, 0.8, 20.0, 1.05])
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0])
+    old = torch.zeros(5)
+    values, old_values, returns = torch.tensor([1.0] * 5), torch.tensor([0.5] * 5), torch.tensor([2.0] * 5)
+    policy, value, clipped = ppo.ppo_loss(ratio.log(), old, adv, values, old_values, returns, clip_eps=0.1)
+    # -min(r A, clip(r) A); past a ratio of 10 only the clipped term counts (upstream)
+    assert torch.allclose(policy, torch.tensor([-1.1, -0.8, 0.9, 1.1, -2.1]), atol=1e-6)
+    # value clipped to 0.5 + 0.1: 0.5 * max((1 - 2)^2, (0.6 - 2)^2) = 0.98
+    assert torch.allclose(value, torch.full((5,), 0.98), atol=1e-6)
+    assert clipped.tolist() == [True, True, True, True, False]
+
+
+def test_thought_tokens_get_the_coefficient(tokenizer):
+    hand = cards.Hand(("A", "3", "K", "10"), "id")
+    text = cards.answer_text(hand, "10+10+3+1")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    weights = ppo.thought_weights(tokenizer, ids, 0.5)
+    k = weights.index(1.0)
+    assert 0 < k < len(ids) and weights == [0.5] * k + [1.0] * (len(ids) - k)
+    key = text.index('"formula"')
+    before, through = tokenizer.decode(ids[:k]), tokenizer.decode(ids[:k + 1])
+    assert len(before) <= key < len(through), "the first weight-1 token holds the key's opening quote"
+    # no key: everything is thought; two keys: the last one splits (upstream matches the last)
+    assert set(ppo.thought_weights(tokenizer, tokenizer("no formula here")["input_ids"], 0.5)) == {0.5}
+    twice = tokenizer(text + "\n" + text, add_special_tokens=False)["input_ids"]
+    assert ppo.thought_weights(tokenizer, twice, 0.5).index(1.0) > len(ids)
+
+
+def test_score_matches_a_plain_forward(tiny_base):
+    model, tok = models.load("tiny", checkpoint=tiny_base)
+    head = ppo.ValueHead(ppo.hidden_size(model))
+    ac = ppo.ActorCritic(model, head).eval()
+    steps = [ppo.Step([5, 6, 7, 8, 9], [10, 11, 12], [1.0] * 3, 0.0, False),
+             ppo.Step([5, 6], [13, 14, 15, 16], [1.0] * 4, 0.0, False)]  # different lengths: padding
+    with torch.no_grad():
+        tok_logp, mask, values, _ = ppo.score(ac, steps, temperature=0.5, pad_id=tok.pad_token_id)
+        for i, s in enumerate(steps):
+            ids = torch.tensor([s.prompt_ids + s.response_ids])
+            out = model(input_ids=ids, output_hidden_states=True)
+            logp = torch.log_softmax(out.logits[0] / 0.5, -1)
+            p = len(s.prompt_ids)
+            expected = [logp[p - 1 + j, t].item() for j, t in enumerate(s.response_ids)]
+            assert torch.allclose(tok_logp[i, :len(expected)], torch.tensor(expected), atol=1e-5)
+            assert mask[i].sum() == len(expected)
+            assert torch.allclose(values[i], head(out.hidden_states[-1][0, p - 1]).squeeze(), atol=1e-5)
+
+
+def test_value_head_round_trip(tmp_path):
+    head = ppo.ValueHead(64)
+    assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [16, 8, 1]
+    ppo.save_value_head(head, tmp_path / "value_head.safetensors")
+    loaded = ppo.load_value_head(tmp_path / "value_head.safetensors")
+    x = torch.randn(3, 64)
+    assert torch.equal(head(x), loaded(x))
+
+
+def test_no_sft_checkpoint_is_a_clear_error(tiny_base):
+    with pytest.raises(FileNotFoundError, match="02_sft"):
+        ppo.init_checkpoint(config.load("tiny"))
+    with pytest.raises(FileNotFoundError, match="02_sft"):
+        ppo.run(config.load("tiny"))
+
+
+# ------------------------------------------------------------------------------------- runs
+def starts_with_space(hand, text):
+    """An easy reward a random model can learn in seconds: answer with a leading space."""
+    if text.startswith(" "):
+        return cards.Verdict("CORRECT", 1.0, "ok")
+    return cards.Verdict("ILLEGAL_FORMULA", 0.0, "start with a space.")
+
+
+def test_ppo_raises_an_easy_reward(sft_ready):
+    cfg = config.load("tiny", rl__max_new_tokens=2, rl__steps_per_update=32, rl__num_updates=10, rl__save_every=5,
+                      rl__learning_rate=1e-2, rl__min_learning_rate=1e-2, rl__temperature=1.0,
+                      eval__max_attempts=1)
+    out = ppo.train(cfg, grade=starts_with_space, progress=False)
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["update"].tolist() == list(range(1, 11))
+    first, last = m["mean_reward"].head(3).mean(), m["mean_reward"].tail(3).mean()
+    assert last > first + 0.3, m[["update", "mean_reward"]]
+    assert m["entropy"].iloc[-1] < m["entropy"].iloc[0]  # the policy sharpened
+    assert m["approx_kl"].iloc[-1] > m["approx_kl"].iloc[0] > 0  # and moved away from the start
+    assert sorted(ppo.checkpoints(cfg)) == [5, 10]
+    # the checkpoint is a plain HF checkpoint plus the critic beside it
+    model, _ = models.load(cfg, checkpoint=out / "checkpoint-10")
+    assert type(AutoModelForCausalLM.from_pretrained(out / "checkpoint-10")) is type(model)
+    head = ppo.load_value_head(out / "checkpoint-10" / "value_head.safetensors")
+    assert head.hidden_size == ppo.hidden_size(model)
+    assert not (out / "checkpoint-5" / "trainer_state").exists() and (out / "checkpoint-10" / "trainer_state").is_dir()
+    # finished and unchanged: not redone
+    before = (out / "manifest.json").stat().st_mtime_ns
+    ppo.train(cfg, grade=starts_with_space, progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def _write_preset(tmp_path, **rl):
+    settings = config.load("tiny").to_dict()
+    settings.pop("preset")
+    settings["rl"].update(rl)
+    path = tmp_path / "preset" / "tiny.yaml"  # named like the preset, so it writes under runs/tiny
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_resume_after_sigkill(sft_ready, tmp_path, monkeypatch):
+    preset = _write_preset(tmp_path, num_updates=4, save_every=1, steps_per_update=4, max_new_tokens=16)
+    cfg = config.load(preset)
+    out = artifacts.rl_dir(cfg)
+    command = [sys.executable, "-m", "paper_lib.ppo", "--preset", str(preset)]
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-1").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint-1").is_dir() and not (out / "manifest.json").exists(), "killed mid-run"
+    first = (out / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns
+
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    resumed = int(log.split("resuming from ")[1].split("checkpoint-")[1].split(" ")[0])
+    assert resumed >= 1
+    assert (out / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns == first, "checkpoint-1 was not redone"
+    assert sorted(ppo.checkpoints(cfg)) == [1, 2, 3, 4] and (out / "manifest.json").is_file()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    resumed_metrics = pd.read_csv(out / "metrics.csv")
+    assert resumed_metrics["update"].tolist() == [1, 2, 3, 4]
+
+    # the same run without the kill gives the same numbers: optimizer, RNG and open episodes came back
+    shutil.rmtree(out)
+    ppo.train(cfg, progress=False)
+    straight = pd.read_csv(out / "metrics.csv")
+    for column in ("mean_reward", "policy_loss", "value_loss", "approx_kl"):
+        assert resumed_metrics[column].tolist() == pytest.approx(straight[column].tolist(), rel=1e-4, abs=1e-6)
+
+    # a finished run with the same settings is not launched again
+    monkeypatch.setattr(ppo.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was relaunched"))
+    assert ppo.run(cfg) == out
+
+
+def test_grpo_smoke(sft_ready):
+    cfg = config.load("tiny", rl__algo="grpo", rl__num_updates=2, rl__save_every=1, rl__max_new_tokens=8,
+                      rl__steps_per_update=4)
+    out = ppo.train_grpo(cfg, grade=starts_with_space)
+    assert sorted(ppo.checkpoints(cfg)) == [1, 2]
+    model, _ = models.load(cfg, checkpoint=out / "checkpoint-2")
+    assert model.config.model_type == "qwen2"
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["update"].tolist() == [1, 2] and m["mean_reward"].between(0, 1).all()
+    assert math.isfinite(m["success_rate"].iloc[0])
