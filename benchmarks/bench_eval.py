@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
+from _common import cpu_name
 
 from paper_lib import cards, config, data, models
 from paper_lib.rollout import Generator
-
-
-def cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -22,18 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from _common import cpu_name, write_section
 
 from paper_lib import config, models, ppo
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-START, END = "<!-- bench_ppo:start -->", "<!-- bench_ppo:end -->"
-
-
-def cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -79,8 +70,7 @@ def main() -> None:
 def write_docs(table: str, load: float, command: str, cfg) -> None:
     """Replace this script's section of docs/benchmarks.md (or append it), leaving the others alone."""
     busy = load > 0.5 * (os.cpu_count() or 1)
-    section = "\n".join([
-        START, f"## PPO throughput on CPU ({cfg.preset} preset)", "",
+    section = "\n".join([ f"## PPO throughput on CPU ({cfg.preset} preset)", "",
         f"`{command}` on {time.strftime('%Y-%m-%d')}; nproc {os.cpu_count()}, {cpu_name()}, {platform.system()}; "
         f"torch {torch.__version__}.", "",
         f"A {cfg.rl.num_updates}-update run of `paper_lib.ppo.train` ({cfg.rl.steps_per_update} attempts per update, "
@@ -92,11 +82,8 @@ def write_docs(table: str, load: float, command: str, cfg) -> None:
         table, "",
         (f"Taken under load (load average {load:.1f} on {os.cpu_count()} cores): other processes shared the CPU, so "
          f"these are lower bounds." if busy else "Taken on an otherwise idle machine."),
-        END])
-    text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    ])
+    write_section("bench_ppo", section)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _common import DOCS, machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench_sft:start -->", "<!-- bench_sft:end -->"
 HEADER = ("| preset | threads | steps × batch | trained tokens | answer tokens | step time (s) | tokens/s "
           "| answer tokens/s | s/step | wall incl. final eval+save (s) |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
@@ -78,12 +77,6 @@ def row(r: dict) -> str:
             f"| {r['wall_seconds']:.1f} |")
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown")
-    return f"nproc {len(os.sched_getaffinity(0))}, {cpu}, {platform.system()}"
-
-
 def loadavg() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
@@ -96,19 +89,6 @@ def _load1(text: str) -> float:
         return float(text.split()[0])
     except (IndexError, ValueError):
         return 0.0
-
-
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.is_file() else (
-        "# Benchmarks\n\nEach section is written by the script it names, with the exact command, machine and "
-        "date; rerun the command to refresh it.\n")
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
 
 
 def main() -> None:
@@ -160,7 +140,7 @@ def main() -> None:
                     f"thread here). Rerun on an idle machine for clean numbers.")
     print("\n" + section)
     if args.write_docs:
-        write_docs(section)
+        write_section("bench_sft", section)
         print(f"written to {DOCS}")
 
 

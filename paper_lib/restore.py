@@ -173,14 +173,9 @@ def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, sou
             "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore", "spectra")}
     if force or not artifacts.manifest_matches(out, spec):
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
-                       cache_dir=svd_cache(cfg))
+                       cache_dir=spectra.svd_cache(cfg))
         artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label)
     return evaluate.Checkpoint(name, "restore", 0, out)
-
-
-def svd_cache(cfg: Config) -> Path:
-    """Decompositions shared by the spectra and restore stages."""
-    return artifacts.spectra_dir(cfg) / "svd_cache"
 
 
 def model_dims(checkpoint: str | Path) -> tuple[int, int]:

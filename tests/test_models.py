@@ -164,15 +164,16 @@ def test_unknown_dtype_is_a_clear_error():
     assert models.resolve_dtype("auto") == "auto"
 
 
-def _tiny_mllama_config():
+def _tiny_mllama_config(vocab_size: int):
     from transformers import MllamaConfig
 
-    text = dict(vocab_size=400, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    # one more row than the tokenizer for the image token, as the real model has
+    text = dict(vocab_size=vocab_size + 1, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=64, cross_attention_layers=[1], max_position_embeddings=1024, bos_token_id=0,
                 eos_token_id=2, pad_token_id=0)
     vision = dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2, intermediate_size=64,
                   vision_output_dim=64, image_size=28, patch_size=14, intermediate_layers_indices=[0])
-    return MllamaConfig(text_config=text, vision_config=vision, image_token_index=399)
+    return MllamaConfig(text_config=text, vision_config=vision, image_token_index=vocab_size)
 
 
 def test_mllama_checkpoint_loads_text_only(tmp_path, tiny_tokenizer):
@@ -180,7 +181,7 @@ def test_mllama_checkpoint_loads_text_only(tmp_path, tiny_tokenizer):
 
     torch.manual_seed(0)
     path = tmp_path / "Llama-3.2-11B-Vision-Instruct"
-    MllamaForConditionalGeneration(_tiny_mllama_config()).save_pretrained(path)
+    MllamaForConditionalGeneration(_tiny_mllama_config(len(tiny_tokenizer))).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     with safe_open(path / "model.safetensors", "pt") as f:
         hub_names = set(f.keys())
@@ -208,7 +209,7 @@ def test_qwen2_checkpoint_loads_through_the_qwen7b_preset(tmp_path, tiny_tokeniz
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = tmp_path / "Qwen2.5-7B-Instruct"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=1, intermediate_size=64)).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     model, tokenizer = models.load("qwen7b", model__name=str(path))

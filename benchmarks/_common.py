@@ -1,0 +1,44 @@
+"""What every benchmark script shares: the machine line and its own section of docs/benchmarks.md.
+
+Scripts run as `python benchmarks/bench_x.py`, which puts this folder on sys.path.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = ("# Benchmarks\n\nEach section is written by the script it names, with the exact command, machine and "
+          "date; rerun the command to refresh it.\n")
+
+
+def cpu_name() -> str:
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def machine() -> str:
+    return f"nproc {len(os.sched_getaffinity(0))}, {cpu_name()}, {platform.system()}"
+
+
+def load_average() -> float:
+    """The 1-minute load average (0.0 where unknown): a benchmark says when it ran under load."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the section between `<!-- name:start -->` and `<!-- name:end -->` (or append it)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = DOCS.read_text() if DOCS.is_file() else HEADER
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)

@@ -1,0 +1,562 @@
+"""Spectral comparison of two or more checkpoints, one weight matrix at a time (PAPER_SPEC 5).
+
+For every attention/MLP projection, embed_tokens and lm_head matched by name across checkpoints, and for
+every requested (before, after) pair: singular values and Δσ, energy ‖W‖F², ‖ΔW‖F, principal angles
+between the top-k left and right singular subspaces, and per-index rotation angles of the singular
+vectors. Where embed_tokens and lm_head are untied, each checkpoint also gets an embed/lm_head alignment.
+
+    df = analyze_pairs({"base": b, "sft": s, "rl": r}, [("base", "sft"), ("sft", "rl")], "runs/x/spectra")
+    table, arrays = load_pair("runs/x/spectra", "base", "sft")
+    python -m paper_lib.spectra BASE TARGET --out DIR [--k 768] [--device auto] [--dtype float32]
+
+Memory: tensors are read from the safetensors shards one at a time; each checkpoint's matrix is
+decomposed once and its top-k factors go to a file (the cache when `cache_dir` is given, else a scratch
+file deleted as soon as that matrix is done), so comparing a pair holds two factorisations, not one per
+checkpoint, and never a whole model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+# Text-model weight names of Llama/Qwen2/SmolLM and of Mllama (Llama-3.2-Vision), which transformers
+# saves as `language_model.model.layers...` and names `model.language_model.layers...` in memory.
+# Anchored, so vision-tower weights (`vision_model.*`, `visual.*`) never match.
+_PREFIX = r"(?:model\.)?(?:language_model\.)?(?:model\.)?"
+_LAYER_RE = re.compile(rf"^{_PREFIX}layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
+_EMBED_RE = re.compile(rf"^{_PREFIX}embed_tokens\.weight$")
+_HEAD_RE = re.compile(rf"^{_PREFIX}lm_head\.weight$")
+EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
+_BLOCK_ORDER = {"self_attn": 0, "cross_attn": 1, "mlp": 2}
+_MODULE_ORDER = {m: i for i, m in enumerate(
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+ARRAYS = ("sigma_before", "sigma_after", "angles_u", "angles_v", "rot_u", "rot_v")
+
+
+class SpectraError(ValueError):
+    """Checkpoints or arguments that cannot be compared; the message says which and what to do."""
+
+
+def parse_name(name: str) -> tuple[str, int, str, str] | None:
+    """(canonical key, layer, block, module) of an analysable weight name, None for anything else.
+
+    The canonical key drops the model prefix, so checkpoints saved with different prefixes still match.
+    embed_tokens and lm_head have layer -1.
+    """
+    if m := _LAYER_RE.match(name):
+        layer, block, module = int(m[1]), m[2], f"{m[3]}_proj"
+        return f"layers.{layer}.{block}.{module}.weight", layer, block, module
+    if _EMBED_RE.match(name):
+        return EMBED, -1, "embed", "embed_tokens"
+    if _HEAD_RE.match(name):
+        return HEAD, -1, "lm_head", "lm_head"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- maths
+def principal_angles(A: torch.Tensor, B: torch.Tensor, *, assume_orthonormal: bool = False) -> torch.Tensor:
+    """Principal angles (radians, ascending) between the column spaces of A (m×ka) and B (m×kb).
+
+    Knyazev & Argentati (2002): cosines are the singular values of QaᵀQb, sines those of
+    Qb − Qa(QaᵀQb); arccos loses every angle below ~1e-8 (float64), so angles under π/4 come from the
+    sines. Both lists are sorted by ascending angle, so index i of each belongs to the same angle (scipy's
+    subspace_angles picks sine or cosine with a mask ordered opposite to the values, and so returns 0
+    for a tiny angle beside large ones).
+    Inputs are orthonormalised by QR unless `assume_orthonormal` (e.g. singular vectors); they should
+    have full column rank. Returns min(ka, kb) angles.
+    """
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[0]:
+        raise SpectraError(f"principal_angles needs two matrices with equal row counts, got {tuple(A.shape)} "
+                           f"and {tuple(B.shape)}")
+    dtype = torch.promote_types(A.dtype, B.dtype)
+    dtype = dtype if dtype.is_floating_point else torch.float64
+    A, B = A.to(dtype), B.to(dtype=dtype, device=A.device)
+    if not assume_orthonormal:
+        A, B = torch.linalg.qr(A).Q, torch.linalg.qr(B).Q
+    if A.shape[1] < B.shape[1]:  # the residual is taken of the smaller basis, so there are kb sines
+        A, B = B, A
+    if B.shape[1] == 0 or A.shape[1] >= A.shape[0]:  # A spans the whole space: every angle is 0
+        return B.new_zeros(B.shape[1])
+    M = A.mH @ B
+    cos = torch.linalg.svdvals(M).clamp(max=1.0)  # descending cosines = ascending angles
+    sin = _residual_svdvals(A, B, M).flip(0).clamp(max=1.0)  # ascending sines = ascending angles
+    return torch.where(cos**2 > 0.5, torch.arcsin(sin), torch.arccos(cos))
+
+
+def _residual_svdvals(A: torch.Tensor, B: torch.Tensor, M: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """Singular values of B − A M (m×k) without holding it when m is large (an embedding's 150k rows):
+    the R factors of its row blocks are stacked and re-factored (TSQR), and R has the same singular values."""
+    block = max(block, 2 * B.shape[1])
+    R = None
+    for i in range(0, B.shape[0], block):
+        part = torch.addmm(B[i:i + block], A[i:i + block], M, alpha=-1)
+        if B.shape[0] <= block:
+            return torch.linalg.svdvals(part)
+        R = torch.linalg.qr(part if R is None else torch.cat([R, part]), mode="r").R
+    return torch.linalg.svdvals(R)
+
+
+def rotation_angles(U_a: torch.Tensor, U_b: torch.Tensor) -> torch.Tensor:
+    """Per-index angle arccos|⟨u_i, u'_i⟩| (radians) between matching unit columns of U_a and U_b.
+
+    Computed as 2·atan2(‖u − s·u'‖, ‖u + s·u'‖) with s the sign of ⟨u, u'⟩, which equals the arccos
+    form but keeps tiny angles. Singular vectors are defined up to sign (hence |·|); within a cluster of
+    (near-)equal singular values they may mix, so a large per-index angle there is not a rotation.
+    """
+    k = min(U_a.shape[1], U_b.shape[1])
+    out = []
+    for j in range(0, k, 32):  # column blocks: temporaries of m×32, not m×k (tall embedding matrices)
+        a, b = U_a[:, j:min(j + 32, k)], U_b[:, j:min(j + 32, k)].to(U_a.dtype)
+        b = b * torch.where((a * b).sum(0) < 0, -1.0, 1.0).to(a.dtype)
+        out.append(2 * torch.atan2(torch.linalg.vector_norm(a - b, dim=0), torch.linalg.vector_norm(a + b, dim=0)))
+    return torch.cat(out) if out else U_a.new_zeros(0)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpectraError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
+    found = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
+             torch.float64: torch.float64}.get(dtype)
+    if found is None:
+        raise SpectraError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return found
+
+
+def decompose(W: torch.Tensor, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
+              svd_driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD W = U diag(S) Vh in `dtype` on `device`; `svd_driver` (gesvd, gesvdj, gesvda) is CUDA-only."""
+    device = resolve_device(device)
+    W = W.to(device=device, dtype=resolve_dtype(dtype))
+    driver = svd_driver if device.type == "cuda" else None  # torch rejects a driver on CPU
+    return torch.linalg.svd(W, full_matrices=False, driver=driver)
+
+
+def _save_factors(path: Path, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+    # U is stored transposed so that the top-k vectors of either side are the first k rows of the file.
+    tensors = {"Ut": U.mT, "S": S, "Vh": Vh}
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _load_factors(path: Path, k: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        rows = slice(None) if k is None else slice(0, k)
+        Ut, S, Vh = f.get_slice("Ut")[rows], f.get_tensor("S"), f.get_slice("Vh")[rows]
+    return Ut.mT.to(device), S.to(device), Vh.to(device)
+
+
+def _cache_path(W: torch.Tensor, name: str, dtype: torch.dtype, cache_dir: str | os.PathLike) -> Path:
+    """Cache file of a matrix: keyed by a hash of its stored bytes (the content fingerprint, so copies and
+    moves of a checkpoint hit and an edited tensor misses), its canonical name and the SVD dtype."""
+    raw = W.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{raw.dtype}{tuple(raw.shape)}".encode())
+    digest.update(memoryview(raw.view(torch.uint8).reshape(-1).numpy()))
+    key = (parse_name(name) or (name,))[0]
+    return Path(cache_dir) / f"{key}.{str(dtype).removeprefix('torch.')}.{digest.hexdigest()[:20]}.safetensors"
+
+
+def _ensure_cached(W: torch.Tensor, name: str, cache_dir: str | os.PathLike, dtype: torch.dtype,
+                   device: torch.device, svd_driver: str | None) -> tuple[Path, tuple | None]:
+    """The cache file of W, decomposing and writing it first if absent (then also returning the factors)."""
+    path = _cache_path(W, name, dtype, cache_dir)
+    if path.is_file():
+        return path, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    factors = decompose(W, dtype, device, svd_driver)
+    _save_factors(path, *factors)
+    return path, factors
+
+
+def load_or_decompose(W: torch.Tensor, name: str, cache_dir: str | os.PathLike | None,
+                      dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
+                      svd_driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`decompose(W)` through an on-disk cache (full thin SVD) that a later stage, e.g. restore, reuses.
+
+    Pass W as read from the checkpoint (before any cast): the cache key hashes its bytes.
+    """
+    if cache_dir is None:
+        return decompose(W, dtype, device, svd_driver)
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    path, factors = _ensure_cached(W, name, cache_dir, dtype, device, svd_driver)
+    return factors if factors is not None else _load_factors(path, None, device)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+class Checkpoint:
+    """The analysable 2-D weights of one HF checkpoint directory, read lazily from its shards."""
+
+    def __init__(self, label: str, path: str | os.PathLike):
+        self.label, self.path = label, Path(path)
+        where = f"checkpoint {label!r} ({self.path})"
+        if not self.path.is_dir():
+            raise SpectraError(f"{where}: no such directory; pass a Hugging Face checkpoint directory holding "
+                               f"*.safetensors")
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise SpectraError(f"{where}: its index names shards that are not there: {missing[:5]}; "
+                                   f"copy the complete checkpoint")
+            files = {name: self.path / f for name, f in weight_map.items()}
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                found = sorted(p.name for p in self.path.iterdir())[:8]
+                raise SpectraError(f"{where}: holds no *.safetensors (found {found}); save it with "
+                                   f"save_pretrained(..., safe_serialization=True)")
+            files = {}
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as f:
+                    files.update({name: shard for name in f.keys()})
+        self.names: dict[str, str] = {}  # canonical key -> name in this checkpoint
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._files = files
+        for shard in sorted(set(files.values())):
+            with safe_open(str(shard), framework="pt") as f:  # reads the header only
+                for name in f.keys():
+                    parsed = parse_name(name)
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if parsed is None or len(shape) != 2:
+                        continue
+                    if parsed[0] in self.names:
+                        raise SpectraError(f"{where}: {self.names[parsed[0]]} and {name} both map to "
+                                           f"{parsed[0]}; pass names=[...] to pick one")
+                    self.names[parsed[0]], self.shapes[parsed[0]] = name, shape
+        if not self.names:
+            raise SpectraError(f"{where}: no attention/MLP projection, embed_tokens or lm_head weights found "
+                               f"(first names: {sorted(files)[:5]})")
+
+    def load(self, key: str) -> torch.Tensor:
+        """One tensor as stored (dtype unchanged) on CPU. Zero-copy: it is backed by the shard's memory map,
+        so only its own pages are read, and the map goes when the tensor is freed."""
+        name = self.names[key]
+        with safe_open(str(self._files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _select_keys(ckpts: dict[str, Checkpoint], names: Iterable[str] | str | None) -> list[str]:
+    """Canonical keys to analyse, ordered embed, lm_head, then by layer; checks names and shapes agree."""
+    first, *rest = ckpts.values()
+    problems = []
+    for ck in rest:
+        for a, b in ((first, ck), (ck, first)):
+            missing = sorted(set(a.names) - set(b.names))
+            if missing:
+                shown = ", ".join(a.names[k] for k in missing[:6]) + (" ..." if len(missing) > 6 else "")
+                problems.append(f"{len(missing)} tensor(s) of {a.label!r} are missing from {b.label!r} "
+                                f"({b.path}): {shown}")
+    common = [k for k in first.names if all(k in ck.names for ck in rest)]
+    mismatched = [k for k in common if len({ck.shapes[k] for ck in ckpts.values()}) > 1]
+    for k in mismatched[:6]:
+        shapes = ", ".join(f"{ck.label} {ck.shapes[k]}" for ck in ckpts.values())
+        problems.append(f"shape mismatch for {first.names[k]}: {shapes}")
+    if len(mismatched) > 6:
+        problems.append(f"... and {len(mismatched) - 6} more shape mismatches")
+    if isinstance(names, str):  # a regular expression over names and canonical keys
+        pattern = re.compile(names)
+        keys = [k for k in common if pattern.search(k) or pattern.search(first.names[k])]
+        if not keys:
+            raise SpectraError(f"names={names!r} matches none of the analysable tensors, e.g. {common[:3]}")
+    elif names is not None:
+        by_name = {n: k for ck in ckpts.values() for k, n in ck.names.items()} | {k: k for k in common}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise SpectraError(f"names not found (or not analysable 2-D weights): {unknown[:6]}; "
+                               f"analysable names look like {[first.names[k] for k in common[:3]]}")
+        keys = list(dict.fromkeys(by_name[n] for n in names))
+    else:
+        keys = common
+    if problems and (names is None or any(k not in common or k in mismatched for k in keys)):
+        raise SpectraError("checkpoints do not match:\n  " + "\n  ".join(problems) + "\nCompare checkpoints "
+                           "of one architecture, or pass names=[...] (CLI: --names REGEX) to analyse the "
+                           "tensors they share.")
+
+    def order(k: str) -> tuple:
+        if k in (EMBED, HEAD):
+            return (-1, k != EMBED)
+        _, layer, block, module = parse_name(k)
+        return (layer, _BLOCK_ORDER[block], _MODULE_ORDER[module])
+
+    return sorted(keys, key=order)
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def _compare(ckb: Checkpoint, cka: Checkpoint, key: str, factors: dict[str, Path], k: int,
+             device: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
+    """The row of the pair table and the arrays of one matrix, for before=ckb, after=cka."""
+    Wb, Wa = ckb.load(key).to(device), cka.load(key).to(device)
+    fro_before, fro_delta = _fro(Wb), _fro(Wa, minus=Wb)
+    del Wa, Wb
+    Ub, Sb, Vhb = _load_factors(factors[ckb.label], k, device)
+    Ua, Sa, Vha = _load_factors(factors[cka.label], k, device)
+    arrays = {
+        "sigma_before": Sb, "sigma_after": Sa,
+        "angles_u": principal_angles(Ub, Ua, assume_orthonormal=True),
+        "angles_v": principal_angles(Vhb.mT, Vha.mT, assume_orthonormal=True),
+        "rot_u": rotation_angles(Ub, Ua), "rot_v": rotation_angles(Vhb.mT, Vha.mT),
+    }
+    arrays = {n: a.double().cpu().numpy() for n, a in arrays.items()}
+    sb, sa = arrays["sigma_before"], arrays["sigma_after"]
+    dsigma = sa - sb
+    _, layer, block, module = parse_name(key)
+    rows, cols = ckb.shapes[key]
+    row = {
+        "pair": f"{ckb.label}__{cka.label}", "before": ckb.label, "after": cka.label, "name": ckb.names[key],
+        "key": key, "layer": layer, "block": block, "module": module, "rows": rows, "cols": cols,
+        "rank": min(rows, cols), "k": k,
+        "energy_before": float(np.sum(sb**2)), "energy_after": float(np.sum(sa**2)),
+        "fro_delta": fro_delta, "rel_fro_delta": fro_delta / fro_before if fro_before else float("nan"),
+        "sigma_max_before": float(sb[0]),
+        "dsigma_mean": float(dsigma.mean()), "dsigma_std": float(dsigma.std()),
+        "dsigma_absmax": float(np.abs(dsigma).max()),
+        # relative to σ_max, not to σ_i: near-zero tail singular values would blow a per-index ratio up
+        "rel_dsigma_absmax": float(np.abs(dsigma).max() / sb[0]) if sb[0] else float("nan"),
+    }
+    for name in ("angles_u", "angles_v", "rot_u", "rot_v"):
+        deg = np.degrees(arrays[name])
+        stem = name.replace("angles_", "angle_")
+        row[f"{stem}_mean_deg"] = float(deg.mean())
+        if name.startswith("angles"):
+            row[f"{stem}_max_deg"] = float(deg.max())
+    return row, arrays
+
+
+def _alignment(ck: Checkpoint, factors: dict[str, dict[str, Path]], k: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[dict, dict[str, np.ndarray]] | None:
+    """embed_tokens vs lm_head of one checkpoint; None when they are tied (the same tensor)."""
+    E, L = ck.load(EMBED).to(device=device, dtype=dtype), ck.load(HEAD).to(device=device, dtype=dtype)
+    if E.shape == L.shape and torch.equal(E, L):
+        return None
+    n = min(E.shape[0], L.shape[0])  # Mllama's embedding has 8 extra (image) rows: compare shared tokens
+    row_cos = torch.nn.functional.cosine_similarity(E[:n], L[:n], dim=1)
+    rows_e, rows_l, hidden = E.shape[0], L.shape[0], E.shape[1]
+    del E, L
+    Ue, _, Vhe = _load_factors(factors[EMBED][ck.label], k, device)
+    Ul, _, Vhl = _load_factors(factors[HEAD][ck.label], k, device)
+    arrays = {
+        # hidden space: the top-k right singular subspaces (directions a token vector lives in)
+        "hidden_angles": principal_angles(Vhe.mT, Vhl.mT, assume_orthonormal=True),
+        # token space: top-k left singular subspaces over the shared rows (re-orthonormalised if cut)
+        "token_angles": principal_angles(Ue[:n], Ul[:n], assume_orthonormal=rows_e == rows_l),
+        "row_cos": row_cos,
+    }
+    arrays = {name: a.double().cpu().numpy() for name, a in arrays.items()}
+    row = {"checkpoint": ck.label, "embed_name": ck.names[EMBED], "lm_head_name": ck.names[HEAD],
+           "embed_rows": rows_e, "lm_head_rows": rows_l, "rows_compared": n, "hidden": hidden, "k": k}
+    for name in ("hidden_angles", "token_angles"):
+        row[f"{name[:-1]}_mean_deg"] = float(np.degrees(arrays[name]).mean())
+        row[f"{name[:-1]}_max_deg"] = float(np.degrees(arrays[name]).max())
+    row |= {"row_cos_mean": float(arrays["row_cos"].mean()), "row_cos_median": float(np.median(arrays["row_cos"])),
+            "row_cos_min": float(arrays["row_cos"].min())}
+    return row, arrays
+
+
+def _fro(W: torch.Tensor, minus: torch.Tensor | None = None, block: int = 4096) -> float:
+    """‖W − minus‖F in float64, by row blocks: a float32 norm of an embedding (~3e7 entries) is off by
+    ~1e-3, and blocks keep the difference from costing a third full matrix."""
+    total = 0.0
+    for i in range(0, W.shape[0], block):
+        part = W[i:i + block].double()
+        total += (part if minus is None else part - minus[i:i + block].double()).square().sum().item()
+    return total**0.5
+
+
+def _write_table(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
+                  out_dir: str | os.PathLike, k: int = 768, device: str = "auto", dtype: str = "float32",
+                  names: Iterable[str] | str | None = None, cache_dir: str | os.PathLike | None = None,
+                  progress: bool = True, svd_driver: str | None = None) -> pd.DataFrame:
+    """Compare every (before, after) pair of labelled checkpoints, matrix by matrix; return the tidy table.
+
+    k: top-k singular vectors for the principal and rotation angles (min(k, rank) is used per matrix).
+    names: None (every analysable weight), a list of tensor names, or a regex over names.
+    Writes, under out_dir, `<before>__<after>.parquet` (one row per matrix), `<before>__<after>_arrays.npz`
+    (`<name>/<array>` for the arrays in ARRAYS, angles in radians) and, where embed_tokens and lm_head
+    are untied, `embed_lm_head.parquet` (+ `_arrays.npz`, `<checkpoint>/<array>`) for each checkpoint.
+    """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if not pairs:
+        raise SpectraError("no pairs given; pass e.g. pairs=[('base', 'sft')]")
+    unknown = sorted({c for pair in pairs for c in pair} - set(checkpoints))
+    if unknown:
+        raise SpectraError(f"pairs name checkpoints {unknown} that are not among {sorted(checkpoints)}")
+    if k < 1:
+        raise SpectraError(f"k must be at least 1, got {k}")
+    used = list(dict.fromkeys(c for pair in pairs for c in pair))
+    bad = [c for c in used if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", c) or "__" in c]
+    if bad:
+        raise SpectraError(f"checkpoint labels {bad} must be letters, digits, '.', '-', '_' without '__' "
+                           f"(they become file names)")
+    ckpts = {c: Checkpoint(c, checkpoints[c]) for c in used}
+    keys = _select_keys(ckpts, names)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[tuple[str, str], list[dict]] = {p: [] for p in pairs}
+    arrays: dict[tuple[str, str], dict[str, np.ndarray]] = {p: {} for p in pairs}
+    align_rows, align_arrays = [], {}
+    with tempfile.TemporaryDirectory(prefix=".spectra-scratch-", dir=out_dir) as scratch:
+        kept: dict[str, dict[str, Path]] = {}  # factor files of embed_tokens, kept until lm_head is done
+        for key in tqdm(keys, desc="spectra", unit="matrix", disable=not progress):
+            rows_, cols_ = next(iter(ckpts.values())).shapes[key]
+            k_eff = min(k, rows_, cols_)
+            factors = {}
+            for label, ck in ckpts.items():  # each checkpoint's matrix is decomposed exactly once
+                W = ck.load(key)
+                if cache_dir is not None:
+                    factors[label] = _ensure_cached(W, key, cache_dir, dtype, device, svd_driver)[0]
+                else:
+                    U, S, Vh = decompose(W, dtype, device, svd_driver)
+                    factors[label] = Path(scratch) / f"{label}.{key}.safetensors"
+                    _save_factors(factors[label], U[:, :k_eff], S, Vh[:k_eff])
+                    del U, S, Vh
+                del W
+            for before, after in pairs:
+                row, arr = _compare(ckpts[before], ckpts[after], key, factors, k_eff, device)
+                rows[(before, after)].append(row)
+                arrays[(before, after)].update({f"{row['name']}/{n}": a for n, a in arr.items()})
+            kept[key] = factors
+            if key == HEAD and EMBED in kept:
+                for ck in ckpts.values():
+                    if (found := _alignment(ck, kept, k_eff, device, dtype)) is not None:
+                        align_rows.append(found[0])
+                        align_arrays.update({f"{ck.label}/{n}": a for n, a in found[1].items()})
+            for done in [d for d in kept if d != EMBED or key != EMBED]:
+                if cache_dir is None:
+                    for path in kept[done].values():
+                        path.unlink(missing_ok=True)
+                del kept[done]
+    tables = []
+    for before, after in pairs:
+        table = pd.DataFrame(rows[(before, after)])
+        _write_table(table, out_dir / f"{before}__{after}.parquet")
+        _write_arrays(arrays[(before, after)], out_dir / f"{before}__{after}_arrays.npz")
+        tables.append(table)
+    if align_rows:
+        _write_table(pd.DataFrame(align_rows), out_dir / "embed_lm_head.parquet")
+        _write_arrays(align_arrays, out_dir / "embed_lm_head_arrays.npz")
+    log.info("spectra of %d matrices x %d pairs written to %s", len(keys), len(pairs), out_dir)
+    return pd.concat(tables, ignore_index=True)
+
+
+def load_pair(out_dir: str | os.PathLike, before: str,
+              after: str) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """(table, arrays) of one analysed pair; arrays[name][array], e.g. arrays[n]["angles_u"] (radians)."""
+    table_path = Path(out_dir) / f"{before}__{after}.parquet"
+    arrays_path = Path(out_dir) / f"{before}__{after}_arrays.npz"
+    if not table_path.is_file() or not arrays_path.is_file():
+        have = sorted(p.stem for p in Path(out_dir).glob("*__*.parquet")) if Path(out_dir).is_dir() else []
+        raise SpectraError(f"no spectra for {before} -> {after} in {out_dir} (found pairs: {have}); run "
+                           f"analyze_pairs with pairs=[({before!r}, {after!r})] first")
+    arrays: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(arrays_path) as npz:
+        for full in npz.files:
+            name, array = full.rsplit("/", 1)
+            arrays.setdefault(name, {})[array] = npz[full]
+    return pd.read_parquet(table_path), arrays
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def svd_cache(cfg) -> Path:
+    """Decompositions shared by the spectra stage and direction restore: runs/<preset>/spectra/svd_cache."""
+    from . import artifacts
+
+    return artifacts.spectra_dir(cfg) / "svd_cache"
+
+
+def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
+              force: bool = False) -> pd.DataFrame:
+    """The notebook's stage: analyze_pairs under runs/<preset>/spectra with cfg.spectra's k, dtype and
+    device, the shared SVD cache, and a manifest (checkpoint weights, pairs, settings, code) that skips
+    the work when nothing changed."""
+    from dataclasses import asdict
+
+    from . import artifacts, evaluate
+
+    out = artifacts.spectra_dir(cfg)
+    spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": asdict(cfg.spectra),
+            "checkpoints": {label: evaluate.fingerprint(path) for label, path in checkpoints.items()},
+            "code": artifacts.code_hash("spectra")}
+    if not force and artifacts.manifest_matches(out, spec):
+        return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
+    table = analyze_pairs(checkpoints, pairs, out, k=cfg.spectra.k, device=cfg.spectra.device,
+                          dtype=cfg.spectra.dtype, cache_dir=svd_cache(cfg))
+    artifacts.write_manifest(out, spec)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def summarize(table: pd.DataFrame) -> str:
+    """Mean principal/rotation angles and ‖ΔW‖ per module kind, and the largest |Δσ|."""
+    by = table.groupby(["block", "module"], sort=False)[
+        ["angle_u_mean_deg", "angle_v_mean_deg", "rot_u_mean_deg", "rel_fro_delta", "dsigma_absmax"]].mean()
+    worst = table.loc[table["dsigma_absmax"].idxmax()]
+    return (f"{by.to_string(float_format=lambda x: f'{x:.4g}')}\n"
+            f"max |dsigma| = {worst['dsigma_absmax']:.4g} in {worst['name']} "
+            f"(sigma_max {worst['sigma_max_before']:.4g})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paper_lib.spectra", description="Compare the weight "
+                                     "spectra of two Hugging Face checkpoints (safetensors), matrix by matrix.")
+    parser.add_argument("base", help="checkpoint directory before fine-tuning")
+    parser.add_argument("target", help="checkpoint directory after fine-tuning")
+    parser.add_argument("--out", required=True, help="output directory (base__target.parquet, ..._arrays.npz)")
+    parser.add_argument("--k", type=int, default=768, help="top-k singular vectors for angles (default 768)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--cache", default=None, help="directory to cache decompositions in")
+    parser.add_argument("--svd-driver", default=None, choices=["gesvd", "gesvdj", "gesvda"], help="CUDA only")
+    parser.add_argument("--names", default=None, help="regex: analyse only the matching tensor names")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        table = analyze_pairs({"base": args.base, "target": args.target}, [("base", "target")], args.out,
+                              k=args.k, device=args.device, dtype=args.dtype, names=args.names,
+                              cache_dir=args.cache, progress=not args.quiet, svd_driver=args.svd_driver)
+    except SpectraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summarize(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
