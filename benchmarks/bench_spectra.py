@@ -260,8 +260,10 @@ Agreement over {agree['matched_rows']} (pair, matrix) rows: max |Δ mean princip
 max |Δ max|Δσ|| {agree['dsigma_absmax']:.2g}, max relative Δ‖ΔW‖F {agree['rel_fro_delta']:.2g} (both float32;
 the naive ‖ΔW‖F is a float32 reduction, ours accumulates in float64).
 
-Where the memory goes: ours peaks on the embedding (the largest matrix) (its SVD, then the top-k factors of two
-checkpoints while a pair is compared), on top of ~310 MB of interpreter + torch that both methods pay; the
+Where the memory goes: ours peaks while decomposing the embedding (the largest matrix): it is read from the
+shard in row blocks, σ and V come from its float64 Gram matrix WᵀW (hidden²), and then only its U (vocab ×
+hidden, float32) is held, no LAPACK workspace; a pair's ‖ΔW‖F and U angles are streamed in row blocks from
+the shards and factor files. All this on top of ~310 MB of interpreter + torch that both methods pay; the
 naive holds two whole models plus scipy's copies. Ours holds a few matrices whatever the depth, so the
 ratio grows with the model (fewer layers: smaller ratio). Timings on a CPU shared with other jobs vary a
 lot, and multi-threaded LAPACK suffers most: compare runs made with the same `--threads`.

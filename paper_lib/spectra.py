@@ -11,8 +11,10 @@ vectors. Where embed_tokens and lm_head are untied, each checkpoint also gets an
 
 Memory: tensors are read from the safetensors shards one at a time; each checkpoint's matrix is
 decomposed once and its top-k factors go to a file (the cache when `cache_dir` is given, else a scratch
-file deleted as soon as that matrix is done), so comparing a pair holds two factorisations, not one per
-checkpoint, and never a whole model.
+file deleted as soon as that matrix is done), never a whole model. Tall or wide float32 matrices (the
+embedding) are decomposed on CPU through their Gram matrix from row blocks of the shard (`_gram_svd`:
+no LAPACK workspace, only U is held whole), and a pair's ‖ΔW‖F and U angles are streamed in row blocks
+from the shards and factor files, so a comparison holds two V factors but no whole U or W.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,12 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor, *, assume_orthonormal: bo
         return B.new_zeros(B.shape[1])
     M = A.mH @ B
     cos = torch.linalg.svdvals(M).clamp(max=1.0)  # descending cosines = ascending angles
-    sin = _residual_svdvals(A, B, M).flip(0).clamp(max=1.0)  # ascending sines = ascending angles
+    return _combine_angles(cos, _residual_svdvals(A, B, M))
+
+
+def _combine_angles(cos: torch.Tensor, sin_desc: torch.Tensor) -> torch.Tensor:
+    """Angles from descending cosines and descending sines: arcsin below π/4, arccos above."""
+    sin = sin_desc.flip(0).clamp(max=1.0)  # ascending sines = ascending angles
     return torch.where(cos**2 > 0.5, torch.arcsin(sin), torch.arccos(cos))
 
 
@@ -148,19 +154,89 @@ def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
 
 def decompose(W: torch.Tensor, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
               svd_driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD W = U diag(S) Vh in `dtype` on `device`; `svd_driver` (gesvd, gesvdj, gesvda) is CUDA-only."""
-    device = resolve_device(device)
-    W = W.to(device=device, dtype=resolve_dtype(dtype))
+    """Thin SVD W = U diag(S) Vh in `dtype` on `device`; `svd_driver` (gesvd, gesvdj, gesvda) is CUDA-only.
+
+    Tall or wide float32 matrices on CPU (an embedding) go through `_gram_svd`, which needs no workspace
+    beyond the output (LAPACK's SVD holds copies of W and U besides); U may then be a non-contiguous view.
+    """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if _use_gram(tuple(W.shape), dtype, device):
+        if W.shape[0] >= W.shape[1]:
+            found = _gram_svd(lambda a, b: W[a:b], *W.shape, dtype)
+        else:
+            found = _wide(_gram_svd(lambda a, b: W[:, a:b].mT, W.shape[1], W.shape[0], dtype))
+        if found is not None:
+            return found
+    W = W.to(device=device, dtype=dtype)
     driver = svd_driver if device.type == "cuda" else None  # torch rejects a driver on CPU
     return torch.linalg.svd(W, full_matrices=False, driver=driver)
 
 
+# Rows per block when streaming a tall matrix: blocks of a few MB. Larger blocks (4096 rows of float64,
+# 19 MB) raise glibc's mmap threshold, land on the heap, and fragment it: ~100 MB stayed resident.
+_BLOCK = 1024
+_GRAM_MAX_COND = (torch.finfo(torch.float32).eps / torch.finfo(torch.float64).eps) ** 0.5  # ~2.3e4
+
+
+def _use_gram(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
+    # float32 only: float64 eigenvalues of WᵀW give every σ to ≤ sqrt(eps64)·σ₁ ≈ 1.5e-8·σ₁, better than a
+    # float32 SVD's ~6e-8·σ₁, but a float64 request expects ~1e-16·σ₁ for tiny σ too, which only the SVD gives.
+    return device.type == "cpu" and dtype == torch.float32 and max(shape) >= 4 * min(shape) > 0
+
+
+def _wide(found: tuple | None) -> tuple | None:
+    """The SVD of W from that of Wᵀ = U S Vh: W = Vhᵀ S Uᵀ."""
+    return None if found is None else (found[2].mT, found[1], found[0].mT)
+
+
+def _gram_svd(read_rows, rows: int, cols: int, dtype: torch.dtype,
+              block: int = _BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Thin SVD of a tall rows×cols matrix given as row blocks `read_rows(a, b)`, via its Gram matrix.
+
+    G = WᵀW is summed in float64 block by block (never a float64 copy of W), eigh(G) = V diag(σ²) Vᵀ, and
+    U = W V Σ⁻¹ is filled block by block into Uᵀ (contiguous, so the top-k rows of the factor file are a
+    plain slice). U's columns lose orthogonality as eps64·κ² (κ = σ₁/σ_min), so this returns None when
+    κ > _GRAM_MAX_COND (then eps64·κ² would exceed float32's eps; W rank-deficient included): callers then
+    use the LAPACK SVD.
+    """
+    G = torch.zeros(cols, cols, dtype=torch.float64)
+    for a in range(0, rows, block):
+        C = read_rows(a, min(a + block, rows)).double()
+        G.addmm_(C.mT, C)
+    lam, V = torch.linalg.eigh(G)
+    S, V = lam.flip(0).clamp(min=0).sqrt(), V.flip(1)
+    if S[0] == 0 or S[-1] * _GRAM_MAX_COND < S[0]:
+        return None
+    VS = V / S
+    Ut = torch.empty(cols, rows, dtype=dtype)
+    for a in range(0, rows, block):
+        b = min(a + block, rows)
+        Ut[:, a:b] = (read_rows(a, b).double() @ VS).mT
+    return Ut.mT, S.to(dtype), V.mT.to(dtype)
+
+
 def _save_factors(path: Path, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
     # U is stored transposed so that the top-k vectors of either side are the first k rows of the file.
-    tensors = {"Ut": U.mT, "S": S, "Vh": Vh}
+    # Written by hand in the safetensors layout: save_file serialises every tensor to a bytes copy first,
+    # a third embedding-sized buffer at the peak; here each tensor goes from its own memory to the file.
+    tensors = {n: t.detach().cpu().contiguous() for n, t in {"Ut": U.mT, "S": S, "Vh": Vh}.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     os.replace(tmp, path)  # a reader never sees half a file
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def _load_factors(path: Path, k: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -259,6 +335,31 @@ class Checkpoint:
         with safe_open(str(self._files[name]), framework="pt") as f:
             return f.get_tensor(name)
 
+    def read(self, key: str, a: int, b: int, columns: bool = False) -> torch.Tensor:
+        """Rows a:b (columns a:b if `columns`) as an owned copy. The shard is opened per call: pages read
+        through its memory map stay resident while it is open, so one open over a whole embedding costs
+        the embedding's size in RSS even when read block by block. A slice is a view into that mapping,
+        hence the copy."""
+        name = self.names[key]
+        with safe_open(str(self._files[name]), framework="pt") as f:
+            part = f.get_slice(name)
+            return (part[:, a:b] if columns else part[a:b]).clone()
+
+
+def _decompose_streamed(ck: Checkpoint, key: str, dtype: torch.dtype, device: torch.device,
+                        svd_driver: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """decompose(ck.load(key)), but a tall or wide matrix is read block by block from the shard, so that
+    it is never resident whole beside its factors."""
+    rows, cols = ck.shapes[key]
+    if _use_gram((rows, cols), dtype, device):
+        if rows >= cols:
+            found = _gram_svd(lambda a, b: ck.read(key, a, b), rows, cols, dtype)
+        else:
+            found = _wide(_gram_svd(lambda a, b: ck.read(key, a, b, columns=True).mT, cols, rows, dtype))
+        if found is not None:
+            return found
+    return decompose(ck.load(key), dtype, device, svd_driver)
+
 
 def _select_keys(ckpts: dict[str, Checkpoint], names: Iterable[str] | str | None) -> list[str]:
     """Canonical keys to analyse, ordered embed, lm_head, then by layer; checks names and shapes agree."""
@@ -310,22 +411,20 @@ def _select_keys(ckpts: dict[str, Checkpoint], names: Iterable[str] | str | None
 def _compare(ckb: Checkpoint, cka: Checkpoint, key: str, factors: dict[str, Path], k: int,
              device: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
     """The row of the pair table and the arrays of one matrix, for before=ckb, after=cka."""
-    Wb, Wa = ckb.load(key).to(device), cka.load(key).to(device)
-    fro_before, fro_delta = _fro(Wb), _fro(Wa, minus=Wb)
-    del Wa, Wb
-    Ub, Sb, Vhb = _load_factors(factors[ckb.label], k, device)
-    Ua, Sa, Vha = _load_factors(factors[cka.label], k, device)
+    rows, cols = ckb.shapes[key]
+    fro_before, fro_delta = _fro_blocks(ckb, cka, key, rows)
+    # V (k×cols) is small; U (rows×k, an embedding's 49152 rows) is streamed in row blocks from both files.
+    (Sb, Vhb), (Sa, Vha) = (_load_sv(factors[ck.label], k, device) for ck in (ckb, cka))
+    angles_u, rot_u = _streamed_u_angles(factors[ckb.label], factors[cka.label], k, rows, device)
     arrays = {
-        "sigma_before": Sb, "sigma_after": Sa,
-        "angles_u": principal_angles(Ub, Ua, assume_orthonormal=True),
+        "sigma_before": Sb, "sigma_after": Sa, "angles_u": angles_u,
         "angles_v": principal_angles(Vhb.mT, Vha.mT, assume_orthonormal=True),
-        "rot_u": rotation_angles(Ub, Ua), "rot_v": rotation_angles(Vhb.mT, Vha.mT),
+        "rot_u": rot_u, "rot_v": rotation_angles(Vhb.mT, Vha.mT),
     }
     arrays = {n: a.double().cpu().numpy() for n, a in arrays.items()}
     sb, sa = arrays["sigma_before"], arrays["sigma_after"]
     dsigma = sa - sb
     _, layer, block, module = parse_name(key)
-    rows, cols = ckb.shapes[key]
     row = {
         "pair": f"{ckb.label}__{cka.label}", "before": ckb.label, "after": cka.label, "name": ckb.names[key],
         "key": key, "layer": layer, "block": block, "module": module, "rows": rows, "cols": cols,
@@ -377,14 +476,66 @@ def _alignment(ck: Checkpoint, factors: dict[str, dict[str, Path]], k: int, devi
     return row, arrays
 
 
-def _fro(W: torch.Tensor, minus: torch.Tensor | None = None, block: int = 4096) -> float:
-    """‖W − minus‖F in float64, by row blocks: a float32 norm of an embedding (~3e7 entries) is off by
-    ~1e-3, and blocks keep the difference from costing a third full matrix."""
-    total = 0.0
-    for i in range(0, W.shape[0], block):
-        part = W[i:i + block].double()
-        total += (part if minus is None else part - minus[i:i + block].double()).square().sum().item()
-    return total**0.5
+def _fro_blocks(ckb: Checkpoint, cka: Checkpoint, key: str, rows: int, block: int = _BLOCK) -> tuple[float, float]:
+    """(‖W_before‖F, ‖W_after − W_before‖F) from row blocks read from the shards, so neither matrix is ever
+    whole in memory; in float64, as a float32 norm of an embedding (~3e7 entries) is off by ~1e-3."""
+    before = delta = 0.0
+    for a in range(0, rows, block):
+        Wb, Wa = ckb.read(key, a, a + block).double(), cka.read(key, a, a + block).double()
+        before += Wb.square().sum().item()
+        delta += (Wa - Wb).square().sum().item()
+    return before**0.5, delta**0.5
+
+
+def _load_sv(path: Path, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("S").clone().to(device), f.get_slice("Vh")[:k].clone().to(device)
+
+
+def _read_ut_block(path: Path, k: int, a: int, b: int) -> torch.Tensor:
+    """Columns a:b of the first k rows of a factor file's Uᵀ (k×(b−a)), read row segment by row segment.
+    Not through safetensors' memory map: a column block touches every row of Uᵀ, and the kernel maps
+    ~64 KB around each touched page, so one block would make ~k·64 KB of the file resident per file."""
+    with open(path, "rb", buffering=0) as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))["Ut"]
+        out = torch.empty(k, b - a, dtype={"F32": torch.float32, "F64": torch.float64}[info["dtype"]])
+        rows, size, start = info["shape"][1], out.element_size(), 8 + n + info["data_offsets"][0]
+        buf = out.numpy()
+        for j in range(k):
+            f.seek(start + (j * rows + a) * size)
+            f.readinto(memoryview(buf[j]).cast("B"))
+    return out
+
+
+def _streamed_u_angles(path_b: Path, path_a: Path, k: int, rows: int, device: torch.device,
+                       block: int = _BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """principal_angles(Ub, Ua) and rotation_angles(Ub, Ua) of the top-k left singular vectors of two factor
+    files, reading row blocks of U (columns of the stored Uᵀ) so that neither U is ever whole in memory.
+
+    Pass 1 sums M = UbᵀUa and, per column, ⟨ub, ua⟩, ‖ub − ua‖² and ‖ub + ua‖²; pass 2 stacks the R factors
+    of the blocks of Ua − Ub M (TSQR, as _residual_svdvals).
+    """
+    def blocks():
+        for a in range(0, rows, block):
+            b = min(a + block, rows)
+            yield _read_ut_block(path_b, k, a, b).mT.to(device), _read_ut_block(path_a, k, a, b).mT.to(device)
+
+    M = dot = minus = plus = 0
+    for ub, ua in blocks():
+        M = M + ub.mT @ ua
+        dot = dot + (ub * ua).sum(0)
+        minus, plus = minus + (ub - ua).square().sum(0), plus + (ub + ua).square().sum(0)
+    # the sign of ⟨ub, ua⟩ flips ua (rotation_angles): then ‖ub − s·ua‖ and ‖ub + s·ua‖ swap
+    flip = dot < 0
+    rot = 2 * torch.atan2(torch.where(flip, plus, minus).sqrt(), torch.where(flip, minus, plus).sqrt())
+    if k >= rows:  # U spans the whole space: every principal angle is 0
+        return M.new_zeros(k), rot
+    R = None
+    for ub, ua in blocks():
+        part = torch.addmm(ua, ub, M, alpha=-1)
+        R = torch.linalg.qr(part if R is None else torch.cat([R, part]), mode="r").R
+    return _combine_angles(torch.linalg.svdvals(M).clamp(max=1.0), torch.linalg.svdvals(R)), rot
 
 
 def _write_table(df: pd.DataFrame, path: Path) -> None:
@@ -438,15 +589,13 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
             k_eff = min(k, rows_, cols_)
             factors = {}
             for label, ck in ckpts.items():  # each checkpoint's matrix is decomposed exactly once
-                W = ck.load(key)
-                if cache_dir is not None:
-                    factors[label] = _ensure_cached(W, key, cache_dir, dtype, device, svd_driver)[0]
+                if cache_dir is not None:  # the cache key hashes the whole tensor
+                    factors[label] = _ensure_cached(ck.load(key), key, cache_dir, dtype, device, svd_driver)[0]
                 else:
-                    U, S, Vh = decompose(W, dtype, device, svd_driver)
+                    U, S, Vh = _decompose_streamed(ck, key, dtype, device, svd_driver)
                     factors[label] = Path(scratch) / f"{label}.{key}.safetensors"
                     _save_factors(factors[label], U[:, :k_eff], S, Vh[:k_eff])
                     del U, S, Vh
-                del W
             for before, after in pairs:
                 row, arr = _compare(ckpts[before], ckpts[after], key, factors, k_eff, device)
                 rows[(before, after)].append(row)

@@ -303,8 +303,92 @@ def test_cli_summary_and_exit_code(qwen_pair, tmp_path, capsys):
     assert "no such directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_frobenius_norm_accumulates_in_float64():
+def test_frobenius_norm_accumulates_in_float64(tmp_path):
     """‖ΔW‖F of a large float32 matrix: a float32 reduction drifts by ~1e-4 relative at 3e6 entries."""
-    W = torch.randn(3000, 1000, generator=torch.Generator().manual_seed(0))
-    ref = torch.linalg.matrix_norm(W.double()).item()
-    assert abs(spectra._fro(W) / ref - 1) < 1e-12
+    g = torch.Generator().manual_seed(0)
+    W, Wr = torch.randn(3000, 1000, generator=g), torch.randn(3000, 1000, generator=g)
+    for label, M in (("w", W), ("wr", Wr)):
+        (tmp_path / label).mkdir()
+        save_file({"model.embed_tokens.weight": M}, tmp_path / label / "model.safetensors")
+    ckb, cka = spectra.Checkpoint("w", tmp_path / "w"), spectra.Checkpoint("wr", tmp_path / "wr")
+    before, delta = spectra._fro_blocks(ckb, cka, spectra.EMBED, 3000)
+    assert abs(before / torch.linalg.matrix_norm(W.double()).item() - 1) < 1e-12
+    assert abs(delta / torch.linalg.matrix_norm(Wr.double() - W.double()).item() - 1) < 1e-12
+
+
+# ----------------------------------------------------------------- Gram route for tall/wide matrices
+def _well_conditioned(m, n, seed=0, cond=1e3):
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    return (U * torch.logspace(0, -math.log10(cond), n, dtype=torch.float64)) @ V.T
+
+
+def test_gram_svd_matches_lapack_in_float64():
+    W = _well_conditioned(3000, 40)
+    U, S, Vh = spectra._gram_svd(lambda a, b: W[a:b], 3000, 40, torch.float64, block=256)
+    Ur, Sr, Vhr = torch.linalg.svd(W, full_matrices=False)
+    assert (S - Sr).abs().max() < 1e-10 * Sr[0]
+    assert principal_angles(Vh.T, Vhr.T).max() < 1e-8 and principal_angles(U, Ur).max() < 1e-8
+    assert rotation_angles(U, Ur).max() < 1e-8 and rotation_angles(Vh.T, Vhr.T).max() < 1e-8
+    # U = W V Σ⁻¹ loses orthogonality as eps·κ² (κ = 1e3 here): why float64 requests keep the LAPACK SVD
+    torch.testing.assert_close(U.T @ U, torch.eye(40, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close((U * S) @ Vh, W, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_decompose_float32_tall_or_wide_skips_lapack_svd(monkeypatch, wide):
+    W64 = _well_conditioned(2500, 48, seed=1)
+    W64 = W64.T if wide else W64
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: pytest.fail("LAPACK SVD used"))
+    U, S, Vh = spectra.decompose(W64.float(), "float32", "cpu")
+    monkeypatch.undo()
+    Ur, Sr, Vhr = torch.linalg.svd(W64, full_matrices=False)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32 and U.shape == Ur.shape and Vh.shape == Vhr.shape
+    assert (S.double() - Sr).abs().max() < 1e-6 * Sr[0]
+    assert principal_angles(U.double()[:, :24], Ur[:, :24]).max() < 1e-4
+    assert principal_angles(Vh.double().T[:, :24], Vhr.T[:, :24]).max() < 1e-4
+    torch.testing.assert_close(((U * S) @ Vh).double(), W64, atol=1e-6, rtol=0)
+
+
+def test_decompose_rank_deficient_tall_falls_back_to_lapack():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(400, 3, generator=g) @ torch.randn(3, 20, generator=g)  # rank 3 of 20
+    U, S, Vh = spectra.decompose(W, "float32", "cpu")
+    torch.testing.assert_close(U.T @ U, torch.eye(20), atol=1e-5, rtol=0)  # still orthonormal
+    torch.testing.assert_close((U * S) @ Vh, W, atol=1e-4, rtol=0)
+
+
+def test_streamed_u_angles_match_in_memory(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    Ub = torch.linalg.qr(torch.randn(3000, 20, generator=g, dtype=torch.float64)).Q
+    Ua = torch.linalg.qr(Ub + 1e-3 * torch.randn(3000, 20, generator=g, dtype=torch.float64)).Q
+    Ua[:, 5] *= -1  # a sign flip is no rotation
+    pb, pa = tmp_path / "b.safetensors", tmp_path / "a.safetensors"
+    for path, U in ((pb, Ub), (pa, Ua)):
+        spectra._save_factors(path, U, torch.ones(20, dtype=torch.float64), torch.eye(20, dtype=torch.float64))
+        assert spectra._load_factors(path, None, torch.device("cpu"))[0].equal(U)  # a valid safetensors file
+    for k in (20, 7):
+        angles, rot = spectra._streamed_u_angles(pb, pa, k, 3000, torch.device("cpu"), block=256)
+        torch.testing.assert_close(angles, principal_angles(Ub[:, :k], Ua[:, :k]), atol=1e-12, rtol=0)
+        torch.testing.assert_close(rot, rotation_angles(Ub[:, :k], Ua[:, :k]), atol=1e-12, rtol=0)
+
+
+def test_analyze_pairs_float32_tall_embedding_matches_float64(tmp_path):
+    """The whole streamed path (Gram SVD from shard blocks, block-wise ‖ΔW‖F and U angles) in float32."""
+    W = _well_conditioned(2600, 32, seed=4, cond=30)
+    Wr = W + 1e-3 * _well_conditioned(2600, 32, seed=5, cond=30)
+    name = "model.embed_tokens.weight"
+    for label, M in (("w", W), ("wr", Wr)):
+        (tmp_path / label).mkdir()
+        save_file({name: M.float().contiguous()}, tmp_path / label / "model.safetensors", metadata={"format": "pt"})
+    table = analyze_pairs({"w": tmp_path / "w", "wr": tmp_path / "wr"}, [("w", "wr")], tmp_path / "out", k=16,
+                          device="cpu", progress=False)
+    _, arrays = load_pair(tmp_path / "out", "w", "wr")
+    Wf, Wrf = W.float().double(), Wr.float().double()
+    Ub, Sb, Vhb = torch.linalg.svd(Wf, full_matrices=False)
+    Ua, Sa, Vha = torch.linalg.svd(Wrf, full_matrices=False)
+    np.testing.assert_allclose(arrays[name]["sigma_before"], Sb.numpy(), atol=1e-6 * Sb[0].item())
+    np.testing.assert_allclose(arrays[name]["angles_u"], principal_angles(Ub[:, :16], Ua[:, :16]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(arrays[name]["rot_u"], rotation_angles(Ub[:, :16], Ua[:, :16]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(table.loc[0, "fro_delta"], torch.linalg.matrix_norm(Wrf - Wf).item(), rtol=1e-10)
