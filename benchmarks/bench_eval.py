@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
-from _common import cpu_name
+from _common import cpu_name, load_average, write_section
 
 from paper_lib import cards, config, data, models
 from paper_lib.rollout import Generator
@@ -24,7 +25,9 @@ def main() -> None:
     p.add_argument("--checkpoint", help="HF checkpoint dir (default: the preset's base model)")
     p.add_argument("--hands", type=int, default=64, help="hands per rule")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--write-docs", action="store_true", help="record the result in docs/benchmarks.md")
     args = p.parse_args()
+    load_before = load_average()
 
     cfg = config.load(args.preset)
     model, tokenizer = models.load(cfg, checkpoint=args.checkpoint, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -46,10 +49,22 @@ def main() -> None:
 
     agree = sum(a.success == b.success for a, b in zip(fast, slow)) / len(hands)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {cpu_name()})"
-    print("| preset | checkpoint | episodes | batched (s) | one at a time (s) | speed-up | success agreement | device |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {cfg.preset} | {args.checkpoint or 'base'} | {len(hands)} | {t_batched:.1f} | {t_single:.1f} | "
-          f"{t_single / t_batched:.1f}x | {agree:.0%} | {device} |")
+    table = "\n".join([
+        "| preset | checkpoint | episodes | batched (s) | one at a time (s) | speed-up | success agreement | device |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {cfg.preset} | {args.checkpoint or 'base'} | {len(hands)} | {t_batched:.1f} | {t_single:.1f} | "
+        f"{t_single / t_batched:.1f}x | {agree:.0%} | {device} |"])
+    command = " ".join(["python", "benchmarks/bench_eval.py", *[a for a in sys.argv[1:] if a != "--write-docs"]])
+    load = max(load_before, load_average())
+    body = "\n".join([
+        "## Batched evaluation vs one episode at a time", "",
+        f"`{command}` on {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; greedy decoding, "
+        f"max_new_tokens {cfg.eval.max_new_tokens}, up to {cfg.eval.max_attempts} attempts per episode, batch "
+        f"{args.batch_size}.", "", table, "",
+        f"Taken under load (load average {load:.1f}); one run." if load > 1.0 else "Taken on an idle machine; one run."])
+    print(body)
+    if args.write_docs:
+        write_section("bench_eval", body)
 
 
 if __name__ == "__main__":

@@ -57,14 +57,15 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
         return W_tgt.clone()
     Ut, St, Vht = svd_tgt if svd_tgt is not None else spectra.decompose(W_tgt, dtype, device)
     Us, Ss, Vhs = svd_src if svd_src is not None else spectra.decompose(W_src, dtype, device)
-    chosen = torch.zeros(rank, dtype=torch.bool, device=St.device)
-    chosen[:top] = True
-    chosen[rank - tail:] = True
     sigma = St if keep == "target-sigma" else Ss.to(St)
-    # Σ enters as a column scale: U[:, S] * σ[S] is U[:, S] diag(σ[S]) without forming the diagonal.
-    restored = (Us[:, chosen].to(Ut) * sigma[chosen]) @ Vhs[chosen].to(Ut)
-    kept = (Ut[:, ~chosen] * St[~chosen]) @ Vht[~chosen]
-    return (restored + kept).to(device=W_tgt.device, dtype=W_tgt.dtype)
+    Us, Vhs = Us.to(Ut), Vhs.to(Ut)
+    # The restored ranks are [0, top) and [rank - tail, rank), the kept ones [top, rank - tail): slices are
+    # views, and U[:, S] * σ[S] is U[:, S] diag(σ[S]) without forming the diagonal.
+    out = (Ut[:, top:rank - tail] * St[top:rank - tail]) @ Vht[top:rank - tail]
+    out += (Us[:, :top] * sigma[:top]) @ Vhs[:top]
+    if tail:
+        out += (Us[:, rank - tail:] * sigma[rank - tail:]) @ Vhs[rank - tail:]
+    return out.to(device=W_tgt.device, dtype=W_tgt.dtype)
 
 
 @dataclass(frozen=True)
