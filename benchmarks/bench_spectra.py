@@ -31,9 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import DOCS, machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench_spectra:start -->", "<!-- bench_spectra:end -->"
 PAIRS = [("base", "sft"), ("sft", "rl"), ("base", "rl"), ("base", "inter")]
 # checkpoint -> (parent, relative noise, seed)
 PERTURB = {"sft": ("base", 3e-3, 1), "rl": ("sft", 1e-3, 2), "inter": ("base", 1e-3, 3)}
@@ -201,75 +201,6 @@ def agreement(out: Path) -> dict:
             "rel_fro_delta": float(((both["fro_delta"] - both["fro_delta_naive"]).abs() / both["fro_delta_naive"]).max())}
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or "unknown")
-    mem = next((int(line.split()[1]) // (1 << 20) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    return f"{os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} GB RAM, {platform.system()}"
-
-
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.is_file() else (
-        "# Benchmarks\n\nEach section is written by the script it names, with the exact command, machine and "
-        "date; rerun the command to refresh it.\n")
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
-def render(command: str, args: argparse.Namespace, cfg: dict, results: dict, agree: dict) -> str:
-    """The docs/benchmarks.md section for one run."""
-    import scipy
-    import torch
-    import transformers
-
-    o, n = results["ours"], results["naive"]
-    work_o, work_n = o["peak_rss_mb"] - o["after_imports_mb"], n["peak_rss_mb"] - n["after_imports_mb"]
-    model = f"`{args.base}`" if args.base else "random-init LlamaConfig of SmolLM2-135M shape"
-    tied = "tied" if cfg.get("tie_word_embeddings") else "untied"
-    threads = f"{args.threads} BLAS/OpenMP thread(s)" if args.threads else "the libraries' default threads"
-    return f"""## spectra: `analyze_pairs` vs a naive per-pair baseline (CPU)
-
-Command: `{command}`
-Date: {datetime.date.today().isoformat()}; machine: {machine()}; Python {platform.python_version()},
-torch {torch.__version__}, transformers {transformers.__version__}, scipy {scipy.__version__}.
-
-Model: {model} (hidden {cfg.get('hidden_size')}, intermediate {cfg.get('intermediate_size')},
-{cfg.get('num_hidden_layers')} layers, vocab {cfg.get('vocab_size')}, {tied} embeddings), four float32 checkpoints in safetensors shards (base, sft, rl, inter = base + noise); pairs
-base→sft, sft→rl, base→rl, base→inter; {o['matrices']} matrices per pair; k = {args.k} (min(k, rank) per matrix).
-Naive: per pair, `AutoModelForCausalLM.from_pretrained` of both checkpoints, then per matrix
-`scipy.linalg.svd` of both and `scipy.linalg.subspace_angles` of the top-k U and V.
-Each method runs in its own process, one run each, with {threads}; wall time includes
-imports; peak RSS is the process's VmHWM; "working set" is peak RSS minus the RSS right after the imports
-(interpreter, torch, libraries).
-
-| method | wall (s) | CPU (s) | peak RSS (MB) | working set (MB) | load avg before/after |
-|---|---:|---:|---:|---:|---:|
-| `paper_lib.spectra.analyze_pairs` (cpu, float32) | {o['wall_s']:.1f} | {o['cpu_s']:.1f} | {o['peak_rss_mb']:.0f} | {work_o:.0f} | {o['load_before']:.1f} / {o['load_after']:.1f} |
-| naive (from_pretrained + scipy, per pair) | {n['wall_s']:.1f} | {n['cpu_s']:.1f} | {n['peak_rss_mb']:.0f} | {work_n:.0f} | {n['load_before']:.1f} / {n['load_after']:.1f} |
-| **naive / ours** | **{n['wall_s'] / o['wall_s']:.2f}×** | **{n['cpu_s'] / o['cpu_s']:.2f}×** | **{n['peak_rss_mb'] / o['peak_rss_mb']:.2f}×** | **{work_n / work_o:.2f}×** | |
-
-Issue targets, ≥ 2× faster and ≥ 3× less peak memory: speed {"met" if n['wall_s'] >= 2 * o['wall_s'] else "not met"}, peak
-memory {"met" if n['peak_rss_mb'] >= 3 * o['peak_rss_mb'] else "not met"} in this run.
-
-Agreement over {agree['matched_rows']} (pair, matrix) rows: max |Δ mean principal angle| {agree['angle_mean_deg']:.2g}°,
-max |Δ max|Δσ|| {agree['dsigma_absmax']:.2g}, max relative Δ‖ΔW‖F {agree['rel_fro_delta']:.2g} (both float32;
-the naive ‖ΔW‖F is a float32 reduction, ours accumulates in float64).
-
-Where the memory goes: ours peaks while decomposing the embedding (the largest matrix): it is read from the
-shard in row blocks, σ and V come from its float64 Gram matrix WᵀW (hidden²), and then only its U (vocab ×
-hidden, float32) is held, no LAPACK workspace; a pair's ‖ΔW‖F and U angles are streamed in row blocks from
-the shards and factor files. All this on top of ~310 MB of interpreter + torch that both methods pay; the
-naive holds two whole models plus scipy's copies. Ours holds a few matrices whatever the depth, so the
-ratio grows with the model (fewer layers: smaller ratio). Timings on a CPU shared with other jobs vary a
-lot, and multi-threaded LAPACK suffers most: compare runs made with the same `--threads`.
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="a real HF checkpoint (safetensors) instead of the random SmolLM2-shape init")
@@ -310,7 +241,7 @@ def main() -> None:
     section = render(command.strip(), args, cfg, results, agree)
     print(section)
     if not args.no_docs:
-        write_docs(section)
+        write_section("bench_spectra", section)
         print(f"written to {DOCS}")
 
 
