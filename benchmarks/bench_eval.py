@@ -55,7 +55,7 @@ def main() -> None:
         f"| {cfg.preset} | {args.checkpoint or 'base'} | {len(hands)} | {t_batched:.1f} | {t_single:.1f} | "
         f"{t_single / t_batched:.1f}x | {agree:.0%} | {device} |"])
     command = " ".join(["python", "benchmarks/bench_eval.py", *[a for a in sys.argv[1:] if a != "--write-docs"]])
-    load = max(load_before, load_average())
+    load = load_before  # the load other processes put on the machine; the run itself adds its own
     body = "\n".join([
         "## Batched evaluation vs one episode at a time", "",
         f"`{command}` on {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; greedy decoding, "
