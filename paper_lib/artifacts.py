@@ -66,6 +66,16 @@ def notebooks_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "notebooks"
 
 
+def numbered_checkpoints(directory: Path) -> dict[int, Path]:
+    """{step: path} of the loadable `checkpoint-<step>` directories (config.json and weights present)."""
+    found = {}
+    for path in Path(directory).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            found[int(step)] = path
+    return dict(sorted(found.items()))
+
+
 def figures_dir(cfg: Config) -> Path:
     return Path(os.environ.get("PAPER_FIGURES_DIR", PROJECT_ROOT / "figures")) / cfg.preset
 

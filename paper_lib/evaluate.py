@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,13 +60,8 @@ def fingerprint(checkpoint: str | Path) -> str:
 
 
 def _numbered(directory: Path, stage: str) -> list[Checkpoint]:
-    found = []
-    for path in directory.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir() and any(path.glob("*.safetensors")):
-            step = int(match.group(1))
-            found.append(Checkpoint(f"{stage}-{step:04d}", stage, step, path))
-    return sorted(found, key=lambda c: c.step)
+    return [Checkpoint(f"{stage}-{step:04d}", stage, step, path)
+            for step, path in artifacts.numbered_checkpoints(directory).items()]
 
 
 def discover_checkpoints(cfg: Config) -> list[Checkpoint]:

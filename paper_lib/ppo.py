@@ -40,14 +40,10 @@ import math
 import os
 import pickle
 import random
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -56,7 +52,7 @@ import torch
 import yaml
 from torch import nn
 
-from . import artifacts, cards, config, models
+from . import artifacts, cards, config, launch, models
 from .config import PROJECT_ROOT, Config
 
 log = logging.getLogger(__name__)
@@ -271,21 +267,12 @@ class Rollouts:
 
 
 # ------------------------------------------------------------------------------ checkpoints and specs
-def _numbered(directory: Path) -> dict[int, Path]:
-    found = {}
-    for path in directory.glob("checkpoint-*"):
-        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            found[int(match.group(1))] = path
-    return found
-
-
 def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
     """Where PPO starts: `path` if given, else the full-SFT checkpoint, sft_dir/checkpoint-<full_sft_step>
     if it exists, else the last SFT checkpoint."""
     if path is not None:
         return models.checkpoint_path(path)
-    found = _numbered(artifacts.sft_dir(cfg))
+    found = artifacts.numbered_checkpoints(artifacts.sft_dir(cfg))
     if not found:
         raise FileNotFoundError(
             f"PPO starts from the full-SFT checkpoint, but {artifacts.sft_dir(cfg)} holds no SFT checkpoint "
@@ -297,7 +284,7 @@ def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
 
 def checkpoints(cfg: Config) -> dict[int, Path]:
     """{update: path} of the RL checkpoints written so far."""
-    return dict(sorted(_numbered(artifacts.rl_dir(cfg)).items()))
+    return artifacts.numbered_checkpoints(artifacts.rl_dir(cfg))
 
 
 def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
@@ -433,7 +420,7 @@ class PPOTrainer:
 
     def resume(self, out: Path) -> int:
         """Load the newest checkpoint's trainer state, if any; the last finished update (0 if none)."""
-        found = {u: p for u, p in _numbered(out).items() if (p / "trainer_state").is_dir()}
+        found = {u: p for u, p in artifacts.numbered_checkpoints(out).items() if (p / "trainer_state").is_dir()}
         if not found:
             return 0
         update = max(found)
@@ -579,7 +566,7 @@ class PPOTrainer:
             final = out / f"checkpoint-{number}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for other, path in _numbered(out).items():
+            for other, path in artifacts.numbered_checkpoints(out).items():
                 if other != number:
                     shutil.rmtree(path / "trainer_state", ignore_errors=True)
             log.info("saved %s", final)
@@ -733,29 +720,10 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None)
         preset_file.write_text(yaml.safe_dump(settings, sort_keys=False))
         command = _launch_command(cfg, preset_file, force, init)
         log.info("running %s (log: %s)", " ".join(command), logfile)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        tail: deque[str] = deque(maxlen=60)
-        with open(logfile, "w") as log_fh:
-            proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                pending = ""
-                while chunk := os.read(proc.stdout.fileno(), 4096):
-                    text = chunk.decode(errors="replace")
-                    sys.stdout.write(text)
-                    sys.stdout.flush()
-                    log_fh.write(text)
-                    pending += text
-                    *lines, pending = re.split(r"[\r\n]", pending)
-                    tail.extend(line for line in lines if line.strip())
-                code = proc.wait()
-            except BaseException:  # e.g. the notebook's stop button: do not leave the trainer running
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait()
-                raise
+        code, output = launch.run_streamed(command, logfile, append=False)
     if code != 0:
         raise RuntimeError(f"the RL run failed (exit code {code}); command: {' '.join(command)}\n"
-                           f"last lines of its log ({logfile}):\n" + "\n".join(tail))
+                           f"last lines of its log ({logfile}):\n" + launch.tail(output, 60))
     return out
 
 
@@ -772,12 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the metrics
     try:
-        overrides = {}
-        for item in args.override:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise config.ConfigError(f"--override needs KEY=VALUE, got {item!r}")
-            overrides[key] = yaml.safe_load(value)
+        overrides = launch.parse_overrides(args.override)
         cfg = config.load(args.preset, **overrides)
         if cfg.rl.algo == "grpo":
             out = train_grpo(cfg, force=args.force, init=args.init_checkpoint)

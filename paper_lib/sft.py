@@ -29,29 +29,24 @@ manifest matches (cfg.sft, cfg.data, the base model's identity, this module's co
 from __future__ import annotations
 
 import argparse
-import codecs
 import csv
 import dataclasses
 import json
 import logging
 import os
-import re
-import select
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import artifacts, models
+from . import artifacts, launch, models
 from . import config as config_lib
 from . import data as data_lib
 from .config import PROJECT_ROOT, Config
+from .launch import parse_overrides  # noqa: F401  (sft.parse_overrides, used by main and the tests)
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +149,7 @@ def log_tail(cfg: Config, lines: int = 20) -> str:
     path = artifacts.sft_dir(cfg) / LOG_FILE
     if not path.is_file():
         return ""
-    return _tail(path.read_text(errors="replace"), lines)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _tail(text: str, lines: int) -> str:
-    text = _ANSI.sub("", text).replace("\r\n", "\n")
-    rows = [row.rstrip("\r").rsplit("\r", 1)[-1] for row in text.split("\n")]
-    return "\n".join([r for r in rows if r.strip()][-lines:])
+    return launch.tail(path.read_text(errors="replace"), lines)
 
 
 # ------------------------------------------------------------------------------------------- launching
@@ -232,60 +218,14 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
     log.info("launching: %s", " ".join(cmd))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    recent: deque[str] = deque(maxlen=200)
-    with open(log_path, "a", encoding="utf-8") as log_file:
-        log_file.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-        log_file.flush()
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        fd, pending, shown = proc.stdout.fileno(), "", time.monotonic()
-        try:
-            while True:
-                ready = select.select([fd], [], [], 0.5)[0]
-                chunk = os.read(fd, 1 << 14) if ready else None
-                if chunk is not None:
-                    text = decoder.decode(chunk, final=not chunk)
-                    log_file.write(text)
-                    log_file.flush()
-                    recent.append(text)
-                    pending += text
-                # echo a finished log line at once, progress-bar redraws at most twice a second
-                if stream and pending and (not chunk or "\n" in pending or time.monotonic() - shown > 0.5):
-                    sys.stdout.write(pending)
-                    sys.stdout.flush()
-                    pending, shown = "", time.monotonic()
-                if chunk == b"":
-                    break
-            code = proc.wait()
-        except BaseException:  # interrupted (e.g. a notebook's stop button): stop the run we started
-            _stop(proc)
-            raise
-        finally:
-            proc.stdout.close()
+    code, output = launch.run_streamed(cmd, log_path, stream=stream)
     if code != 0:
         raise SFTError(f"SFT failed with exit code {code}.\ncommand: {' '.join(cmd)}\nfull log: {log_path}\n"
-                       f"last lines:\n{_tail(''.join(recent), 40)}")
+                       f"last lines:\n{launch.tail(output, 40)}")
     if not artifacts.manifest_matches(out, spec):
         raise SFTError(f"the SFT command exited cleanly but {out / artifacts.MANIFEST} does not match the config; "
                        f"see {log_path}")
     return out
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def _clear(out: Path) -> None:
@@ -548,17 +488,6 @@ class LossTableCallback(_CallbackBase):
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`section.key=value` strings into config.load overrides; values are read as YAML (1e-3, true, [1, 2])."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise config_lib.ConfigError(f"--override needs section.key=value, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paper_lib.sft", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="a preset name under configs/presets/ or a .yaml path")

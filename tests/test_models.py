@@ -17,17 +17,6 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """The tiny preset's base model, built once for this module in its own runs dir."""
-    runs = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAPER_RUNS_DIR", str(runs))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        path = models.base_model_path(config.load("tiny"))
-    return runs, path
-
-
 @pytest.fixture
 def tiny_tokenizer(tiny_base):
     return models.load_tokenizer(tiny_base[1])

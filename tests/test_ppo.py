@@ -1,7 +1,6 @@
 """PPO (paper_lib.ppo): the estimator and loss by hand, the thought weighting, the value head on disk, a
 short run whose optimiser must raise an easy reward, resume after SIGKILL, and a GRPO smoke run."""
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from paper_lib import artifacts, cards, config, models, ppo
+from paper_lib import artifacts, cards, config, launch, models, ppo
 from paper_lib.config import PROJECT_ROOT
 
 
@@ -28,27 +27,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory):
-    """The tiny preset's base model (random Qwen2 + the project's tokenizer), built once."""
-    root = tmp_path_factory.mktemp("base_runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PAPER_RUNS_DIR", str(root))
-        return models.base_model_path(config.load("tiny"))
-
-
 @pytest.fixture
 def sft_ready(tiny_base):
     """This test's runs dir holds the tiny base model and, standing in for 02_sft, an SFT checkpoint."""
     cfg = config.load("tiny")
-    shutil.copytree(tiny_base, artifacts.base_model_dir(cfg))
-    shutil.copytree(tiny_base, artifacts.sft_dir(cfg) / "checkpoint-4")
+    shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
+    shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
     return artifacts.sft_dir(cfg) / "checkpoint-4"
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_base):
-    return models.load_tokenizer(tiny_base)
+    return models.load_tokenizer(tiny_base.path)
 
 
 # ------------------------------------------------------------------------------------- by hand
@@ -100,7 +90,7 @@ def test_thought_tokens_get_the_coefficient(tokenizer):
 
 
 def test_score_matches_a_plain_forward(tiny_base):
-    model, tok = models.load("tiny", checkpoint=tiny_base)
+    model, tok = models.load("tiny", checkpoint=tiny_base.path)
     head = ppo.ValueHead(ppo.hidden_size(model))
     ac = ppo.ActorCritic(model, head).eval()
     steps = [ppo.Step([5, 6, 7, 8, 9], [10, 11, 12], [1.0] * 3, 0.0, False),
@@ -209,7 +199,7 @@ def test_resume_after_sigkill(sft_ready, tmp_path, monkeypatch):
         assert resumed_metrics[column].tolist() == pytest.approx(straight[column].tolist(), rel=1e-4, abs=1e-6)
 
     # a finished run with the same settings is not launched again
-    monkeypatch.setattr(ppo.subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was relaunched"))
+    monkeypatch.setattr(launch, "run_streamed", lambda *a, **k: pytest.fail("a finished run was relaunched"))
     assert ppo.run(cfg) == out
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from paper_lib import artifacts, config, data, models, sft
+from paper_lib import artifacts, config, data, launch, models, sft
 
 # 8 steps of 8 examples; checkpoints at 3, 6 and the last step, 8; loss points every 2 steps.
 SMALL = {"data.sft_size": 64, "data.test_size": 8, "data.loss_set_size": 8, "sft.per_device_batch_size": 8,
@@ -95,7 +95,7 @@ def test_second_run_with_same_config_is_skipped(tiny_run, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("a finished run with a matching manifest must not be launched again")
 
-    monkeypatch.setattr(sft.subprocess, "Popen", no_launch)
+    monkeypatch.setattr(launch, "run_streamed", no_launch)
     started = time.time()
     assert sft.run(config.load("tiny", **SMALL)) == out
     assert time.time() - started < 30
