@@ -8,6 +8,7 @@ half-written artifact behind.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
@@ -80,15 +81,60 @@ def figures_dir(cfg: Config) -> Path:
     return Path(os.environ.get("PAPER_FIGURES_DIR", PROJECT_ROOT / "figures")) / cfg.preset
 
 
-def code_hash(*modules: str) -> str:
-    """Hash of the source of the named paper_lib modules (e.g. "cards", "data"): a stage's code version.
+def imported_modules(module: str, package_dir: str | os.PathLike | None = None) -> list[str]:
+    """`module` and every paper_lib module it imports, directly or through others (any import statement,
+    also one inside a function), sorted. Read from the source with `ast`, so nothing is executed."""
+    package_dir = Path(package_dir or PROJECT_ROOT / "paper_lib")
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((package_dir / f"{name}.py").read_text(), filename=f"{name}.py")
+        for node in ast.walk(tree):
+            found: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from . import x / from .x import y
+                found = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("paper_lib"):
+                rest = node.module.removeprefix("paper_lib").lstrip(".")
+                found = [rest] if rest else [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                found = [a.name.split(".")[1] for a in node.names if a.name.startswith("paper_lib.")]
+            todo += [f.split(".")[0] for f in found if (package_dir / f"{f.split('.')[0]}.py").is_file()]
+    return sorted(seen)
 
-    Only the code a stage runs counts, so editing a plot does not invalidate an SFT run.
-    """
+
+def code_hash(*modules: str, package_dir: str | os.PathLike | None = None) -> str:
+    """A stage's code version: the hash of the source of the named paper_lib modules and of every
+    paper_lib module they import. Derived from the imports, never from a list kept by hand, so editing
+    cards.py invalidates every stage that plays the game, and editing a plot invalidates none."""
+    package_dir = Path(package_dir or PROJECT_ROOT / "paper_lib")
+    names = sorted({m for module in modules for m in imported_modules(module, package_dir)})
     digest = hashlib.sha256()
-    for name in sorted(modules):
-        digest.update((PROJECT_ROOT / "paper_lib" / f"{name}.py").read_bytes())
+    for name in names:
+        digest.update(name.encode() + b"\0" + (package_dir / f"{name}.py").read_bytes())
     return digest.hexdigest()[:16]
+
+
+def stage_key(out_dir: str | os.PathLike) -> str:
+    """Identity of a finished stage for the stages that read it: the hash of its manifest without the
+    provenance (time, git). A rebuilt input with other settings or code changes its readers' keys."""
+    found = read_manifest(out_dir)
+    if found is None:
+        raise FileNotFoundError(f"{out_dir} holds no finished stage (no {MANIFEST})")
+    found.pop("provenance", None)
+    return hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(checkpoint: str | os.PathLike) -> str:
+    """Cheap identity of a checkpoint's weights: names, sizes and mtimes of its weight files."""
+    path = Path(checkpoint)
+    files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors) in {path}")
+    blob = json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def git_version() -> str:

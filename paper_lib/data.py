@@ -74,7 +74,7 @@ def build_splits(cfg: Config) -> dict[str, list[dict[str, Any]]]:
 
 def build(cfg: Config, force: bool = False) -> Path:
     """Build (or reuse) every split under runs/<preset>/data; returns that directory."""
-    spec = {"stage": "data", "data": asdict(cfg.data), "code": artifacts.code_hash("cards", "data")}
+    spec = {"stage": "data", "data": asdict(cfg.data), "code": artifacts.code_hash("data")}
 
     def write(tmp: Path) -> None:
         splits = build_splits(cfg)

@@ -10,7 +10,6 @@ manifest), so a sweep after new checkpoints appear evaluates only those. With se
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -47,16 +46,6 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     # exact endpoints where the rounding of centre - half would leave a 1e-16 gap
     return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
-
-
-def fingerprint(checkpoint: str | Path) -> str:
-    """Cheap identity of a checkpoint's weights: names, sizes and mtimes of its weight files."""
-    path = Path(checkpoint)
-    files = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
-    if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors) in {path}")
-    blob = json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _numbered(directory: Path, stage: str) -> list[Checkpoint]:
@@ -104,9 +93,10 @@ def _record(rule: str, index: int, episode: cards.Episode) -> dict:
 def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False) -> pd.DataFrame:
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = artifacts.eval_dir(cfg) / checkpoint.label
-    spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": fingerprint(checkpoint.path),
+    spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": artifacts.fingerprint(checkpoint.path),
+            "data_stage": artifacts.stage_key(data.build(cfg)),
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
-            "code": artifacts.code_hash("cards", "rollout", "evaluate")}
+            "code": artifacts.code_hash("evaluate")}
 
     if not force and artifacts.manifest_matches(out, spec):
         return episodes_table(out)

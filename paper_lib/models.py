@@ -195,7 +195,7 @@ def base_model_path(cfg: Config) -> Path:
     name = cfg.model.name
     if name == "tiny":
         spec = {"stage": "base_model", "model": {"name": name, "tiny": cfg.to_dict()["model"]["tiny"]},
-                "code": artifacts.code_hash("models", "cards")}
+                "code": artifacts.code_hash("models")}
         return artifacts.cached_stage(artifacts.base_model_dir(cfg), spec, lambda out: _build_tiny(cfg, out))
     if name == "smol":
         gguf = smol_gguf_path()

@@ -289,11 +289,9 @@ def checkpoints(cfg: Config) -> dict[int, Path]:
 
 def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
     """What a finished run's manifest must match for it to be reused."""
-    from .evaluate import fingerprint
-
     return {"stage": "rl", "rl": dataclasses.asdict(cfg.rl), "max_attempts": cfg.eval.max_attempts,
-            "target": cfg.data.target, "init": str(init), "init_weights": fingerprint(init), "reward": grade_name,
-            "code": artifacts.code_hash("ppo", "cards", "rollout", "models")}
+            "target": cfg.data.target, "init": str(init), "init_weights": artifacts.fingerprint(init), "reward": grade_name,
+            "code": artifacts.code_hash("ppo")}
 
 
 def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:

@@ -170,8 +170,8 @@ def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, sou
     """runs/<preset>/restore/<name>: `target` with `plan` restored from `source`, written once (a manifest
     of both checkpoints' weights and the plan decides), ready for evaluate.evaluate_checkpoint."""
     out = artifacts.restore_dir(cfg) / name
-    spec = {"stage": "restore", "target": evaluate.fingerprint(target.path), "source": evaluate.fingerprint(source.path),
-            "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore", "spectra")}
+    spec = {"stage": "restore", "target": artifacts.fingerprint(target.path), "source": artifacts.fingerprint(source.path),
+            "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore")}
     if force or not artifacts.manifest_matches(out, spec):
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
                        cache_dir=spectra.svd_cache(cfg))

@@ -64,8 +64,10 @@ class SFTError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------- artifacts
 def manifest_spec(cfg: Config) -> dict[str, Any]:
-    """What a finished SFT run is keyed on: cfg.sft, cfg.data, the base model's identity, this code."""
+    """What a finished SFT run is keyed on: cfg.sft, the data stage's manifest, the base model's identity,
+    and the code of sft.py with every module it imports."""
     return {"stage": "sft", "sft": dataclasses.asdict(cfg.sft), "data": dataclasses.asdict(cfg.data),
+            "data_stage": artifacts.stage_key(data_lib.build(cfg)),
             "base_model": base_model_identity(cfg), "code": artifacts.code_hash("sft")}
 
 

@@ -656,11 +656,11 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
     the work when nothing changed."""
     from dataclasses import asdict
 
-    from . import artifacts, evaluate
+    from . import artifacts
 
     out = artifacts.spectra_dir(cfg)
     spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": asdict(cfg.spectra),
-            "checkpoints": {label: evaluate.fingerprint(path) for label, path in checkpoints.items()},
+            "checkpoints": {label: artifacts.fingerprint(path) for label, path in checkpoints.items()},
             "code": artifacts.code_hash("spectra")}
     if not force and artifacts.manifest_matches(out, spec):
         return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)

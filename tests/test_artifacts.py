@@ -65,3 +65,57 @@ def test_save_figure_writes_png_pdf_and_a_provenance_sidecar():
     assert sidecar["notebook"] == "01_data" and sidecar["preset"] == "tiny"
     assert sidecar["config_hash"] == cfg.section_hash()
     assert sidecar["sources"] == ["runs/tiny/data"] and sidecar["code_version"]
+
+
+# ------------------------------------------------------------------------- cache keys from the imports
+STAGE_MODULES = {"data": "data", "sft": "sft", "ppo": "ppo", "evaluation": "evaluate", "spectra": "spectra",
+                 "restore": "restore"}
+
+
+def _stage_hashes(package_dir):
+    return {stage: artifacts.code_hash(module, package_dir=package_dir) for stage, module in STAGE_MODULES.items()}
+
+
+def test_a_changed_reward_makes_every_stage_that_plays_the_game_stale_and_spectra_not(tmp_path):
+    import shutil
+
+    package = tmp_path / "paper_lib"
+    shutil.copytree(config.PROJECT_ROOT / "paper_lib", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _stage_hashes(package)
+    assert before == _stage_hashes(config.PROJECT_ROOT / "paper_lib")  # the copy is keyed as the original
+    cards_py = package / "cards.py"
+    source = cards_py.read_text()
+    assert '"CORRECT": 5.0' in source
+    cards_py.write_text(source.replace('"CORRECT": 5.0', '"CORRECT": 6.0'))
+    after = _stage_hashes(package)
+    stale = {stage for stage in STAGE_MODULES if before[stage] != after[stage]}
+    assert stale >= {"data", "sft", "ppo", "evaluation"}
+    assert "spectra" not in stale
+    # a plot is no stage's input
+    (package / "plots.py").write_text((package / "plots.py").read_text() + "\n# restyled\n")
+    assert _stage_hashes(package) == after
+
+
+def test_imported_modules_follow_imports_inside_functions_too(tmp_path):
+    package = tmp_path / "paper_lib"
+    package.mkdir()
+    (package / "a.py").write_text("import os\nfrom . import b\n")
+    (package / "b.py").write_text("def f():\n    from .c import g\n    return g\n")
+    (package / "c.py").write_text("from paper_lib.d import x\n")
+    (package / "d.py").write_text("x = 1\n")
+    (package / "e.py").write_text("y = 2\n")
+    assert artifacts.imported_modules("a", package) == ["a", "b", "c", "d"]
+
+
+def test_a_rebuilt_input_stage_changes_the_key_of_its_readers(tmp_path):
+    def build(out):
+        (out / "x").write_text("1")
+
+    first = artifacts.stage_key(artifacts.cached_stage(tmp_path / "data", {"stage": "data", "seed": 0}, build))
+    again = artifacts.stage_key(artifacts.cached_stage(tmp_path / "data", {"stage": "data", "seed": 0}, build,
+                                                       force=True))
+    assert again == first  # same settings and code: the provenance (time, git) does not count
+    other = artifacts.stage_key(artifacts.cached_stage(tmp_path / "data", {"stage": "data", "seed": 1}, build))
+    assert other != first
+    with pytest.raises(FileNotFoundError, match="no finished stage"):
+        artifacts.stage_key(tmp_path / "missing")

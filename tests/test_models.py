@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import random
-import time
 import unicodedata
 
 import pytest
@@ -210,10 +209,18 @@ def test_qwen2_checkpoint_loads_through_the_qwen7b_preset(tmp_path, tiny_tokeniz
 def test_hub_preset_offline_fails_fast_with_a_local_path_hint(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path / "runs"))
-    started = time.monotonic()
+    import huggingface_hub
+
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def cache_only(repo_id, **kwargs):  # fails fast = only the local cache is looked at, no download
+        asked.append(kwargs.get("local_files_only", False))
+        return real(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
     with pytest.raises(models.ModelUnavailableError) as err:
         models.load("qwen7b")
-    assert time.monotonic() - started < 10
+    assert asked == [True]
     message = str(err.value)
     assert "model__name" in message and "configs/presets/qwen7b.yaml" in message
     assert "Qwen/Qwen2.5-7B-Instruct" in message and "HF_HUB_OFFLINE" in message

@@ -96,9 +96,7 @@ def test_second_run_with_same_config_is_skipped(tiny_run, monkeypatch):
         raise AssertionError("a finished run with a matching manifest must not be launched again")
 
     monkeypatch.setattr(launch, "run_streamed", no_launch)
-    started = time.time()
     assert sft.run(config.load("tiny", **SMALL)) == out
-    assert time.time() - started < 30
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     # any change of the SFT settings or the data makes it stale
     assert not artifacts.manifest_matches(out, sft.manifest_spec(config.load("tiny", **SMALL, sft__learning_rate=1e-3)))
