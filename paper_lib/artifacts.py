@@ -63,10 +63,6 @@ def restore_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "restore"
 
 
-def notebooks_dir(cfg: Config) -> Path:
-    return run_dir(cfg) / "notebooks"
-
-
 def numbered_checkpoints(directory: Path) -> dict[int, Path]:
     """{step: path} of the loadable `checkpoint-<step>` directories (config.json and weights present)."""
     found = {}

@@ -444,10 +444,13 @@ def start_episode(hand: Hand, target: int = TARGET) -> Episode:
     return Episode(hand, prompt_messages(hand, target))
 
 
-def step_episode(episode: Episode, text: str, target: int = TARGET) -> Attempt:
-    """Grade one answer and extend the conversation: the answer, then on failure the feedback turn."""
+def step_episode(episode: Episode, text: str, target: int = TARGET,
+                 grade: Callable[[Hand, str], Verdict] | None = None) -> Attempt:
+    """Grade one answer and extend the conversation: the answer, then on failure the feedback turn.
+    `grade(hand, text) -> Verdict` replaces the verifier (RL tests train on an easier reward)."""
     formula = parse_formula(text)
-    attempt = Attempt(text, formula, verify_formula(formula, episode.hand.numbers, target))
+    verdict = grade(episode.hand, text) if grade else verify_formula(formula, episode.hand.numbers, target)
+    attempt = Attempt(text, formula, verdict)
     episode.attempts.append(attempt)
     episode.messages.append({"role": "assistant", "content": text})
     if not attempt.verdict.correct:

@@ -144,11 +144,6 @@ def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None
     return table
 
 
-def load_episodes(cfg: Config, label: str) -> pd.DataFrame:
-    """Per-episode records of an evaluated checkpoint."""
-    return episodes_table(artifacts.eval_dir(cfg) / label)
-
-
 def inter_sft(table: pd.DataFrame) -> str:
     """Label of the Inter_SFT checkpoint: the SFT checkpoint with the best OOD success (earliest on ties)."""
     sft = table[(table["stage"] == "sft") & (table["rule"] == "ood")].sort_values("step")

@@ -240,12 +240,7 @@ class Rollouts:
             row = []
             for e, generation in enumerate(generator.generate_tokens([list(ep.messages) for ep in self.slots])):
                 episode = self.slots[e]
-                verdict = self.grade(episode.hand, generation.text)
-                # what cards.step_episode does, with a pluggable grade
-                episode.attempts.append(cards.Attempt(generation.text, cards.parse_formula(generation.text), verdict))
-                episode.messages.append({"role": "assistant", "content": generation.text})
-                if not verdict.correct:
-                    episode.messages.append({"role": "user", "content": verdict.feedback})
+                verdict = cards.step_episode(episode, generation.text, self.target, self.grade).verdict
                 # A correct attempt or the last failed one ends the episode, and nothing follows it (upstream
                 # asks for a sixth, ungraded answer at -1 and, as a time limit, bootstraps into the next hand).
                 done = cards.is_finished(episode, self.max_attempts)
