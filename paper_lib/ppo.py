@@ -22,8 +22,8 @@ grades a sixth, ungraded "step_limit_reached" attempt at -1 and lets GAE run on 
 every response token counts (upstream drops the first two); one optimizer step per PPO epoch over the
 process's whole batch (upstream accumulates a fixed 128 micro-steps); the cosine runs over num_updates.
 
-`rl.algo: grpo` runs TRL's GRPOTrainer instead (single turn, the verifier's reward of the first attempt),
-writing the same checkpoint layout, so the two algorithms can be compared.
+`rl.algo: grpo` runs TRL's GRPOTrainer instead (paper_lib/grpo.py: single turn, the verifier's reward of
+the first attempt), writing the same checkpoint layout, so the two algorithms can be compared.
 
 Outputs under runs/<preset>/rl/: checkpoint-<update>/ (an HF checkpoint + value_head.safetensors; the
 latest also holds trainer_state/ for resuming), metrics.csv (one row per update), manifest.json when done.
@@ -619,66 +619,6 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     return out
 
 
-# ---------------------------------------------------------------------------------------------- GRPO
-def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
-               grade: Grade | None = None) -> Path:
-    """TRL's GRPOTrainer on single-turn prompts (the reward of the first attempt), same rl_dir layout."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    rl = cfg.rl
-    init_path = init_checkpoint(cfg, init)
-    grade_name = "verifier" if grade is None else getattr(grade, "__name__", "custom")
-    grade = grade or verifier(cfg.data.target)
-    out = artifacts.rl_dir(cfg)
-    spec = run_spec(cfg, init_path, grade_name)
-    if not _start(out, spec, force):
-        return out
-    model, tokenizer = models.load(cfg, checkpoint=init_path, dtype="float32", device=None)  # bf16: autocast
-    # a step's completions: steps_per_update per process, in groups of `generations` per prompt
-    total = rl.steps_per_update * rl.num_processes
-    generations = next(g for g in (8, 4, 2, 1) if total % g == 0)
-    rng = random.Random(rl.seed)
-    hands = [cards.sample_hand(rng, "id", cfg.data.target) for _ in range(total // generations * rl.num_updates)]
-    data = Dataset.from_list([{"prompt": cards.prompt_messages(h, cfg.data.target), "cards": list(h.cards)}
-                              for h in hands])
-
-    def reward(completions, cards_, log_metric=None, **_):
-        verdicts = [grade(cards.Hand(tuple(c), "id"), comp[0]["content"]) for comp, c in zip(completions, cards_)]
-        if log_metric is not None:
-            log_metric("success_rate", sum(v.correct for v in verdicts) / len(verdicts))
-        return [v.reward for v in verdicts]
-
-    data = data.rename_column("cards", "cards_")  # the reward function's keyword must not shadow the module
-    args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=rl.steps_per_update, num_generations=generations,
-        max_completion_length=rl.max_new_tokens, temperature=rl.temperature, top_p=1.0, top_k=0,
-        learning_rate=rl.learning_rate, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": rl.min_learning_rate}, warmup_steps=0, adam_epsilon=rl.adam_eps,
-        weight_decay=0.0, max_grad_norm=rl.max_grad_norm, beta=rl.kl_coef, epsilon=rl.clip_eps,
-        max_steps=rl.num_updates,  # an update: one batch of rollouts, one optimizer step (TRL's mu = 1)
-        save_strategy="steps", save_steps=rl.save_every, logging_steps=1, seed=rl.seed, report_to="none",
-        bf16=torch.cuda.is_available() and cfg.model.dtype == "bfloat16")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
-    resumable = [p for p in checkpoints(cfg).values() if (p / "trainer_state.json").is_file()]
-    trainer.train(resume_from_checkpoint=str(resumable[-1]) if resumable else None)
-    if rl.num_updates not in checkpoints(cfg):
-        trainer.save_model(str(out / f"checkpoint-{rl.num_updates}"))
-    if trainer.accelerator.is_main_process:
-        rename = {"step": "update", "reward": "mean_reward", "success_rate": "success_rate", "loss": "policy_loss",
-                  "clip_ratio/region_mean": "clip_fraction", "kl": "approx_kl", "entropy": "entropy",
-                  "grad_norm": "grad_norm", "learning_rate": "learning_rate"}
-        rows = {}
-        for entry in trainer.state.log_history:
-            if "reward" in entry:
-                rows[entry["step"]] = {new: entry.get(old, float("nan")) for old, new in rename.items()}
-        (out / "metrics.csv").unlink(missing_ok=True)
-        for step in sorted(rows):
-            _append_metrics(out, rows[step])
-        artifacts.write_manifest(out, spec)
-    return out
-
-
 # ------------------------------------------------------------------------------------- the subprocess
 def _launch_command(cfg: Config, preset_file: Path, force: bool, init: str | os.PathLike | None) -> list[str]:
     args = ["-m", "paper_lib.ppo", "--preset", str(preset_file)]
@@ -736,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = launch.parse_overrides(args.override)
         cfg = config.load(args.preset, **overrides)
         if cfg.rl.algo == "grpo":
+            from .grpo import train_grpo  # TRL's trainer, imported only when asked for
+
             out = train_grpo(cfg, force=args.force, init=args.init_checkpoint)
         elif cfg.rl.algo == "ppo":
             out = train(cfg, force=args.force, init=args.init_checkpoint, envs=args.envs,

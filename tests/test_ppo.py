@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from paper_lib import artifacts, cards, config, launch, models, ppo
+from paper_lib import artifacts, cards, config, grpo, launch, models, ppo
 from paper_lib.config import PROJECT_ROOT
 
 
@@ -206,7 +206,7 @@ def test_resume_after_sigkill(sft_ready, tmp_path, monkeypatch):
 def test_grpo_smoke(sft_ready):
     cfg = config.load("tiny", rl__algo="grpo", rl__num_updates=2, rl__save_every=1, rl__max_new_tokens=8,
                       rl__steps_per_update=4)
-    out = ppo.train_grpo(cfg, grade=starts_with_space)
+    out = grpo.train_grpo(cfg, grade=starts_with_space)
     assert sorted(ppo.checkpoints(cfg)) == [1, 2]
     model, _ = models.load(cfg, checkpoint=out / "checkpoint-2")
     assert model.config.model_type == "qwen2"
