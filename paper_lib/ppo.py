@@ -518,24 +518,34 @@ class PPOTrainer:
         drift, drift_tokens = self._drift()
 
         # sums over processes, then ratios
-        local = [rewards.sum().item(), len(steps), len(finished), sum(e.success for e in finished),
-                 sum(sum(e.rewards) for e in finished), sum(len(e.attempts) for e in finished),
-                 stats["policy_loss"], stats["value_loss"], stats["clipped"], stats["samples"], stats["kl_ref"],
-                 entropy, tokens, drift, drift_tokens, stats["grad_norm"],
-                 sum(len(s.response_ids) for s in steps), rollout_seconds]
-        t = self.accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=self.accelerator.device), "sum").tolist()
-        p, nan = self.accelerator.num_processes, float("nan")
+        local = {
+            "reward": rewards.sum().item(), "steps": len(steps), "episodes": len(finished),
+            "successes": sum(e.success for e in finished), "episode_reward": sum(sum(e.rewards) for e in finished),
+            "episode_attempts": sum(len(e.attempts) for e in finished), "policy_loss": stats["policy_loss"],
+            "value_loss": stats["value_loss"], "clipped": stats["clipped"], "samples": stats["samples"],
+            "kl_ref": stats["kl_ref"], "entropy": entropy, "entropy_tokens": tokens, "drift": drift,
+            "drift_tokens": drift_tokens, "grad_norm": stats["grad_norm"],
+            "response_tokens": sum(len(s.response_ids) for s in steps), "rollout_seconds": rollout_seconds,
+        }
+        reduced = self.accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64,
+                                                       device=self.accelerator.device), "sum").tolist()
+        t = dict(zip(local, reduced))
+        p, nan, episodes = self.accelerator.num_processes, float("nan"), t["episodes"]
+        per_episode = lambda key: t[key] / episodes if episodes else nan  # noqa: E731
         row = {
-            "update": number, "mean_reward": t[0] / t[1],
-            "success_rate": t[3] / t[2] if t[2] else nan, "episodes": int(t[2]),
-            "episode_reward": t[4] / t[2] if t[2] else nan, "attempts_per_episode": t[5] / t[2] if t[2] else nan,
-            "policy_loss": t[6] / t[9], "value_loss": t[7] / t[9], "clip_fraction": t[8] / t[9],
-            "approx_kl": t[13] / max(t[14], 1), "entropy": t[11] / max(t[12], 1), "grad_norm": t[15] / p,
-            "learning_rate": lr, "response_tokens": t[16] / t[1], "rollout_tokens_per_s": t[16] / max(t[17] / p, 1e-9),
-            "rollout_seconds": t[17] / p, "seconds": time.time() - t0, "torch_threads": torch.get_num_threads(),
+            "update": number, "mean_reward": t["reward"] / t["steps"],
+            "success_rate": per_episode("successes"), "episodes": int(episodes),
+            "episode_reward": per_episode("episode_reward"), "attempts_per_episode": per_episode("episode_attempts"),
+            "policy_loss": t["policy_loss"] / t["samples"], "value_loss": t["value_loss"] / t["samples"],
+            "clip_fraction": t["clipped"] / t["samples"], "approx_kl": t["drift"] / max(t["drift_tokens"], 1),
+            "entropy": t["entropy"] / max(t["entropy_tokens"], 1), "grad_norm": t["grad_norm"] / p,
+            "learning_rate": lr, "response_tokens": t["response_tokens"] / t["steps"],
+            "rollout_tokens_per_s": t["response_tokens"] / max(t["rollout_seconds"] / p, 1e-9),
+            "rollout_seconds": t["rollout_seconds"] / p, "seconds": time.time() - t0,
+            "torch_threads": torch.get_num_threads(),
         }
         if self.ref is not None:
-            row["kl_ref"] = t[10] / t[9]
+            row["kl_ref"] = t["kl_ref"] / t["samples"]
         return row
 
     def save(self, out: Path, number: int) -> None:
