@@ -23,9 +23,10 @@
 # rotate. Angles start near 25–30° for the leading directions and rise toward 90° in the tail, with the
 # SFT and RL curves nearly on top of each other.
 #
-# Both figures measure change from the base model, so the SFT and RL curves are comparable: base → full
-# SFT and base → RL. The table also holds SFT → RL and base → Inter_SFT. Tensors stream from the shards
-# one at a time; the decompositions are cached for 06_restore.
+# As in the paper's captions, each stage is measured from the checkpoint it started at: SFT as base → full
+# SFT, RL as full SFT → RL. Base → RL (the two stages together) and base → Inter_SFT are extra tables,
+# clearly labelled, not Figure 3. Tensors stream from the shards one at a time; the decompositions are
+# cached for 06_restore.
 
 # %% tags=["parameters"]
 preset = "tiny"
@@ -39,15 +40,15 @@ from IPython.display import display
 from paper_lib import artifacts, config, evaluate, plots, spectra
 
 cfg = config.load(preset, **overrides)
-table = evaluate.sweep(cfg)  # cached by 04_eval; names Inter_SFT and full SFT
+table = pd.read_parquet(artifacts.eval_dir(cfg) / "results.parquet")  # written by 04_eval
+named = evaluate.named_checkpoints(cfg, table)
+base, inter, full, rl = named.base, named.inter_sft, named.full_sft, named.rl
+paper_pairs = [(base, full)] + ([(full, rl)] if rl else [])  # Figures 3 and 4
+extra_pairs = [(base, inter)] + ([(base, rl)] if rl else [])
+pairs = list(dict.fromkeys(paper_pairs + extra_pairs))  # Inter_SFT may be the full-SFT checkpoint on a short run
 by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
-inter, full = evaluate.inter_sft(table), evaluate.full_sft(cfg, table)
-rl_labels = [label for label, c in by_label.items() if c.stage == "rl"]
-rl = rl_labels[-1] if rl_labels else None
-pairs = [("base", full), ("base", inter)] + ([(full, rl), ("base", rl)] if rl else [])
-pairs = list(dict.fromkeys(pairs))  # Inter_SFT may be the full-SFT checkpoint on a short run
 checkpoints = {label: by_label[label].path for pair in pairs for label in pair}
-print("pairs:", ", ".join(f"{a} → {b}" for a, b in pairs))
+print("Figures 3-4:", ", ".join(f"{a} → {b}" for a, b in paper_pairs), "| extra:", ", ".join(f"{a} → {b}" for a, b in extra_pairs))
 spec_table = spectra.run_stage(cfg, checkpoints, pairs, force=force)
 out = artifacts.spectra_dir(cfg)
 
@@ -55,9 +56,9 @@ out = artifacts.spectra_dir(cfg)
 # ## Figure 3: singular values barely move
 
 # %%
-shown = {f"base → {full} (SFT)": spectra.load_pair(out, "base", full)}
+shown = {f"SFT: base → {full}": spectra.load_pair(out, base, full)}
 if rl:
-    shown[f"base → {rl} (RL)"] = spectra.load_pair(out, "base", rl)
+    shown[f"RL: {full} → {rl}"] = spectra.load_pair(out, full, rl)
 fig = plots.singular_values(shown)
 plots.save_figure(fig, "fig3_singular_values", cfg, notebook="05_spectra", sources=[out]);
 
@@ -67,6 +68,17 @@ plots.save_figure(fig, "fig3_singular_values", cfg, notebook="05_spectra", sourc
 # %%
 fig = plots.principal_angle_spectrum(shown, module="up_proj")
 plots.save_figure(fig, "fig4_principal_angles", cfg, notebook="05_spectra", sources=[out]);
+
+# %% [markdown]
+# ## Extra, not Figure 3: base → RL, both stages together
+# Per module kind, the largest |Δσ| relative to σ₁ and the mean principal angle, for each pair. Base → RL
+# adds SFT's change to RL's, so it is not what the paper's Figure 3 shows for RL.
+
+# %%
+summary = (spec_table.groupby(["pair", "module"])
+           .agg(dsigma_absmax=("dsigma_absmax", "max"), angle_u_mean_deg=("angle_u_mean_deg", "mean"))
+           .unstack("pair"))
+display(summary.style.format("{:.3g}"))
 
 # %% [markdown]
 # ## Every layer and module

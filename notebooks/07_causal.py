@@ -37,11 +37,11 @@ from paper_lib import artifacts, config, evaluate, gauge, plots, restore
 from paper_lib.restore import Plan
 
 cfg = config.load(preset, **overrides)
-table = evaluate.sweep(cfg)  # cached by 04_eval
+table = pd.read_parquet(artifacts.eval_dir(cfg) / "results.parquet")  # written by 04_eval
+named = evaluate.named_checkpoints(cfg, table)
+assert named.rl, "no RL checkpoint: run 03_ppo (and 04_eval) first"
 by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
-rl_labels = [label for label, c in by_label.items() if c.stage == "rl"]
-assert rl_labels, "no RL checkpoint: run 03_ppo (and 04_eval) first"
-rl, full = by_label[rl_labels[-1]], by_label[evaluate.full_sft(cfg, table)]
+rl, full = by_label[named.rl], by_label[named.full_sft]
 imposed = restore.restored_checkpoint(cfg, f"causal-{rl.label}-with-{full.label}-directions", rl, full, Plan(), force)
 causal = evaluate.sweep(cfg, force=force, checkpoints=[imposed], table_name="causal_results")
 both = pd.concat([table[table["label"] == rl.label].assign(variant=f"RL ({rl.label})"),
@@ -80,7 +80,7 @@ plots.save_figure(fig, "figA_gauge", cfg, notebook="07_causal", slopes=slopes);
 # ## Checks
 
 # %%
-assert (causal["episodes"] == cfg.data.test_size).all()
+assert (causal["episodes"] == cfg.data.test_size * (cfg.eval.repeats if cfg.eval.decoding == "model" else 1)).all()
 for key in ("product_change", "sigma_change_W1", "sigma_change_W2", "fro_change", "procrustes_error"):
     assert invariance[key] < 1e-10, key
 assert abs(slopes["gauge"] - 2) < 0.1 and abs(slopes["sigma"] - 1) < 0.1, slopes

@@ -73,6 +73,15 @@ def numbered_checkpoints(directory: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def full_sft_step(cfg: Config, steps) -> int:
+    """The full-SFT step among saved `steps`: sft.full_sft_step if saved, else the last one. The one rule
+    for RL's start, the evaluation's "full SFT" and sft.checkpoint("full_sft")."""
+    steps = sorted(steps)
+    if not steps:
+        raise ValueError("no SFT checkpoint saved yet")
+    return cfg.sft.full_sft_step if cfg.sft.full_sft_step in steps else steps[-1]
+
+
 def figures_dir(cfg: Config) -> Path:
     return Path(os.environ.get("PAPER_FIGURES_DIR", PROJECT_ROOT / "figures")) / cfg.preset
 

@@ -10,10 +10,16 @@ table and the feedback sentences. Deliberate differences, each safer and never a
   its (fewer) solutions from a fixed set of bracket placements. Solutions matter to the reward only
   through prefix matching (PARTIAL and the NO_SOLUTION message).
 - suits are drawn upstream but never shown to a language model; they are not drawn here.
+- PARTIAL (an unfinished formula that uses every number) is judged by the arithmetic: the formula earns it
+  when closing its open parentheses makes it equal the target exactly. Upstream gave it when the text was
+  a prefix of one of its solver's strings, so the reward hung on which bracket placements that solver
+  wrote: `10+(10+10-6` scored +1 there but `(10-6+10+10` scored -1. `partial_credit="upstream"` keeps
+  upstream's rule, with its bracket placements.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import random
 import re
@@ -26,6 +32,7 @@ TARGET = 24
 RULES = ("id", "ood")
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")  # rank r is RANKS[r - 1]
 
+PARTIAL_CREDIT = ("arithmetic", "upstream")  # how PARTIAL is decided; see the module docstring
 REWARDS = {"CORRECT": 5.0, "PARTIAL": 1.0, "NO_SOLUTION": -1.0, "INCORRECT_NUMBER": -2.0, "ILLEGAL_FORMULA": -3.0}
 
 _FACE_MESSAGE = {
@@ -193,6 +200,36 @@ def solve(numbers: Sequence[int], target: int = TARGET) -> list[str]:
     return list(_solutions(tuple(sorted(int(n) for n in numbers)), int(target)))
 
 
+@functools.lru_cache(maxsize=4096)
+def upstream_solutions(numbers: tuple[int, ...], target: int = TARGET) -> tuple[str, ...]:
+    """The solution strings upstream's solver writes for a hand (gym_cards general_points_oneline.solve):
+    every order of the numbers and every operator triple, with no brackets, one pair of brackets around
+    any run of two or more numbers except the whole formula, or the pair (a?b)?(c?d); kept where the
+    value equals target (exactly here; upstream used Fractions wherever a '/' occurs, so also exactly)."""
+    count = len(numbers)
+    width = 2 * count - 1  # tokens without brackets
+    placements = [()] + [(x, y) for x in range(0, width, 2) for y in range(x + 4, width + 2, 2)
+                         if (x, y) != (0, width + 1)] + [(0, 4, 6, 10)]
+    found = set()
+    for order in sorted(set(itertools.permutations(numbers))):
+        for ops in itertools.product("+-*/", repeat=count - 1):
+            plain = [str(order[0])] + [t for pair in zip(ops, map(str, order[1:])) for t in pair]
+            for spots in placements:
+                tokens = list(plain)
+                for spot, bracket in zip(spots, "()" * (len(spots) // 2)):
+                    tokens.insert(spot, bracket)
+                if evaluate(tokens) == target:
+                    found.add("".join(tokens))
+    return tuple(sorted(found))
+
+
+def _completes_to_target(tokens: list[str], target: int) -> bool:
+    """Whether closing the formula's open parentheses makes it equal target exactly. Every number is used
+    already, so appending ')' is the only completion there is."""
+    depth = tokens.count("(") - tokens.count(")")
+    return depth > 0 and evaluate([*tokens, *(")" * depth)]) == target
+
+
 def is_solvable(numbers: Sequence[int], target: int = TARGET) -> bool:
     """Whether some formula over numbers equals target (values only, faster than solve())."""
     return _is_solvable(tuple(sorted(int(n) for n in numbers)), int(target))
@@ -356,13 +393,18 @@ def evaluate(tokens: Sequence[str]) -> Fraction | None:
     return values[0] if len(values) == 1 else None
 
 
-def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET) -> Verdict:
+def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
+                   partial_credit: str = "arithmetic") -> Verdict:
     """Grade a formula (the text before `=`) for a hand's numbers with the reward table of PAPER_SPEC 2.4.
+    `partial_credit` decides PARTIAL: "arithmetic" (completable to the target) or "upstream" (a prefix of
+    upstream's solution strings); see the module docstring.
 
     Never evaluates model text as code and returns a verdict for any string.
     """
     if not isinstance(formula, str):
         raise TypeError(f"formula must be a str, got {type(formula).__name__}")
+    if partial_credit not in PARTIAL_CREDIT:
+        raise ValueError(f"partial_credit must be one of {PARTIAL_CREDIT}, got {partial_credit!r}")
     tokens = _TOKEN_RE.findall(formula)
     if "".join(tokens) != formula:
         return Verdict("ILLEGAL_FORMULA", REWARDS["ILLEGAL_FORMULA"], "illegal characters.")
@@ -381,11 +423,13 @@ def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET) -
         penalties.append(("INCORRECT_NUMBER", f"you didn't use numbers: {unused}"))
 
     if not penalties:
-        solutions = solve(numbers, target)
+        upstream = partial_credit == "upstream"
+        solutions = upstream_solutions(tuple(sorted(have.elements())), target) if upstream else solve(numbers, target)
         value = evaluate(tokens)
         if value is not None and value == target:
             return Verdict("CORRECT", REWARDS["CORRECT"], "Correct solution.")
-        if value is None and any(s.startswith(formula) for s in solutions):
+        partial = any(s.startswith(formula) for s in solutions) if upstream else _completes_to_target(tokens, target)
+        if value is None and partial:
             return Verdict("PARTIAL", REWARDS["PARTIAL"], "partial solution.")
         # The longest token prefix that some solution starts with, for the feedback sentence.
         prefix = ""

@@ -95,6 +95,12 @@ class RLConfig:
     ppo_epochs: int = 4
     max_grad_norm: float = 0.01
     temperature: float = 0.2
+    # Set, never inherited from the checkpoint's generation_config (Qwen's says 1.05); upstream's PPO
+    # sampled with temperature alone, so 1.0.
+    repetition_penalty: float = 1.0
+    # How PARTIAL is judged: "arithmetic" (completable to the target) or "upstream" (prefix of upstream's
+    # solution strings); see paper_lib/cards.py.
+    partial_credit: str = "arithmetic"
     max_new_tokens: int = 512
     thought_prob_coef: float = 0.5
     kl_coef: float = 0.0
@@ -110,7 +116,12 @@ class RLConfig:
 class EvalConfig:
     max_attempts: int = 5  # verification iterations (PAPER_SPEC 2.5)
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    # "greedy", or "model": sample with the checkpoint's generation_config (temperature, top_p, top_k), as
+    # upstream's evaluator did, under `seed`; `repeats` passes then give the spread of the success rate.
+    decoding: str = "greedy"
+    repeats: int = 1
+    seed: int = 0
+    repetition_penalty: float = 1.0  # set explicitly in both modes, never inherited
     batch_size: int = 64
 
 
@@ -123,9 +134,15 @@ class SpectraConfig:
 
 @dataclass(frozen=True)
 class RestoreConfig:
-    source: str = "base"  # base or inter_sft
-    layer_block: int = 10
-    top_ks: tuple[int, ...] = (256, 512, 1024, 2048, 3584)
+    # The variants run: every source crossed with every keep. Sources: "base" (the paper's text) and
+    # "inter_sft" (the authors' scripts). keep: "target-sigma" (UV restore, the paper's text) and "source"
+    # (whole triplets, the authors' svd_recover.py).
+    sources: tuple[str, ...] = ("base", "inter_sft")
+    keeps: tuple[str, ...] = ("target-sigma", "source")
+    layer_block: int = 10  # Figure 5's blocks; the first 25% of layers is added to them
+    top_ks: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # Figure 6's sweep; 20% of hidden is added
+    # Also restore embed_tokens and lm_head in every layer variant, as the authors' Llama script did.
+    layers_include_embeddings: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .config import Config
 
 log = logging.getLogger(__name__)
 RULE_SPLITS = {"id": "id_test", "ood": "ood_test"}
+DECODING = ("greedy", "model")
 
 
 @dataclass(frozen=True)
@@ -60,29 +61,44 @@ def discover_checkpoints(cfg: Config) -> list[Checkpoint]:
 
 
 def play_hands(generate: cards.Generate, jobs: list[tuple[str, int, cards.Hand]], max_attempts: int,
-               target: int = cards.TARGET) -> list[dict]:
+               target: int = cards.TARGET, repeat: int = 0) -> list[dict]:
     """Play (rule, index, hand) jobs with `generate`; one record per episode."""
     episodes = cards.run_episodes(generate, [hand for _, _, hand in jobs], max_attempts, target)
-    return [_record(rule, i, e) for (rule, i, _), e in zip(jobs, episodes)]
+    return [_record(rule, i, e, repeat) for (rule, i, _), e in zip(jobs, episodes)]
+
+
+def make_generator(cfg: Config, model, tokenizer, progress: bool = False):
+    """The evaluation's decoding (eval.decoding): greedy, or sampling with the checkpoint's own
+    generation_config as upstream's evaluator did; repetition_penalty always from eval.repetition_penalty."""
+    from .rollout import Generator, model_sampling
+
+    if cfg.eval.decoding not in DECODING:
+        raise config.ConfigError(f"eval.decoding must be one of {DECODING}, got {cfg.eval.decoding!r}")
+    sampling = model_sampling(model) if cfg.eval.decoding == "model" else None
+    return Generator(model, tokenizer, cfg.eval.max_new_tokens, 0.0, cfg.eval.batch_size, progress=progress,
+                     repetition_penalty=cfg.eval.repetition_penalty, sampling=sampling)
 
 
 def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Hand]],
           state: PartialState) -> list[dict]:
-    from .rollout import Generator
+    from transformers import set_seed
 
     model, tokenizer = models.load(cfg, checkpoint=checkpoint, device=str(state.device))
     model.eval()
-    generate = Generator(model, tokenizer, cfg.eval.max_new_tokens, cfg.eval.temperature, cfg.eval.batch_size,
-                         progress=state.is_main_process)
+    generate = make_generator(cfg, model, tokenizer, progress=state.is_main_process)
     jobs = [(rule, i, hand) for rule, hands in hands_by_rule.items() for i, hand in enumerate(hands)]
-    with state.split_between_processes(jobs) as mine:
-        records = play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target)
+    records = []
+    for repeat in range(cfg.eval.repeats if cfg.eval.decoding == "model" else 1):  # greedy: one pass says all
+        set_seed(cfg.eval.seed + repeat)
+        with state.split_between_processes(jobs) as mine:
+            records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat)
     return gather_object(records) if state.num_processes > 1 else records
 
 
-def _record(rule: str, index: int, episode: cards.Episode) -> dict:
+def _record(rule: str, index: int, episode: cards.Episode, repeat: int = 0) -> dict:
     return {
-        "rule": rule, "hand": index, "cards": list(episode.hand.cards), "numbers": list(episode.hand.numbers),
+        "rule": rule, "hand": index, "repeat": repeat, "cards": list(episode.hand.cards),
+        "numbers": list(episode.hand.numbers),
         "success": episode.success, "attempts": len(episode.attempts),
         "first_status": episode.attempts[0].verdict.status if episode.attempts else None,
         "transcript": [{"text": a.text, "formula": a.formula, "status": a.verdict.status,
@@ -108,7 +124,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     if state.is_main_process:  # every process played its share of hands; one writes
         with artifacts.atomic_dir(out) as tmp:
             with open(tmp / "episodes.jsonl", "w") as fh:
-                for r in sorted(records, key=lambda r: (r["rule"], r["hand"])):
+                for r in sorted(records, key=lambda r: (r["repeat"], r["rule"], r["hand"])):
                     fh.write(json.dumps(r) + "\n")
             artifacts.write_manifest(tmp, spec)
     state.wait_for_everyone()
@@ -120,14 +136,20 @@ def episodes_table(out: Path) -> pd.DataFrame:
 
 
 def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:
-    """One row per rule: successes, success rate with its Wilson 95% interval, mean attempts."""
+    """One row per rule: successes, success rate with its Wilson 95% interval, mean attempts, and under
+    sampled decoding the spread of the success rate over the repeated passes (min, max, std)."""
     rows = []
+    if "repeat" not in episodes:
+        episodes = episodes.assign(repeat=0)
     for rule, group in episodes.groupby("rule"):
         k, n = int(group["success"].sum()), len(group)
         lo, hi = wilson_interval(k, n)
+        per_pass = group.groupby("repeat")["success"].mean()
         rows.append({"label": checkpoint.label, "stage": checkpoint.stage, "step": checkpoint.step, "rule": rule,
                      "successes": k, "episodes": n, "success_rate": k / n, "ci_low": lo, "ci_high": hi,
-                     "mean_attempts": float(group["attempts"].mean())})
+                     "mean_attempts": float(group["attempts"].mean()), "repeats": len(per_pass),
+                     "repeat_min": float(per_pass.min()), "repeat_max": float(per_pass.max()),
+                     "repeat_std": float(per_pass.std(ddof=0))})
     return rows
 
 
@@ -144,31 +166,58 @@ def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None
     return table
 
 
-def inter_sft(table: pd.DataFrame) -> str:
-    """Label of the Inter_SFT checkpoint: the SFT checkpoint with the best OOD success (earliest on ties)."""
-    sft = table[(table["stage"] == "sft") & (table["rule"] == "ood")].sort_values("step")
+INTER_SFT_RULE = ("Inter_SFT is the SFT checkpoint with the best OOD success among the steps up to full SFT "
+                  "(earliest on ties); full SFT is sft.full_sft_step, or the last SFT checkpoint if that step "
+                  "was not saved.")
+
+
+def inter_sft(table: pd.DataFrame, up_to: int | None = None) -> str:
+    """Label of the Inter_SFT checkpoint: the SFT checkpoint with the best OOD success among steps <= up_to
+    (the full-SFT step; all steps when None), earliest on ties. A later checkpoint that wins by noise would
+    make the drop negative and the recovered share meaningless."""
+    sft = table[(table["stage"] == "sft") & (table["rule"] == "ood")]
+    if up_to is not None:
+        sft = sft[sft["step"] <= up_to]
     if sft.empty:
         raise ValueError("no SFT checkpoint has been evaluated yet; run 02_sft and 04_eval first")
+    sft = sft.sort_values("step", kind="stable")
     return str(sft.loc[sft["success_rate"].idxmax(), "label"])
 
 
 def full_sft(cfg: Config, table: pd.DataFrame) -> str:
-    """Label of the full-SFT checkpoint (the one RL starts from): the one at sft.full_sft_step if it
-    exists, else the last SFT checkpoint."""
-    steps = sorted(set(table.loc[table["stage"] == "sft", "step"]))
+    """Label of the full-SFT checkpoint (the one RL starts from): artifacts.full_sft_step's rule."""
+    steps = set(table.loc[table["stage"] == "sft", "step"])
     if not steps:
         raise ValueError("no SFT checkpoint has been evaluated yet; run 02_sft and 04_eval first")
-    step = cfg.sft.full_sft_step if cfg.sft.full_sft_step in steps else steps[-1]
-    return f"sft-{step:04d}"
+    return f"sft-{artifacts.full_sft_step(cfg, steps):04d}"
+
+
+@dataclass(frozen=True)
+class Named:
+    """The paper's named checkpoints, as evaluation labels: base, Inter_SFT, full SFT and RL (the last RL
+    checkpoint; None before RL has run)."""
+
+    base: str
+    inter_sft: str
+    full_sft: str
+    rl: str | None
+
+
+def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
+    """Base, Inter_SFT, full SFT and RL, each chosen by one rule (INTER_SFT_RULE), for every notebook."""
+    full = full_sft(cfg, table)
+    rl = table.loc[table["stage"] == "rl"].sort_values("step")["label"]
+    return Named("base", inter_sft(table, up_to=int(table.loc[table["label"] == full, "step"].iloc[0])), full,
+                 str(rl.iloc[-1]) if len(rl) else None)
 
 
 def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
              n_boot: int = 2000, seed: int = 0) -> dict:
     """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
     RL recovers, (rl - full) / (inter - full), with 95% intervals from a paired bootstrap over hands."""
-    def hits(label):
+    def hits(label):  # per hand, the mean over repeated passes (a 0/1 outcome under greedy decoding)
         e = episodes[label]
-        return e[e["rule"] == rule].sort_values("hand")["success"].to_numpy(dtype=float)
+        return e[e["rule"] == rule].groupby("hand")["success"].mean().sort_index().to_numpy(dtype=float)
 
     a, b = hits(inter), hits(full)
     c = hits(rl) if rl else None
@@ -176,9 +225,15 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
     idx = rng.integers(0, len(a), size=(n_boot, len(a)))
     drop = a.mean() - b.mean()
     boot_drop = a[idx].mean(1) - b[idx].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot_relative = np.where(a[idx].mean(1) > 0, boot_drop / a[idx].mean(1), np.nan)
     result = {"rule": rule, "inter_sft": inter, "full_sft": full, "rl": rl,
               "inter_rate": a.mean(), "full_rate": b.mean(), "drop": drop,
-              "drop_ci": tuple(np.percentile(boot_drop, [2.5, 97.5]))}
+              "drop_ci": tuple(np.percentile(boot_drop, [2.5, 97.5])),
+              # the paper's "relative OOD drop", (Inter_SFT - full SFT) / Inter_SFT: 48% Llama, 13% Qwen
+              "relative_drop": drop / a.mean() if a.mean() > 0 else float("nan"),
+              "relative_drop_ci": tuple(np.nanpercentile(boot_relative, [2.5, 97.5]))
+              if np.isfinite(boot_relative).any() else (float("nan"), float("nan"))}
     if c is not None:
         gain, boot_gain = c.mean() - b.mean(), c[idx].mean(1) - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -189,6 +244,18 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
                       else (float("nan"), float("nan")),
                       share_defined_in=float(np.isfinite(boot_share).mean()))
     return result
+
+
+def headline(cfg: Config, named: Named) -> pd.DataFrame:
+    """The paper's headline quantities per rule (OOD first): Inter_SFT, full SFT and RL success, the drop
+    and the relative drop (Inter_SFT - full SFT) / Inter_SFT, and RL's share of the drop recovered, with
+    paired-bootstrap intervals. Written to runs/<preset>/eval/recovery.csv."""
+    labels = {named.inter_sft, named.full_sft, named.rl} - {None}
+    episodes = {label: episodes_table(artifacts.eval_dir(cfg) / label) for label in labels}
+    table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule)
+                          for rule in ("ood", "id")]).set_index("rule")
+    table.to_csv(artifacts.eval_dir(cfg) / "recovery.csv")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

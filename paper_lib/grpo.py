@@ -25,7 +25,7 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
     rl = cfg.rl
     init_path = init_checkpoint(cfg, init)
     grade_name = "verifier" if grade is None else getattr(grade, "__name__", "custom")
-    grade = grade or verifier(cfg.data.target)
+    grade = grade or verifier(cfg.data.target, rl.partial_credit)
     out = artifacts.rl_dir(cfg)
     spec = run_spec(cfg, init_path, grade_name)
     if not _start(out, spec, force):

@@ -103,28 +103,37 @@ REFERENCE_STYLES = {"base": ("0.2", ":"), "Inter_SFT": ("#2ca02c", "--"), "full 
 
 
 def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, title: str) -> plt.Figure:
-    """Figures 5 and 6: ID and OOD success after restoring directions, one point per variant (column
-    `x`, in table order), with the base, Inter_SFT and full-SFT rates as horizontal lines.
+    """Figures 5 and 6: ID and OOD success after restoring directions, the variants side by side (one line
+    per `variant`, points at column `x` in table order), with the base, Inter_SFT and full-SFT rates as
+    horizontal lines. The claim's point (`claim_point`) is ringed.
 
     `references` has columns name (base / Inter_SFT / full SFT), rule, success_rate.
     """
     style()
     order = list(dict.fromkeys(table["x"]))
-    fig, axes = plt.subplots(1, 2, figsize=(max(7.5, 1.1 * len(order) + 4), 3.6), sharey=False)
+    names = list(dict.fromkeys(table["variant"]))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.5, 1.0 * len(order) + 5), 3.8), sharey=False)
+    palette = sns.color_palette("deep", len(names))
     for ax, rule in zip(axes, ("id", "ood")):
-        part = table[table["rule"] == rule].set_index("x").loc[order]
-        xs = range(len(order))
-        ax.errorbar(xs, 100 * part["success_rate"],
-                    yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
-                    marker="o", capsize=3, color=RULE_COLORS[rule], label="restored")
+        for k, (name, color) in enumerate(zip(names, palette)):
+            part = table[(table["rule"] == rule) & (table["variant"] == name)].set_index("x").reindex(order)
+            xs = [i + (k - (len(names) - 1) / 2) * 0.08 for i in range(len(order))]  # dodge the intervals
+            ax.errorbar(xs, 100 * part["success_rate"],
+                        yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
+                        marker="o", ms=4, capsize=2, color=color, label=name)
+            if "claim_point" in part:
+                ring = part["claim_point"].fillna(False).astype(bool).to_numpy()
+                ax.scatter([x for x, r in zip(xs, ring) if r], 100 * part["success_rate"][ring], s=110,
+                           facecolors="none", edgecolors="black", linewidths=1.0, zorder=5)
         for _, ref in references[references["rule"] == rule].iterrows():
             color, ls = REFERENCE_STYLES.get(ref["name"], ("0.5", "--"))
             ax.axhline(100 * ref["success_rate"], color=color, ls=ls, lw=1.2, label=ref["name"])
-        ax.set_xticks(list(xs), order, rotation=30, ha="right")
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("success rate (%)")
         ax.set_title(f"{rule.upper()} test set")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title="source.keep  (○ claim)",
+                   title_fontsize=8)
     fig.suptitle(title, y=1.02)
     fig.tight_layout()
     return fig

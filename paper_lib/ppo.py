@@ -61,9 +61,9 @@ THOUGHT_KEY = '"formula"'  # tokens before its last occurrence are the "thought"
 Grade = Callable[[cards.Hand, str], cards.Verdict]  # (hand, answer text) -> verdict with .reward
 
 
-def verifier(target: int = cards.TARGET) -> Grade:
-    """The reward of PAPER_SPEC 2.4 for one answer."""
-    return lambda hand, text: cards.grade_answer(text, hand.numbers, target)
+def verifier(target: int = cards.TARGET, partial_credit: str = "arithmetic") -> Grade:
+    """The reward of PAPER_SPEC 2.4 for one answer (rl.partial_credit decides PARTIAL)."""
+    return lambda hand, text: cards.verify_formula(cards.parse_formula(text), hand.numbers, target, partial_credit)
 
 
 # ------------------------------------------------------------------------------------ the PPO pieces
@@ -273,8 +273,7 @@ def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
             f"PPO starts from the full-SFT checkpoint, but {artifacts.sft_dir(cfg)} holds no SFT checkpoint "
             f"(checkpoint-N with config.json and *.safetensors). Run notebooks/02_sft.py first (or `python -m "
             f"paper_lib.sft --preset {cfg.preset}`), or pass init_checkpoint=PATH / --init-checkpoint PATH.")
-    step = cfg.sft.full_sft_step if cfg.sft.full_sft_step in found else max(found)
-    return found[step]
+    return found[artifacts.full_sft_step(cfg, found)]
 
 
 def checkpoints(cfg: Config) -> dict[int, Path]:
@@ -401,7 +400,7 @@ class PPOTrainer:
             self.ref.requires_grad_(False)
         self.rollouts = Rollouts(envs, self.rl.seed + acc.process_index, cfg.eval.max_attempts, cfg.data.target, grade)
         self.generator = Generator(self.unwrapped.policy, self.tokenizer, self.rl.max_new_tokens,
-                                   self.rl.temperature, batch_size=envs)
+                                   self.rl.temperature, batch_size=envs, repetition_penalty=self.rl.repetition_penalty)
         self.probe: list[Step] = []  # the first update's samples, with the start policy's log-probs
         set_seed(self.rl.seed + acc.process_index)  # different hands and samples per process (upstream: seed + rank)
 
@@ -603,7 +602,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
 
     threads = torch.get_num_threads()  # the trainer may lower it for a tiny model; restored for the caller
     try:
-        trainer = PPOTrainer(cfg, init_path, grade or verifier(cfg.data.target), envs, micro)
+        trainer = PPOTrainer(cfg, init_path, grade or verifier(cfg.data.target, rl.partial_credit), envs, micro)
         start = trainer.resume(out)
         if main:
             _truncate_metrics(out, start)  # rows a killed run logged after its last checkpoint are redone

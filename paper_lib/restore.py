@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -41,7 +42,7 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
     """W_tgt with the directions of its top `top` (and bottom `tail`) ranks taken from W_src.
 
     top = 0 and tail = 0 return W_tgt unchanged; top = rank gives U_src Σ_tgt V_srcᵀ (keep="target-sigma")
-    or W_src (keep="source"). Precomputed thin SVDs (U, S, Vh) may be passed to skip the decompositions.
+    or W_src exactly (keep="source", as the authors' scripts return the source at full rank). Precomputed thin SVDs (U, S, Vh) may be passed to skip the decompositions.
     """
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
@@ -55,6 +56,8 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
     tail = min(tail, rank - top)
     if top == 0 and tail == 0:
         return W_tgt.clone()
+    if keep == "source" and top + tail == rank:  # every triplet swapped: the source itself, exactly
+        return W_src.clone()
     Ut, St, Vht = svd_tgt if svd_tgt is not None else spectra.decompose(W_tgt, dtype, device)
     Us, Ss, Vhs = svd_src if svd_src is not None else spectra.decompose(W_src, dtype, device)
     sigma = St if keep == "target-sigma" else Ss.to(St)
@@ -74,7 +77,8 @@ class Plan:
 
     layers: inclusive (first, last) layer range, or None for every matrix (embed_tokens and lm_head too);
     top: ranks restored from the top (None = full rank); tail: ranks from the bottom;
-    modules: module kinds to restore (e.g. ("q_proj", "up_proj")), None for all.
+    modules: module kinds to restore (e.g. ("q_proj", "up_proj")), None for all;
+    with_embeddings: with `layers`, also embed_tokens and lm_head (the authors' Llama layer script).
     """
 
     layers: tuple[int, int] | None = None
@@ -82,6 +86,7 @@ class Plan:
     tail: int = 0
     keep: str = "target-sigma"
     modules: tuple[str, ...] | None = None
+    with_embeddings: bool = False
 
     def applies(self, key: str) -> bool:
         parsed = spectra.parse_name(key)
@@ -92,7 +97,9 @@ class Plan:
             return False
         if self.layers is None:
             return True
-        return layer is not None and layer >= 0 and self.layers[0] <= layer <= self.layers[1]
+        if layer < 0:  # embed_tokens, lm_head
+            return self.with_embeddings
+        return self.layers[0] <= layer <= self.layers[1]
 
 
 def _model_files(path: Path) -> list[str]:
@@ -163,6 +170,85 @@ def layer_blocks(num_layers: int, block: int) -> list[tuple[int, int]]:
     if block < 1:
         raise ValueError("restore.layer_block must be >= 1")
     return [(a, min(a + block, num_layers) - 1) for a in range(0, num_layers, block)]
+
+
+def claim_points(num_layers: int, hidden: int) -> tuple[tuple[int, int], int]:
+    """The settings of the paper's claim: the first 25% of the layers, (0, L/4 - 1), at least one layer
+    (0-6 of Qwen's 28), and the top 20% of the ranks, 20% of the hidden size (717 for Qwen, 819 for Llama)."""
+    return (0, max(1, num_layers // 4) - 1), max(1, round(0.2 * hidden))
+
+
+def sweeps(cfg: Config, num_layers: int, hidden: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Figure 5's layer ranges (blocks of restore.layer_block) and Figure 6's top-k sweep (restore.top_ks),
+    each with the claim's point added, so the claim is always measured."""
+    first_quarter, top20 = claim_points(num_layers, hidden)
+    layers = sorted(set(layer_blocks(num_layers, cfg.restore.layer_block)) | {first_quarter})
+    return layers, sorted(set(cfg.restore.top_ks) | {top20})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One restore experiment: whose directions (source: base or inter_sft) and whose σ (keep)."""
+
+    source: str
+    keep: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}.{self.keep}"
+
+
+def variants(cfg: Config) -> list[Variant]:
+    """restore.sources x restore.keeps, checked."""
+    for source in cfg.restore.sources:
+        if source not in ("base", "inter_sft"):
+            raise ValueError(f"restore.sources: {source!r} is not base or inter_sft")
+    for keep in cfg.restore.keeps:
+        if keep not in KEEP:
+            raise ValueError(f"restore.keeps: {keep!r} is not one of {KEEP}")
+    return [Variant(source, keep) for source in cfg.restore.sources for keep in cfg.restore.keeps]
+
+
+def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.DataFrame:
+    """Every variant's layer and rank sweeps into the full-SFT checkpoint, evaluated: one row per
+    (variant, restored checkpoint, rule) with success and its interval, and for OOD the share of the
+    Inter_SFT -> full SFT drop it recovers, with a paired-bootstrap interval. Written to
+    runs/<preset>/restore/variants.csv."""
+    by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
+    target = by_label[named.full_sft]
+    num_layers, hidden = model_dims(target.path)
+    layer_ranges, top_ks = sweeps(cfg, num_layers, hidden)
+    first_quarter, top20 = claim_points(num_layers, hidden)
+    jobs = []
+    for variant in variants(cfg):
+        source = by_label[named.base if variant.source == "base" else named.inter_sft]
+        for a, b in layer_ranges:
+            plan = Plan(layers=(a, b), keep=variant.keep, with_embeddings=cfg.restore.layers_include_embeddings)
+            jobs.append((variant, "layers", f"{a}-{b}", (a, b) == first_quarter, source, plan,
+                         f"{variant.name}.layers-{a:02d}-{b:02d}"))
+        for k in top_ks:
+            jobs.append((variant, "ranks", str(k), k == top20, source, Plan(top=k, keep=variant.keep),
+                         f"{variant.name}.top-{k:04d}"))
+    restored = [restored_checkpoint(cfg, label, target, source, plan, force)
+                for _, _, _, _, source, plan, label in jobs]
+    table = evaluate.sweep(cfg, force=force, checkpoints=restored, table_name="restore_results")
+    eval_dir = artifacts.eval_dir(cfg)
+    episodes = {label: evaluate.episodes_table(eval_dir / label)
+                for label in {named.inter_sft, named.full_sft, *(job[-1] for job in jobs)}}
+    rows = []
+    for variant, kind, setting, claim, source, plan, label in jobs:
+        share = evaluate.recovery(episodes, named.inter_sft, named.full_sft, label, rule="ood")
+        for _, r in table[table["label"] == label].iterrows():
+            rows.append({"variant": variant.name, "source": variant.source, "source_label": source.label,
+                         "keep": variant.keep, "kind": kind, "setting": setting, "claim_point": claim,
+                         "label": label, "rule": r["rule"], "success_rate": r["success_rate"],
+                         "ci_low": r["ci_low"], "ci_high": r["ci_high"], "episodes": r["episodes"],
+                         **({"share_recovered": share["share_recovered"], "share_ci_low": share["share_ci"][0],
+                             "share_ci_high": share["share_ci"][1]} if r["rule"] == "ood" else {})})
+    out = pd.DataFrame(rows)
+    artifacts.restore_dir(cfg).mkdir(parents=True, exist_ok=True)
+    out.to_csv(artifacts.restore_dir(cfg) / "variants.csv", index=False)
+    return out
 
 
 def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, source: evaluate.Checkpoint,

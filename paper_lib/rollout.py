@@ -22,19 +22,34 @@ class Generation:
     text: str
 
 
+def model_sampling(model) -> dict:
+    """The sampling settings of a checkpoint's own generation_config (upstream's evaluator used these:
+    Qwen2.5-7B-Instruct samples at T 0.7, top_p 0.8, top_k 20). repetition_penalty is left out: it is
+    always set by the caller."""
+    gen = model.generation_config
+    return {"do_sample": True, "temperature": gen.temperature if gen.temperature is not None else 1.0,
+            "top_p": gen.top_p if gen.top_p is not None else 1.0, "top_k": gen.top_k if gen.top_k is not None else 0}
+
+
 class Generator:
     """Callable `generate(conversations) -> texts` over an HF causal LM and its tokenizer.
 
     temperature 0 is greedy decoding; above 0, sampling at that temperature (top-p 1, top-k off).
+    `sampling` (e.g. `model_sampling(model)`) replaces both. repetition_penalty is always passed, so the
+    checkpoint's generation_config never sets it silently.
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0, batch_size: int = 32,
-                 progress: bool = False):
+                 progress: bool = False, repetition_penalty: float = 1.0, sampling: dict | None = None):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before generating")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.batch_size, self.progress = batch_size, progress
+        self.sampling = sampling if sampling is not None else (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+        self.sampling = {**self.sampling, "repetition_penalty": repetition_penalty}
         self.calls = 0  # generate() calls so far; one per attempt round of a batch of episodes
 
     def render(self, conversation: Conversation) -> list[int]:
@@ -57,11 +72,9 @@ class Generator:
             for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
-            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": 1.0, "top_k": 0} \
-                if self.temperature > 0 else {"do_sample": False}
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=self.max_new_tokens,
-                pad_token_id=pad, eos_token_id=eos, use_cache=True, **sampling)
+                pad_token_id=pad, eos_token_id=eos, use_cache=True, **self.sampling)
             for row, i in enumerate(batch):
                 response = out[row, width:].tolist()
                 for k, token in enumerate(response):  # cut at the first stop token, keep it

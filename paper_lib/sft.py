@@ -116,16 +116,18 @@ def checkpoints(cfg: Config) -> list[Path]:
 
 
 def checkpoint(cfg: Config, step: int | str = "final") -> Path:
-    """The checkpoint at `step` (an int, "final", "inter_sft" or "full_sft"; the last two are the paper's
-    named checkpoints cfg.sft.inter_sft_step and full_sft_step, or the nearest saved step)."""
+    """The checkpoint at `step`: an int, "final", "full_sft" (artifacts.full_sft_step's rule) or "inter_sft"
+    (cfg.sft.inter_sft_step, the step the paper names, or the nearest saved step)."""
     found = {checkpoint_step(p): p for p in checkpoints(cfg)}
     if not found:
         raise FileNotFoundError(f"no SFT checkpoint in {artifacts.sft_dir(cfg)}; run the SFT first "
                                 f"(notebooks/02_sft.py, or `python -m paper_lib.sft --preset {cfg.preset}`)")
     if step == "final":
         return found[max(found)]
-    if step in ("inter_sft", "full_sft"):
-        want = cfg.sft.inter_sft_step if step == "inter_sft" else cfg.sft.full_sft_step
+    if step == "full_sft":
+        return found[artifacts.full_sft_step(cfg, found)]
+    if step == "inter_sft":  # the paper's named step; the evaluated Inter_SFT is evaluate.named_checkpoints'
+        want = cfg.sft.inter_sft_step
         nearest = min(found, key=lambda s: (abs(s - want), s))
         if nearest != want:
             log.warning("%s: no checkpoint at step %d; using the nearest, step %d", step, want, nearest)

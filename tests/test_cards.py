@@ -314,3 +314,32 @@ def test_batched_episodes_only_ask_for_unfinished_conversations():
 def test_generate_returning_the_wrong_count_is_an_error():
     with pytest.raises(ValueError, match="returned 0 texts for 1"):
         cards.run_episodes(lambda convs: [], [HAND])
+
+
+# ------------------------------------------------------------------------------------ partial credit
+def test_partial_credit_is_judged_by_the_arithmetic():
+    hand = [10, 10, 10, 6]  # 10, J, 10, 6 under the ID rule
+    # closing the parenthesis gives 10+(10+10-6) = 24 and (10-6+10+10) = 24: both are on their way to 24
+    for formula in ("10+(10+10-6", "(10-6+10+10"):
+        verdict = cards.verify_formula(formula, hand)
+        assert (verdict.status, verdict.reward) == ("PARTIAL", 1.0), formula
+    # unfinished but not completable to 24: 10+(10-10*6) = -40
+    assert cards.verify_formula("10+(10-10*6", hand).status == "NO_SOLUTION"
+    # a dangling operator cannot be completed without another number
+    assert cards.verify_formula("10+10+10-6-", hand).status != "PARTIAL"
+
+
+def test_upstream_partial_credit_follows_its_solver_strings():
+    hand = [10, 10, 10, 6]
+    solutions = cards.upstream_solutions((6, 10, 10, 10))
+    assert "10+(10+10-6)" in solutions and "(10-6+10+10)" not in solutions  # no bracket around the whole
+    up = cards.verify_formula("10+(10+10-6", hand, partial_credit="upstream")
+    assert (up.status, up.reward) == ("PARTIAL", 1.0)
+    down = cards.verify_formula("(10-6+10+10", hand, partial_credit="upstream")
+    assert (down.status, down.reward) == ("NO_SOLUTION", -1.0)
+    # every upstream string is a correct formula, and it writes the double-bracket form too
+    assert all(cards.verify_formula(s, [1, 2, 3, 4]).correct for s in cards.upstream_solutions((1, 2, 3, 4)))
+    assert "(1+2)*(3+4)" not in cards.upstream_solutions((1, 2, 3, 4))  # 21, not 24
+    assert "(4-2)*(3*4)" in cards.upstream_solutions((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="partial_credit must be one of"):
+        cards.verify_formula("1+2", [1, 2], partial_credit="lenient")

@@ -106,3 +106,66 @@ def test_recovery_arithmetic_on_a_hand_made_table():
     assert "share_recovered" not in none and none["drop"] == pytest.approx(0.2)
     flat = evaluate.recovery({"i": full, "f": full, "r": rl}, "i", "f", "r")
     assert math.isnan(flat["share_recovered"])  # no drop, nothing to recover
+
+
+def test_inter_sft_is_chosen_up_to_full_sft_only():
+    table = pd.DataFrame([
+        {"label": "sft-0020", "stage": "sft", "step": 20, "rule": "ood", "success_rate": 0.30},
+        {"label": "sft-0040", "stage": "sft", "step": 40, "rule": "ood", "success_rate": 0.30},
+        {"label": "sft-0060", "stage": "sft", "step": 60, "rule": "ood", "success_rate": 0.20},
+        {"label": "sft-0080", "stage": "sft", "step": 80, "rule": "ood", "success_rate": 0.45},  # after full SFT
+        {"label": "rl-0002", "stage": "rl", "step": 2, "rule": "ood", "success_rate": 0.4},
+        {"label": "rl-0010", "stage": "rl", "step": 10, "rule": "ood", "success_rate": 0.4},
+    ])
+    assert evaluate.inter_sft(table) == "sft-0080"  # unrestricted: a later checkpoint wins
+    assert evaluate.inter_sft(table, up_to=60) == "sft-0020"  # restricted, and the earliest of the tie
+    from paper_lib import config
+
+    named = evaluate.named_checkpoints(config.load("tiny", sft__full_sft_step=60), table)
+    assert named == evaluate.Named("base", "sft-0020", "sft-0060", "rl-0010")
+    # a full_sft_step that was never saved falls back to the last SFT checkpoint, as PPO's start does
+    assert evaluate.named_checkpoints(config.load("tiny", sft__full_sft_step=70), table).full_sft == "sft-0080"
+
+
+def test_relative_drop_arithmetic_on_a_hand_made_table():
+    inter, full = _episodes([1] * 40 + [0] * 60), _episodes([1] * 30 + [0] * 70)
+    out = evaluate.recovery({"i": inter, "f": full}, "i", "f", None)
+    assert out["relative_drop"] == pytest.approx(0.25)  # (40 - 30) / 40
+    lo, hi = out["relative_drop_ci"]
+    assert lo < 0.25 < hi
+    # the paper's own numbers: 48% (Llama) and 13% (Qwen) are (Inter_SFT - full SFT) / Inter_SFT
+    assert round(100 * (17.52 - 8.97) / 17.52) == 49 and round(100 * (19.67 - 17.09) / 19.67) == 13
+    # its quoted 85% share is not (15.38 - 8.97) / (17.52 - 8.97), which is 75%
+    assert round(100 * (15.38 - 8.97) / (17.52 - 8.97)) == 75
+    # repeated passes count per hand: two passes that each solve half the hands average to 50%
+    two_passes = pd.concat([_episodes([1] * 50 + [0] * 50).assign(repeat=0),
+                            _episodes([0] * 50 + [1] * 50).assign(repeat=1)])
+    out = evaluate.recovery({"i": two_passes, "f": full}, "i", "f", None)
+    assert out["inter_rate"] == pytest.approx(0.5)
+
+
+def test_model_decoding_samples_and_reproduces_itself_with_the_same_seed(tiny_base, tmp_path, monkeypatch):
+    import shutil
+
+    from paper_lib import config
+    from transformers import GenerationConfig
+
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tiny_base.runs))
+    overrides = dict(data__test_size=6, data__sft_size=8, data__loss_set_size=2, eval__max_new_tokens=12,
+                     eval__max_attempts=2, eval__decoding="model")
+    model = shutil.copytree(tiny_base.path, tmp_path / "model")  # the shared base stays as it is
+    # the checkpoint's own sampling settings are what "model" decoding uses
+    GenerationConfig(do_sample=True, temperature=1.5, top_k=0, top_p=1.0).save_pretrained(model)
+    ckpt = Checkpoint("mine", "other", 0, model)
+    texts = lambda df: [t["text"] for ts in df.sort_values(["rule", "hand"])["transcript"] for t in ts]  # noqa: E731
+    first = evaluate.evaluate_checkpoint(config.load("tiny", **overrides), ckpt, force=True)
+    again = evaluate.evaluate_checkpoint(config.load("tiny", **overrides), ckpt, force=True)
+    other = evaluate.evaluate_checkpoint(config.load("tiny", **overrides, eval__seed=1), ckpt, force=True)
+    greedy = evaluate.evaluate_checkpoint(config.load("tiny", **{**overrides, "eval.decoding": "greedy"}), ckpt,
+                                          force=True)
+    assert texts(first) == texts(again)
+    assert texts(first) != texts(other) and texts(first) != texts(greedy)
+    repeated = evaluate.evaluate_checkpoint(config.load("tiny", **overrides, eval__repeats=2), ckpt, force=True)
+    assert sorted(set(repeated["repeat"])) == [0, 1] and len(repeated) == 2 * len(first)
+    rows = evaluate.summarize(ckpt, repeated)
+    assert all(r["repeats"] == 2 and r["repeat_min"] <= r["success_rate"] <= r["repeat_max"] for r in rows)

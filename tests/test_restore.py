@@ -117,3 +117,48 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
 def test_layer_blocks():
     assert restore.layer_blocks(28, 10) == [(0, 9), (10, 19), (20, 27)]
     assert restore.layer_blocks(2, 1) == [(0, 0), (1, 1)]
+
+
+def test_full_rank_with_keep_source_is_exactly_the_source():
+    W_tgt, W_src = pair()
+    assert torch.equal(restore_directions(W_tgt, W_src, top=8, keep="source"), W_src)
+    assert torch.equal(restore_directions(W_tgt, W_src, top=5, tail=3, keep="source"), W_src)
+    assert not torch.equal(restore_directions(W_tgt, W_src, top=7, keep="source", dtype="float64"), W_src)
+
+
+@pytest.mark.parametrize("preset, layers, hidden, first_quarter, top20", [
+    ("qwen7b", 28, 3584, (0, 6), 717),  # Qwen2.5-7B: layers 0-6, 717 ranks (PAPER_SPEC 6)
+    ("llama11b", 40, 4096, (0, 9), 819),  # Llama-3.2-11B's 40 text layers, hidden 4096
+    ("smol", 30, 576, (0, 6), 115),
+    ("tiny", 2, 64, (0, 0), 13),
+])
+def test_the_claims_points_are_in_every_presets_sweeps(preset, layers, hidden, first_quarter, top20):
+    from paper_lib import config
+
+    assert restore.claim_points(layers, hidden) == (first_quarter, top20)
+    layer_ranges, top_ks = restore.sweeps(config.load(preset), layers, hidden)
+    assert first_quarter in layer_ranges and top20 in top_ks
+    assert max(b for _, b in layer_ranges) == layers - 1  # the blocks still cover every layer
+
+
+def test_claim_points_come_from_the_checkpoints_shape(tmp_path):
+    path = tmp_path / "m"
+    tiny_qwen(path, seed=0)
+    layers, hidden = restore.model_dims(path)
+    assert restore.claim_points(layers, hidden) == ((0, max(1, layers // 4) - 1), round(0.2 * hidden))
+
+
+def test_layer_plans_take_embeddings_only_when_asked():
+    embed, head, q0 = "model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert not Plan(layers=(0, 0)).applies(embed) and Plan(layers=(0, 0)).applies(q0)
+    both = Plan(layers=(0, 0), with_embeddings=True)
+    assert both.applies(embed) and both.applies(head) and not both.applies("model.layers.1.mlp.up_proj.weight")
+
+
+def test_variants_cross_sources_and_keeps():
+    from paper_lib import config
+
+    names = [v.name for v in restore.variants(config.load("qwen7b"))]
+    assert names == ["base.target-sigma", "base.source", "inter_sft.target-sigma", "inter_sft.source"]
+    with pytest.raises(ValueError, match="restore.sources"):
+        restore.variants(config.load("tiny", restore__sources=["sft"]))
