@@ -68,12 +68,9 @@ W1, W2 = gauge.chain(d_in=32, d_mid=16, d_out=24, seed=0)
 R = gauge.random_orthogonal(W1.shape[1], torch.Generator().manual_seed(1))
 invariance = gauge.gauge_invariance(W1, W2, R)
 display(pd.Series(invariance, name="value").to_frame())
-sigmas = pd.DataFrame({"index": np.arange(W1.shape[1]), "before": torch.linalg.svdvals(W1).numpy(),
-                       "after": torch.linalg.svdvals(W1 @ R).numpy()})
-sigmas.attrs["rotation_deg"] = invariance["mean_vector_rotation_deg"]
 scaling = gauge.step_scaling(W1, W2, np.logspace(-6, -1, 11))
 slopes = gauge.fitted_slopes(scaling)
-fig = plots.gauge(sigmas, scaling, slopes)
+fig = plots.gauge(gauge.sigma_table(W1, R), scaling, slopes, invariance["mean_vector_rotation_deg"])
 plots.save_figure(fig, "figA_gauge", cfg, notebook="07_causal", slopes=slopes);
 
 # %% [markdown]

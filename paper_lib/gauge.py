@@ -51,6 +51,12 @@ def gauge_invariance(W1: torch.Tensor, W2: torch.Tensor, R: torch.Tensor) -> dic
     }
 
 
+def sigma_table(W1: torch.Tensor, R: torch.Tensor) -> pd.DataFrame:
+    """W1's singular values before and after the rotation W1 -> W1 R, one row per index (equal columns)."""
+    return pd.DataFrame({"index": np.arange(min(W1.shape)), "before": torch.linalg.svdvals(W1).numpy(),
+                         "after": torch.linalg.svdvals(W1 @ R).numpy()})
+
+
 def step_scaling(W1: torch.Tensor, W2: torch.Tensor, etas: np.ndarray, seed: int = 0) -> pd.DataFrame:
     """‖Δ(W1 W2)‖F after parameter steps of size η (‖ΔW1‖F² + ‖ΔW2‖F² = η²) of two kinds:
     "gauge": W1(I + ηA), (I − ηA)W2 with A skew; "sigma": W1's singular values moved along a unit

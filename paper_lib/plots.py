@@ -160,9 +160,9 @@ def causal(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def gauge(sigmas: pd.DataFrame, scaling: pd.DataFrame, slopes: dict[str, float]) -> plt.Figure:
+def gauge(sigmas: pd.DataFrame, scaling: pd.DataFrame, slopes: dict[str, float], rotation_deg: float) -> plt.Figure:
     """Appendix A: (left) W1's singular values before and after a gauge rotation, identical, while its
-    singular vectors rotate; (right) ‖Δ(W1 W2)‖F against the parameter step η on log-log axes, a gauge step
+    singular vectors rotate by `rotation_deg` on average; (right) ‖Δ(W1 W2)‖F against the parameter step η on log-log axes, a gauge step
     (fitted slope ≈ 2) against a change of σ (slope ≈ 1)."""
     style()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
@@ -170,7 +170,7 @@ def gauge(sigmas: pd.DataFrame, scaling: pd.DataFrame, slopes: dict[str, float])
         left.plot(sigmas["index"], sigmas[column], marker=marker, ls="none", label=f"σ {column} rotation")
     left.set_xlabel("index i")
     left.set_ylabel("σᵢ(W1)")
-    left.set_title(f"σ unchanged; vectors rotate {sigmas.attrs.get('rotation_deg', float('nan')):.0f}° on average",
+    left.set_title(f"σ unchanged; vectors rotate {rotation_deg:.0f}° on average",
                    fontsize=10)
     left.legend(fontsize=8)
     for kind, group in scaling.groupby("kind"):

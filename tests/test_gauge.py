@@ -29,3 +29,11 @@ def test_measured_slopes_are_two_for_a_gauge_step_and_one_for_a_sigma_step():
     assert abs(slopes["gauge"] - 2) < 0.05 and abs(slopes["sigma"] - 1) < 0.05, slopes
     small = table[table["eta"] == table["eta"].min()].set_index("kind")["product_change"]
     assert small["gauge"] < 1e-3 * small["sigma"]  # at the same parameter step, rotations are nearly free
+
+
+def test_sigma_table_shows_the_rotation_leaving_every_singular_value():
+    W1, _ = gauge.chain(d_in=12, d_mid=6, d_out=9, seed=3)
+    R = gauge.random_orthogonal(W1.shape[1], torch.Generator().manual_seed(5))
+    table = gauge.sigma_table(W1, R)
+    assert list(table["index"]) == list(range(6))
+    assert np.allclose(table["before"], table["after"], atol=1e-10) and (table["before"].diff().dropna() <= 0).all()
