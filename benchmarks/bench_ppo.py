@@ -17,7 +17,6 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch

@@ -43,7 +43,7 @@ def worker(kind: str, target: str, source: str, out: str, top: int, threads: int
     import torch
 
     torch.set_num_threads(threads)
-    from paper_lib import restore, spectra
+    from paper_lib import restore, weights
 
     start = time.perf_counter()
     if kind == "ours":
@@ -55,7 +55,7 @@ def worker(kind: str, target: str, source: str, out: str, top: int, threads: int
         src = dict(AutoModelForCausalLM.from_pretrained(source).named_parameters())
         with torch.no_grad():
             for name, p in tgt.named_parameters():
-                if p.ndim == 2 and spectra.parse_name(name):
+                if p.ndim == 2 and weights.parse_name(name):
                     p.copy_(restore.restore_directions(p.data, src[name].data, top, device="cpu"))
         tgt.save_pretrained(out, max_shard_size="100MB")
     seconds = time.perf_counter() - start

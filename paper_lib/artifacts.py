@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,6 +25,16 @@ from .config import PROJECT_ROOT, Config
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as the stages name it: an evaluation label, the stage that made it, its step, its directory."""
+
+    label: str  # "base", "sft-0120", "rl-0003", or a user's label
+    stage: str  # base, sft, rl or other
+    step: int
+    path: Path
 
 
 def runs_root() -> Path:

@@ -23,19 +23,12 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from . import artifacts, cards, config, data, models
+from .artifacts import Checkpoint
 from .config import Config
 
 log = logging.getLogger(__name__)
 RULE_SPLITS = {"id": "id_test", "ood": "ood_test"}
 DECODING = ("greedy", "model")
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    label: str  # "base", "sft-0120", "rl-0003", or a user's label
-    stage: str  # base, sft, rl or other
-    step: int
-    path: Path
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import artifacts, evaluate, spectra
+from . import artifacts, evaluate, weights
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
         return W_tgt.clone()
     if keep == "source" and top + tail == rank:  # every triplet swapped: the source itself, exactly
         return W_src.clone()
-    Ut, St, Vht = svd_tgt if svd_tgt is not None else spectra.decompose(W_tgt, dtype, device)
-    Us, Ss, Vhs = svd_src if svd_src is not None else spectra.decompose(W_src, dtype, device)
+    Ut, St, Vht = svd_tgt if svd_tgt is not None else weights.decompose(W_tgt, dtype, device)
+    Us, Ss, Vhs = svd_src if svd_src is not None else weights.decompose(W_src, dtype, device)
     sigma = St if keep == "target-sigma" else Ss.to(St)
     Us, Vhs = Us.to(Ut), Vhs.to(Ut)
     # The restored ranks are [0, top) and [rank - tail, rank), the kept ones [top, rank - tail): slices are
@@ -89,7 +89,7 @@ class Plan:
     with_embeddings: bool = False
 
     def applies(self, key: str) -> bool:
-        parsed = spectra.parse_name(key)
+        parsed = weights.parse_name(key)
         if parsed is None:
             return False
         _, layer, _, module = parsed
@@ -108,7 +108,7 @@ def _model_files(path: Path) -> list[str]:
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     if (path / "model.safetensors").is_file():
         return ["model.safetensors"]
-    raise spectra.SpectraError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    raise weights.WeightsError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
 def write_restored(target: str | Path, source: str | Path, out: str | Path, plan: Plan, *,
@@ -118,15 +118,15 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     `out` (the target's shards, index, config and tokenizer; no training state). Returns `out`."""
     if plan.keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {plan.keep!r}")
-    tgt, src = spectra.Checkpoint("target", target), spectra.Checkpoint("source", source)
+    tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
     to_key = {name: key for key, name in tgt.names.items()}
     selected = [k for k in tgt.names if plan.applies(k)]
     missing = [k for k in selected if k not in src.names or src.shapes[k] != tgt.shapes[k]]
     if missing:
-        raise spectra.SpectraError(f"source {src.path} lacks or reshapes {len(missing)} matrices the plan "
+        raise weights.WeightsError(f"source {src.path} lacks or reshapes {len(missing)} matrices the plan "
                                    f"restores, e.g. {missing[:3]}; restore between checkpoints of one model")
     if not selected:
-        raise spectra.SpectraError(f"the plan {plan} selects no matrix of {tgt.path}")
+        raise weights.WeightsError(f"the plan {plan} selects no matrix of {tgt.path}")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -143,9 +143,9 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
                 if key in selected:
                     rank = min(W.shape)
                     top = rank if plan.top is None else plan.top
-                    svd_t = spectra.load_or_decompose(W, name, cache_dir, dtype, device)
+                    svd_t = weights.load_or_decompose(W, name, cache_dir, dtype, device)
                     W_src = src.load(key)
-                    svd_s = spectra.load_or_decompose(W_src, src.names[key], cache_dir, dtype, device)
+                    svd_s = weights.load_or_decompose(W_src, src.names[key], cache_dir, dtype, device)
                     W = restore_directions(W, W_src, top, plan.tail, plan.keep, svd_tgt=svd_t, svd_src=svd_s)
                     record.append({"name": name, "top": min(top, rank), "tail": min(plan.tail, rank - min(top, rank)),
                                    "rank": rank})
@@ -251,8 +251,8 @@ def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.
     return out
 
 
-def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, source: evaluate.Checkpoint,
-                        plan: Plan, force: bool = False) -> evaluate.Checkpoint:
+def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, source: artifacts.Checkpoint,
+                        plan: Plan, force: bool = False) -> artifacts.Checkpoint:
     """runs/<preset>/restore/<name>: `target` with `plan` restored from `source`, written once (a manifest
     of both checkpoints' weights and the plan decides), ready for evaluate.evaluate_checkpoint."""
     out = artifacts.restore_dir(cfg) / name
@@ -260,16 +260,16 @@ def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, sou
             "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore")}
     if force or not artifacts.manifest_matches(out, spec):
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
-                       cache_dir=spectra.svd_cache(cfg))
+                       cache_dir=weights.svd_cache(cfg))
         artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label)
-    return evaluate.Checkpoint(name, "restore", 0, out)
+    return artifacts.Checkpoint(name, "restore", 0, out)
 
 
 def model_dims(checkpoint: str | Path) -> tuple[int, int]:
     """(number of layers, hidden size) of a checkpoint, read from its weight names and shapes; the hidden
     size bounds the rank of q/o/gate/up/down, so "20% of the ranks" means 20% of it."""
-    ckpt = spectra.Checkpoint("model", checkpoint)
-    parsed = [(spectra.parse_name(key), shape) for key, shape in ckpt.shapes.items()]
+    ckpt = weights.LazyWeights("model", checkpoint)
+    parsed = [(weights.parse_name(key), shape) for key, shape in ckpt.shapes.items()]
     layers = {p[1] for p, _ in parsed if p and p[1] >= 0}
     hidden = max(min(shape) for p, shape in parsed if p and p[3] in ("q_proj", "o_proj"))
     return max(layers) + 1, hidden
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = write_restored(args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device,
                              cache_dir=args.cache)
-    except (spectra.SpectraError, ValueError) as err:
+    except (weights.WeightsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

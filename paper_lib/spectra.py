@@ -19,7 +19,6 @@ from the shards and factor files, so a comparison holds two V factors but no who
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -35,40 +34,18 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from . import weights
+
 log = logging.getLogger(__name__)
 
-# Text-model weight names of Llama/Qwen2/SmolLM and of Mllama (Llama-3.2-Vision), which transformers
-# saves as `language_model.model.layers...` and names `model.language_model.layers...` in memory.
-# Anchored, so vision-tower weights (`vision_model.*`, `visual.*`) never match.
-_PREFIX = r"(?:model\.)?(?:language_model\.)?(?:model\.)?"
-_LAYER_RE = re.compile(rf"^{_PREFIX}layers\.(\d+)\.(self_attn|cross_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
-_EMBED_RE = re.compile(rf"^{_PREFIX}embed_tokens\.weight$")
-_HEAD_RE = re.compile(rf"^{_PREFIX}lm_head\.weight$")
-EMBED, HEAD = "embed_tokens.weight", "lm_head.weight"
 _BLOCK_ORDER = {"self_attn": 0, "cross_attn": 1, "mlp": 2}
 _MODULE_ORDER = {m: i for i, m in enumerate(
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
 ARRAYS = ("sigma_before", "sigma_after", "angles_u", "angles_v", "rot_u", "rot_v")
 
 
-class SpectraError(ValueError):
+class SpectraError(weights.WeightsError):
     """Checkpoints or arguments that cannot be compared; the message says which and what to do."""
-
-
-def parse_name(name: str) -> tuple[str, int, str, str] | None:
-    """(canonical key, layer, block, module) of an analysable weight name, None for anything else.
-
-    The canonical key drops the model prefix, so checkpoints saved with different prefixes still match.
-    embed_tokens and lm_head have layer -1.
-    """
-    if m := _LAYER_RE.match(name):
-        layer, block, module = int(m[1]), m[2], f"{m[3]}_proj"
-        return f"layers.{layer}.{block}.{module}.weight", layer, block, module
-    if _EMBED_RE.match(name):
-        return EMBED, -1, "embed", "embed_tokens"
-    if _HEAD_RE.match(name):
-        return HEAD, -1, "lm_head", "lm_head"
-    return None
 
 
 # --------------------------------------------------------------------------------------------- maths
@@ -135,233 +112,7 @@ def rotation_angles(U_a: torch.Tensor, U_b: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) if out else U_a.new_zeros(0)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SpectraError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
-    found = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
-             torch.float64: torch.float64}.get(dtype)
-    if found is None:
-        raise SpectraError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return found
-
-
-def decompose(W: torch.Tensor, dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
-              svd_driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD W = U diag(S) Vh in `dtype` on `device`; `svd_driver` (gesvd, gesvdj, gesvda) is CUDA-only.
-
-    Tall or wide float32 matrices on CPU (an embedding) go through `_gram_svd`, which needs no workspace
-    beyond the output (LAPACK's SVD holds copies of W and U besides); U may then be a non-contiguous view.
-    """
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if _use_gram(tuple(W.shape), dtype, device):
-        if W.shape[0] >= W.shape[1]:
-            found = _gram_svd(lambda a, b: W[a:b], *W.shape, dtype)
-        else:
-            found = _wide(_gram_svd(lambda a, b: W[:, a:b].mT, W.shape[1], W.shape[0], dtype))
-        if found is not None:
-            return found
-    W = W.to(device=device, dtype=dtype)
-    driver = svd_driver if device.type == "cuda" else None  # torch rejects a driver on CPU
-    return torch.linalg.svd(W, full_matrices=False, driver=driver)
-
-
-# Rows per block when streaming a tall matrix: blocks of a few MB. Larger blocks (4096 rows of float64,
-# 19 MB) raise glibc's mmap threshold, land on the heap, and fragment it: ~100 MB stayed resident.
-_BLOCK = 1024
-_GRAM_MAX_COND = (torch.finfo(torch.float32).eps / torch.finfo(torch.float64).eps) ** 0.5  # ~2.3e4
-
-
-def _use_gram(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
-    # float32 only: float64 eigenvalues of WᵀW give every σ to ≤ sqrt(eps64)·σ₁ ≈ 1.5e-8·σ₁, better than a
-    # float32 SVD's ~6e-8·σ₁, but a float64 request expects ~1e-16·σ₁ for tiny σ too, which only the SVD gives.
-    return device.type == "cpu" and dtype == torch.float32 and max(shape) >= 4 * min(shape) > 0
-
-
-def _wide(found: tuple | None) -> tuple | None:
-    """The SVD of W from that of Wᵀ = U S Vh: W = Vhᵀ S Uᵀ."""
-    return None if found is None else (found[2].mT, found[1], found[0].mT)
-
-
-def _gram_svd(read_rows, rows: int, cols: int, dtype: torch.dtype,
-              block: int = _BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Thin SVD of a tall rows×cols matrix given as row blocks `read_rows(a, b)`, via its Gram matrix.
-
-    G = WᵀW is summed in float64 block by block (never a float64 copy of W), eigh(G) = V diag(σ²) Vᵀ, and
-    U = W V Σ⁻¹ is filled block by block into Uᵀ (contiguous, so the top-k rows of the factor file are a
-    plain slice). U's columns lose orthogonality as eps64·κ² (κ = σ₁/σ_min), so this returns None when
-    κ > _GRAM_MAX_COND (then eps64·κ² would exceed float32's eps; W rank-deficient included): callers then
-    use the LAPACK SVD.
-    """
-    G = torch.zeros(cols, cols, dtype=torch.float64)
-    for a in range(0, rows, block):
-        C = read_rows(a, min(a + block, rows)).double()
-        G.addmm_(C.mT, C)
-    lam, V = torch.linalg.eigh(G)
-    S, V = lam.flip(0).clamp(min=0).sqrt(), V.flip(1)
-    if S[0] == 0 or S[-1] * _GRAM_MAX_COND < S[0]:
-        return None
-    VS = V / S
-    Ut = torch.empty(cols, rows, dtype=dtype)
-    for a in range(0, rows, block):
-        b = min(a + block, rows)
-        Ut[:, a:b] = (read_rows(a, b).double() @ VS).mT
-    return Ut.mT, S.to(dtype), V.mT.to(dtype)
-
-
-def _save_factors(path: Path, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
-    # U is stored transposed so that the top-k vectors of either side are the first k rows of the file.
-    # Written by hand in the safetensors layout: save_file serialises every tensor to a bytes copy first,
-    # a third embedding-sized buffer at the peak; here each tensor goes from its own memory to the file.
-    tensors = {n: t.detach().cpu().contiguous() for n, t in {"Ut": U.mT, "S": S, "Vh": Vh}.items()}
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def _load_factors(path: Path, k: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        rows = slice(None) if k is None else slice(0, k)
-        Ut, S, Vh = f.get_slice("Ut")[rows], f.get_tensor("S"), f.get_slice("Vh")[rows]
-    return Ut.mT.to(device), S.to(device), Vh.to(device)
-
-
-def _cache_path(W: torch.Tensor, name: str, dtype: torch.dtype, cache_dir: str | os.PathLike) -> Path:
-    """Cache file of a matrix: keyed by a hash of its stored bytes (the content fingerprint, so copies and
-    moves of a checkpoint hit and an edited tensor misses), its canonical name and the SVD dtype."""
-    raw = W.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{raw.dtype}{tuple(raw.shape)}".encode())
-    digest.update(memoryview(raw.view(torch.uint8).reshape(-1).numpy()))
-    key = (parse_name(name) or (name,))[0]
-    return Path(cache_dir) / f"{key}.{str(dtype).removeprefix('torch.')}.{digest.hexdigest()[:20]}.safetensors"
-
-
-def _ensure_cached(W: torch.Tensor, name: str, cache_dir: str | os.PathLike, dtype: torch.dtype,
-                   device: torch.device, svd_driver: str | None) -> tuple[Path, tuple | None]:
-    """The cache file of W, decomposing and writing it first if absent (then also returning the factors)."""
-    path = _cache_path(W, name, dtype, cache_dir)
-    if path.is_file():
-        return path, None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    factors = decompose(W, dtype, device, svd_driver)
-    _save_factors(path, *factors)
-    return path, factors
-
-
-def load_or_decompose(W: torch.Tensor, name: str, cache_dir: str | os.PathLike | None,
-                      dtype: str | torch.dtype = "float32", device: str | torch.device = "auto",
-                      svd_driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`decompose(W)` through an on-disk cache (full thin SVD) that a later stage, e.g. restore, reuses.
-
-    Pass W as read from the checkpoint (before any cast): the cache key hashes its bytes.
-    """
-    if cache_dir is None:
-        return decompose(W, dtype, device, svd_driver)
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
-    path, factors = _ensure_cached(W, name, cache_dir, dtype, device, svd_driver)
-    return factors if factors is not None else _load_factors(path, None, device)
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
-class Checkpoint:
-    """The analysable 2-D weights of one HF checkpoint directory, read lazily from its shards."""
-
-    def __init__(self, label: str, path: str | os.PathLike):
-        self.label, self.path = label, Path(path)
-        where = f"checkpoint {label!r} ({self.path})"
-        if not self.path.is_dir():
-            raise SpectraError(f"{where}: no such directory; pass a Hugging Face checkpoint directory holding "
-                               f"*.safetensors")
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
-            if missing:
-                raise SpectraError(f"{where}: its index names shards that are not there: {missing[:5]}; "
-                                   f"copy the complete checkpoint")
-            files = {name: self.path / f for name, f in weight_map.items()}
-        else:
-            shards = sorted(self.path.glob("*.safetensors"))
-            if not shards:
-                found = sorted(p.name for p in self.path.iterdir())[:8]
-                raise SpectraError(f"{where}: holds no *.safetensors (found {found}); save it with "
-                                   f"save_pretrained(..., safe_serialization=True)")
-            files = {}
-            for shard in shards:
-                with safe_open(str(shard), framework="pt") as f:
-                    files.update({name: shard for name in f.keys()})
-        self.names: dict[str, str] = {}  # canonical key -> name in this checkpoint
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._files = files
-        for shard in sorted(set(files.values())):
-            with safe_open(str(shard), framework="pt") as f:  # reads the header only
-                for name in f.keys():
-                    parsed = parse_name(name)
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if parsed is None or len(shape) != 2:
-                        continue
-                    if parsed[0] in self.names:
-                        raise SpectraError(f"{where}: {self.names[parsed[0]]} and {name} both map to "
-                                           f"{parsed[0]}; pass names=[...] to pick one")
-                    self.names[parsed[0]], self.shapes[parsed[0]] = name, shape
-        if not self.names:
-            raise SpectraError(f"{where}: no attention/MLP projection, embed_tokens or lm_head weights found "
-                               f"(first names: {sorted(files)[:5]})")
-
-    def load(self, key: str) -> torch.Tensor:
-        """One tensor as stored (dtype unchanged) on CPU. Zero-copy: it is backed by the shard's memory map,
-        so only its own pages are read, and the map goes when the tensor is freed."""
-        name = self.names[key]
-        with safe_open(str(self._files[name]), framework="pt") as f:
-            return f.get_tensor(name)
-
-    def read(self, key: str, a: int, b: int, columns: bool = False) -> torch.Tensor:
-        """Rows a:b (columns a:b if `columns`) as an owned copy. The shard is opened per call: pages read
-        through its memory map stay resident while it is open, so one open over a whole embedding costs
-        the embedding's size in RSS even when read block by block. A slice is a view into that mapping,
-        hence the copy."""
-        name = self.names[key]
-        with safe_open(str(self._files[name]), framework="pt") as f:
-            part = f.get_slice(name)
-            return (part[:, a:b] if columns else part[a:b]).clone()
-
-
-def _decompose_streamed(ck: Checkpoint, key: str, dtype: torch.dtype, device: torch.device,
-                        svd_driver: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """decompose(ck.load(key)), but a tall or wide matrix is read block by block from the shard, so that
-    it is never resident whole beside its factors."""
-    rows, cols = ck.shapes[key]
-    if _use_gram((rows, cols), dtype, device):
-        if rows >= cols:
-            found = _gram_svd(lambda a, b: ck.read(key, a, b), rows, cols, dtype)
-        else:
-            found = _wide(_gram_svd(lambda a, b: ck.read(key, a, b, columns=True).mT, cols, rows, dtype))
-        if found is not None:
-            return found
-    return decompose(ck.load(key), dtype, device, svd_driver)
-
-
-def _select_keys(ckpts: dict[str, Checkpoint], names: Iterable[str] | str | None) -> list[str]:
+def _select_keys(ckpts: dict[str, weights.LazyWeights], names: Iterable[str] | str | None) -> list[str]:
     """Canonical keys to analyse, ordered embed, lm_head, then by layer; checks names and shapes agree."""
     first, *rest = ckpts.values()
     problems = []
@@ -399,16 +150,16 @@ def _select_keys(ckpts: dict[str, Checkpoint], names: Iterable[str] | str | None
                            "tensors they share.")
 
     def order(k: str) -> tuple:
-        if k in (EMBED, HEAD):
-            return (-1, k != EMBED)
-        _, layer, block, module = parse_name(k)
+        if k in (weights.EMBED, weights.HEAD):
+            return (-1, k != weights.EMBED)
+        _, layer, block, module = weights.parse_name(k)
         return (layer, _BLOCK_ORDER[block], _MODULE_ORDER[module])
 
     return sorted(keys, key=order)
 
 
 # ----------------------------------------------------------------------------------------- analysis
-def _compare(ckb: Checkpoint, cka: Checkpoint, key: str, factors: dict[str, Path], k: int,
+def _compare(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, factors: dict[str, Path], k: int,
              device: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
     """The row of the pair table and the arrays of one matrix, for before=ckb, after=cka."""
     rows, cols = ckb.shapes[key]
@@ -424,7 +175,7 @@ def _compare(ckb: Checkpoint, cka: Checkpoint, key: str, factors: dict[str, Path
     arrays = {n: a.double().cpu().numpy() for n, a in arrays.items()}
     sb, sa = arrays["sigma_before"], arrays["sigma_after"]
     dsigma = sa - sb
-    _, layer, block, module = parse_name(key)
+    _, layer, block, module = weights.parse_name(key)
     row = {
         "pair": f"{ckb.label}__{cka.label}", "before": ckb.label, "after": cka.label, "name": ckb.names[key],
         "key": key, "layer": layer, "block": block, "module": module, "rows": rows, "cols": cols,
@@ -446,18 +197,18 @@ def _compare(ckb: Checkpoint, cka: Checkpoint, key: str, factors: dict[str, Path
     return row, arrays
 
 
-def _alignment(ck: Checkpoint, factors: dict[str, dict[str, Path]], k: int, device: torch.device,
+def _alignment(ck: weights.LazyWeights, factors: dict[str, dict[str, Path]], k: int, device: torch.device,
                dtype: torch.dtype) -> tuple[dict, dict[str, np.ndarray]] | None:
     """embed_tokens vs lm_head of one checkpoint; None when they are tied (the same tensor)."""
-    E, L = ck.load(EMBED).to(device=device, dtype=dtype), ck.load(HEAD).to(device=device, dtype=dtype)
+    E, L = ck.load(weights.EMBED).to(device=device, dtype=dtype), ck.load(weights.HEAD).to(device=device, dtype=dtype)
     if E.shape == L.shape and torch.equal(E, L):
         return None
     n = min(E.shape[0], L.shape[0])  # Mllama's embedding has 8 extra (image) rows: compare shared tokens
     row_cos = torch.nn.functional.cosine_similarity(E[:n], L[:n], dim=1)
     rows_e, rows_l, hidden = E.shape[0], L.shape[0], E.shape[1]
     del E, L
-    Ue, _, Vhe = _load_factors(factors[EMBED][ck.label], k, device)
-    Ul, _, Vhl = _load_factors(factors[HEAD][ck.label], k, device)
+    Ue, _, Vhe = weights.load_factors(factors[weights.EMBED][ck.label], k, device)
+    Ul, _, Vhl = weights.load_factors(factors[weights.HEAD][ck.label], k, device)
     arrays = {
         # hidden space: the top-k right singular subspaces (directions a token vector lives in)
         "hidden_angles": principal_angles(Vhe.mT, Vhl.mT, assume_orthonormal=True),
@@ -466,7 +217,7 @@ def _alignment(ck: Checkpoint, factors: dict[str, dict[str, Path]], k: int, devi
         "row_cos": row_cos,
     }
     arrays = {name: a.double().cpu().numpy() for name, a in arrays.items()}
-    row = {"checkpoint": ck.label, "embed_name": ck.names[EMBED], "lm_head_name": ck.names[HEAD],
+    row = {"checkpoint": ck.label, "embed_name": ck.names[weights.EMBED], "lm_head_name": ck.names[weights.HEAD],
            "embed_rows": rows_e, "lm_head_rows": rows_l, "rows_compared": n, "hidden": hidden, "k": k}
     for name in ("hidden_angles", "token_angles"):
         row[f"{name[:-1]}_mean_deg"] = float(np.degrees(arrays[name]).mean())
@@ -476,7 +227,7 @@ def _alignment(ck: Checkpoint, factors: dict[str, dict[str, Path]], k: int, devi
     return row, arrays
 
 
-def _fro_blocks(ckb: Checkpoint, cka: Checkpoint, key: str, rows: int, block: int = _BLOCK) -> tuple[float, float]:
+def _fro_blocks(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, rows: int, block: int = weights.BLOCK_ROWS) -> tuple[float, float]:
     """(‖W_before‖F, ‖W_after − W_before‖F) from row blocks read from the shards, so neither matrix is ever
     whole in memory; in float64, as a float32 norm of an embedding (~3e7 entries) is off by ~1e-3."""
     before = delta = 0.0
@@ -509,7 +260,7 @@ def _read_ut_block(path: Path, k: int, a: int, b: int) -> torch.Tensor:
 
 
 def _streamed_u_angles(path_b: Path, path_a: Path, k: int, rows: int, device: torch.device,
-                       block: int = _BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                       block: int = weights.BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """principal_angles(Ub, Ua) and rotation_angles(Ub, Ua) of the top-k left singular vectors of two factor
     files, reading row blocks of U (columns of the stored Uᵀ) so that neither U is ever whole in memory.
 
@@ -562,7 +313,7 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
     (`<name>/<array>` for the arrays in ARRAYS, angles in radians) and, where embed_tokens and lm_head
     are untied, `embed_lm_head.parquet` (+ `_arrays.npz`, `<checkpoint>/<array>`) for each checkpoint.
     """
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device, dtype = weights.resolve_device(device), weights.resolve_dtype(dtype)
     if not pairs:
         raise SpectraError("no pairs given; pass e.g. pairs=[('base', 'sft')]")
     unknown = sorted({c for pair in pairs for c in pair} - set(checkpoints))
@@ -575,7 +326,7 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
     if bad:
         raise SpectraError(f"checkpoint labels {bad} must be letters, digits, '.', '-', '_' without '__' "
                            f"(they become file names)")
-    ckpts = {c: Checkpoint(c, checkpoints[c]) for c in used}
+    ckpts = {c: weights.LazyWeights(c, checkpoints[c]) for c in used}
     keys = _select_keys(ckpts, names)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -590,23 +341,23 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
             factors = {}
             for label, ck in ckpts.items():  # each checkpoint's matrix is decomposed exactly once
                 if cache_dir is not None:  # the cache key hashes the whole tensor
-                    factors[label] = _ensure_cached(ck.load(key), key, cache_dir, dtype, device, svd_driver)[0]
+                    factors[label] = weights.ensure_cached(ck.load(key), key, cache_dir, dtype, device, svd_driver)[0]
                 else:
-                    U, S, Vh = _decompose_streamed(ck, key, dtype, device, svd_driver)
+                    U, S, Vh = weights.decompose_streamed(ck, key, dtype, device, svd_driver)
                     factors[label] = Path(scratch) / f"{label}.{key}.safetensors"
-                    _save_factors(factors[label], U[:, :k_eff], S, Vh[:k_eff])
+                    weights.save_factors(factors[label], U[:, :k_eff], S, Vh[:k_eff])
                     del U, S, Vh
             for before, after in pairs:
                 row, arr = _compare(ckpts[before], ckpts[after], key, factors, k_eff, device)
                 rows[(before, after)].append(row)
                 arrays[(before, after)].update({f"{row['name']}/{n}": a for n, a in arr.items()})
             kept[key] = factors
-            if key == HEAD and EMBED in kept:
+            if key == weights.HEAD and weights.EMBED in kept:
                 for ck in ckpts.values():
                     if (found := _alignment(ck, kept, k_eff, device, dtype)) is not None:
                         align_rows.append(found[0])
                         align_arrays.update({f"{ck.label}/{n}": a for n, a in found[1].items()})
-            for done in [d for d in kept if d != EMBED or key != EMBED]:
+            for done in [d for d in kept if d != weights.EMBED or key != weights.EMBED]:
                 if cache_dir is None:
                     for path in kept[done].values():
                         path.unlink(missing_ok=True)
@@ -642,13 +393,6 @@ def load_pair(out_dir: str | os.PathLike, before: str,
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def svd_cache(cfg) -> Path:
-    """Decompositions shared by the spectra stage and direction restore: runs/<preset>/spectra/svd_cache."""
-    from . import artifacts
-
-    return artifacts.spectra_dir(cfg) / "svd_cache"
-
-
 def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
               force: bool = False) -> pd.DataFrame:
     """The notebook's stage: analyze_pairs under runs/<preset>/spectra with cfg.spectra's k, dtype and
@@ -665,7 +409,7 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
     if not force and artifacts.manifest_matches(out, spec):
         return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
     table = analyze_pairs(checkpoints, pairs, out, k=cfg.spectra.k, device=cfg.spectra.device,
-                          dtype=cfg.spectra.dtype, cache_dir=svd_cache(cfg))
+                          dtype=cfg.spectra.dtype, cache_dir=weights.svd_cache(cfg))
     artifacts.write_manifest(out, spec)
     return table
 
@@ -700,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         table = analyze_pairs({"base": args.base, "target": args.target}, [("base", "target")], args.out,
                               k=args.k, device=args.device, dtype=args.dtype, names=args.names,
                               cache_dir=args.cache, progress=not args.quiet, svd_driver=args.svd_driver)
-    except SpectraError as err:
+    except weights.WeightsError as err:  # SpectraError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summarize(table))

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from paper_lib import cards, evaluate
-from paper_lib.evaluate import Checkpoint
+from paper_lib.artifacts import Checkpoint
 
 HANDS = [cards.Hand(("A", "3", "K", "10"), "id"), cards.Hand(("3", "3", "8", "8"), "id"),
          cards.Hand(("K", "Q", "2", "A"), "ood")]

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from paper_lib import restore, spectra
+from paper_lib import restore, weights
 from paper_lib.restore import Plan, restore_directions
 
 
@@ -108,7 +108,7 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "big")
-    with pytest.raises(spectra.SpectraError, match="lacks or reshapes"):
+    with pytest.raises(weights.WeightsError, match="lacks or reshapes"):
         restore.write_restored(tmp_path / "tgt", tmp_path / "big", tmp_path / "out", Plan(top=2), progress=False)
     assert restore.main(["--target", str(tmp_path / "tgt"), "--source", str(tmp_path / "big"), "--top", "2",
                          "--out", str(tmp_path / "o")]) == 2

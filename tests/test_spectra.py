@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from paper_lib import spectra  # noqa: E402
+from paper_lib import spectra, weights  # noqa: E402
 from paper_lib.spectra import SpectraError, analyze_pairs, load_pair, principal_angles, rotation_angles  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -194,13 +194,13 @@ def test_cache_is_reused_and_matches(qwen_pair, tmp_path, monkeypatch):
     n_files = len(list(cache.glob("*.safetensors")))
     assert n_files == 2 * len(first)  # full factors of every matrix of both checkpoints
     calls = []
-    monkeypatch.setattr(spectra, "decompose", lambda *a, **kw: calls.append(a) or pytest.fail("recomputed"))
+    monkeypatch.setattr(weights, "decompose", lambda *a, **kw: calls.append(a) or pytest.fail("recomputed"))
     second = analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path / "b", k=8,
                            device="cpu", cache_dir=cache, progress=False)
     assert not calls
     np.testing.assert_array_equal(first["angle_u_mean_deg"], second["angle_u_mean_deg"])
     W = all_tensors(base)["model.layers.0.mlp.up_proj.weight"]
-    U, S, Vh = spectra.load_or_decompose(W, "model.layers.0.mlp.up_proj.weight", cache, device="cpu")
+    U, S, Vh = weights.load_or_decompose(W, "model.layers.0.mlp.up_proj.weight", cache, device="cpu")
     assert U.shape == (64, 32) and torch.allclose((U * S) @ Vh, W, atol=1e-5)
 
 
@@ -247,12 +247,12 @@ def test_mllama_text_weights_only(tmp_path):
 
 def test_parse_name_prefixes():
     for prefix in ["", "model.", "language_model.model.", "model.language_model."]:
-        assert spectra.parse_name(f"{prefix}layers.7.cross_attn.k_proj.weight")[1:] == (7, "cross_attn", "k_proj")
-        assert spectra.parse_name(f"{prefix}embed_tokens.weight")[0] == "embed_tokens.weight"
-    assert spectra.parse_name("language_model.lm_head.weight")[0] == "lm_head.weight"
+        assert weights.parse_name(f"{prefix}layers.7.cross_attn.k_proj.weight")[1:] == (7, "cross_attn", "k_proj")
+        assert weights.parse_name(f"{prefix}embed_tokens.weight")[0] == "embed_tokens.weight"
+    assert weights.parse_name("language_model.lm_head.weight")[0] == "lm_head.weight"
     for name in ["vision_model.transformer.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias",
                  "model.visual.blocks.0.attn.qkv.weight", "model.layers.0.input_layernorm.weight"]:
-        assert spectra.parse_name(name) is None
+        assert weights.parse_name(name) is None
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -279,11 +279,11 @@ def test_missing_tensor_is_a_clear_error(qwen_pair, tmp_path):
 
 def test_missing_directory_and_no_safetensors(tmp_path, qwen_pair):
     base, _ = qwen_pair
-    with pytest.raises(SpectraError, match="no such directory"):
+    with pytest.raises(weights.WeightsError, match="no such directory"):
         analyze_pairs({"a": tmp_path / "nope", "b": base}, [("a", "b")], tmp_path / "out", progress=False)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(SpectraError, match=r"holds no \*\.safetensors.*pytorch_model\.bin"):
+    with pytest.raises(weights.WeightsError, match=r"holds no \*\.safetensors.*pytorch_model\.bin"):
         analyze_pairs({"a": base, "b": tmp_path / "bin"}, [("a", "b")], tmp_path / "out", progress=False)
     with pytest.raises(SpectraError, match="not among"):
         analyze_pairs({"a": base}, [("a", "b")], tmp_path / "out", progress=False)
@@ -310,8 +310,8 @@ def test_frobenius_norm_accumulates_in_float64(tmp_path):
     for label, M in (("w", W), ("wr", Wr)):
         (tmp_path / label).mkdir()
         save_file({"model.embed_tokens.weight": M}, tmp_path / label / "model.safetensors")
-    ckb, cka = spectra.Checkpoint("w", tmp_path / "w"), spectra.Checkpoint("wr", tmp_path / "wr")
-    before, delta = spectra._fro_blocks(ckb, cka, spectra.EMBED, 3000)
+    ckb, cka = weights.LazyWeights("w", tmp_path / "w"), weights.LazyWeights("wr", tmp_path / "wr")
+    before, delta = spectra._fro_blocks(ckb, cka, weights.EMBED, 3000)
     assert abs(before / torch.linalg.matrix_norm(W.double()).item() - 1) < 1e-12
     assert abs(delta / torch.linalg.matrix_norm(Wr.double() - W.double()).item() - 1) < 1e-12
 
@@ -326,7 +326,7 @@ def _well_conditioned(m, n, seed=0, cond=1e3):
 
 def test_gram_svd_matches_lapack_in_float64():
     W = _well_conditioned(3000, 40)
-    U, S, Vh = spectra._gram_svd(lambda a, b: W[a:b], 3000, 40, torch.float64, block=256)
+    U, S, Vh = weights._gram_svd(lambda a, b: W[a:b], 3000, 40, torch.float64, block=256)
     Ur, Sr, Vhr = torch.linalg.svd(W, full_matrices=False)
     assert (S - Sr).abs().max() < 1e-10 * Sr[0]
     assert principal_angles(Vh.T, Vhr.T).max() < 1e-8 and principal_angles(U, Ur).max() < 1e-8
@@ -341,7 +341,7 @@ def test_decompose_float32_tall_or_wide_skips_lapack_svd(monkeypatch, wide):
     W64 = _well_conditioned(2500, 48, seed=1)
     W64 = W64.T if wide else W64
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **kw: pytest.fail("LAPACK SVD used"))
-    U, S, Vh = spectra.decompose(W64.float(), "float32", "cpu")
+    U, S, Vh = weights.decompose(W64.float(), "float32", "cpu")
     monkeypatch.undo()
     Ur, Sr, Vhr = torch.linalg.svd(W64, full_matrices=False)
     assert U.dtype == S.dtype == Vh.dtype == torch.float32 and U.shape == Ur.shape and Vh.shape == Vhr.shape
@@ -354,7 +354,7 @@ def test_decompose_float32_tall_or_wide_skips_lapack_svd(monkeypatch, wide):
 def test_decompose_rank_deficient_tall_falls_back_to_lapack():
     g = torch.Generator().manual_seed(2)
     W = torch.randn(400, 3, generator=g) @ torch.randn(3, 20, generator=g)  # rank 3 of 20
-    U, S, Vh = spectra.decompose(W, "float32", "cpu")
+    U, S, Vh = weights.decompose(W, "float32", "cpu")
     torch.testing.assert_close(U.T @ U, torch.eye(20), atol=1e-5, rtol=0)  # still orthonormal
     torch.testing.assert_close((U * S) @ Vh, W, atol=1e-4, rtol=0)
 
@@ -366,8 +366,8 @@ def test_streamed_u_angles_match_in_memory(tmp_path):
     Ua[:, 5] *= -1  # a sign flip is no rotation
     pb, pa = tmp_path / "b.safetensors", tmp_path / "a.safetensors"
     for path, U in ((pb, Ub), (pa, Ua)):
-        spectra._save_factors(path, U, torch.ones(20, dtype=torch.float64), torch.eye(20, dtype=torch.float64))
-        assert spectra._load_factors(path, None, torch.device("cpu"))[0].equal(U)  # a valid safetensors file
+        weights.save_factors(path, U, torch.ones(20, dtype=torch.float64), torch.eye(20, dtype=torch.float64))
+        assert weights.load_factors(path, None, torch.device("cpu"))[0].equal(U)  # a valid safetensors file
     for k in (20, 7):
         angles, rot = spectra._streamed_u_angles(pb, pa, k, 3000, torch.device("cpu"), block=256)
         torch.testing.assert_close(angles, principal_angles(Ub[:, :k], Ua[:, :k]), atol=1e-12, rtol=0)
