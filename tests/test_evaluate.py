@@ -105,3 +105,31 @@ def test_recovery_arithmetic_on_a_hand_made_table():
     assert "share_recovered" not in none and none["drop"] == pytest.approx(0.2)
     flat = evaluate.recovery({"i": full, "f": full, "r": rl}, "i", "f", "r")
     assert math.isnan(flat["share_recovered"])  # no drop, nothing to recover
+
+
+@pytest.mark.parametrize("every, expected", [(0, [20, 40, 60, 80, 100, 120, 140]), (40, [40, 60, 80, 120, 140]),
+                                             (1000, [60, 120, 140])])
+def test_sft_every_selects_the_swept_sft_checkpoints(every, expected):
+    from paper_lib import config
+
+    cfg = config.load("tiny", eval__sft_every=every, sft__inter_sft_step=60, sft__full_sft_step=120)
+    found = [Checkpoint(f"sft-{s:04d}", "sft", s, Path(f"checkpoint-{s}")) for s in range(20, 160, 20)]
+    # multiples of sft_every, plus Inter_SFT's and full SFT's steps and the last checkpoint
+    assert [c.step for c in evaluate.select_sft(cfg, found)] == expected
+
+
+def test_sft_every_applies_to_discovered_checkpoints(tiny_base, monkeypatch, tmp_path):
+    from paper_lib import artifacts, config
+
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tiny_base.runs))
+    cfg = config.load("tiny", eval__sft_every=2, sft__inter_sft_step=3, sft__full_sft_step=4)
+    sft_dir = tmp_path / "sft"
+    for step in (1, 2, 3, 4, 5):
+        (sft_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (sft_dir / f"checkpoint-{step}" / "config.json").write_text("{}")
+        (sft_dir / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(artifacts, "sft_dir", lambda cfg: sft_dir)
+    labels = [c.label for c in evaluate.discover_checkpoints(cfg)]
+    assert labels == ["base", "sft-0002", "sft-0003", "sft-0004", "sft-0005"]
+    with pytest.raises(config.ConfigError, match="eval.sft_every"):
+        evaluate.discover_checkpoints(config.load("tiny", eval__sft_every=-1))

@@ -85,6 +85,7 @@ def test_gguf_conversion_gives_a_dense_llama_that_knows_things(smol):
     manifest = artifacts.read_manifest(smol.base)
     assert manifest["stage"] == "base_model" and manifest["gguf"] == artifacts.file_hash(models.smol_gguf_path())
     assert next(smol.model.parameters()).dtype == torch.float32
+    assert smol.model.config._attn_implementation == "sdpa"  # what generation uses on GPU too
     # A wrong dequantization or q/k un-permutation still loads, but no longer knows this.
     generate = Generator(smol.model, smol.tokenizer, max_new_tokens=24)
     answer = generate([[{"role": "user", "content": "What is the capital of France?"}]])[0]
