@@ -57,14 +57,14 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/bench_eval.py", *[a for a in sys.argv[1:] if a != "--write-docs"]])
     load = load_before  # the load other processes put on the machine; the run itself adds its own
     body = "\n".join([
-        "## Batched evaluation vs one episode at a time", "",
+        f"## Batched evaluation vs one episode at a time ({cfg.preset} preset, {model.dtype})", "",
         f"`{command}` on {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; greedy decoding, "
         f"max_new_tokens {cfg.eval.max_new_tokens}, up to {cfg.eval.max_attempts} attempts per episode, batch "
         f"{args.batch_size}.", "", table, "",
         f"Taken under load (load average {load:.1f}); one run." if load > 1.0 else "Taken on an idle machine; one run."])
     print(body)
     if args.write_docs:
-        write_section("bench_eval", body)
+        write_section("bench_eval" if cfg.preset == "tiny" else f"bench_eval_{cfg.preset}", body)
 
 
 if __name__ == "__main__":

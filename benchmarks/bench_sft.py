@@ -10,6 +10,7 @@ and the answer tokens that carry the loss. Each thread count runs in its own sub
     python benchmarks/bench_sft.py                          # threads 1 and 2, 1024 examples
     python benchmarks/bench_sft.py --threads 2 --examples 256
     python benchmarks/bench_sft.py --write-docs             # also (re)write its section of docs/benchmarks.md
+    python benchmarks/bench_sft.py --preset smol --threads 2 --examples 32 --batch 8   # the real 135M model
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ HEADER = ("| preset | threads | steps × batch | trained tokens | answer tokens 
           "|---|---|---|---|---|---|---|---|---|---|")
 
 
-def worker(threads: int, examples: int, runs_dir: str) -> dict:
+def worker(threads: int, examples: int, runs_dir: str, preset: str = "tiny", batch: int = 0) -> dict:
     os.environ["PAPER_RUNS_DIR"] = runs_dir
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -40,8 +41,9 @@ def worker(threads: int, examples: int, runs_dir: str) -> dict:
     from paper_lib import config, sft
 
     torch.set_num_threads(threads)
-    cfg = config.load("tiny", data__sft_size=examples, sft__eval_steps=10**6, sft__save_steps=10**6,
-                      sft__max_steps=-1, sft__epochs=1)
+    batch_overrides = {"sft.per_device_batch_size": batch, "sft.gradient_accumulation_steps": 1} if batch else {}
+    cfg = config.load(preset, data__sft_size=examples, sft__eval_steps=10**6, sft__save_steps=10**6,
+                      sft__max_steps=-1, sft__epochs=1, **batch_overrides)
     trainer = sft.build_trainer(cfg)
     trainer.args.eval_on_start = False
     trainer.args.disable_tqdm = True
@@ -65,7 +67,7 @@ def worker(threads: int, examples: int, runs_dir: str) -> dict:
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    return {"preset": "tiny", "threads": threads, "steps": timer.steps, "batch": cfg.sft.per_device_batch_size,
+    return {"preset": preset, "threads": threads, "steps": timer.steps, "batch": cfg.sft.per_device_batch_size,
             "examples": len(ds), "tokens": tokens, "answer_tokens": int(answer), "step_seconds": timer.total,
             "wall_seconds": wall}
 
@@ -95,12 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, one run each")
     parser.add_argument("--examples", type=int, default=1024, help="SFT examples (one epoch; tiny's default 1024)")
+    parser.add_argument("--preset", default="tiny", help="preset whose model and trainer are timed")
+    parser.add_argument("--batch", type=int, default=0, help="per-device batch, no accumulation (0: the preset's)")
     parser.add_argument("--write-docs", action="store_true", help=f"(re)write this benchmark's section of {DOCS}")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--runs-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.examples, args.runs_dir)))
+        print(json.dumps(worker(args.worker, args.examples, args.runs_dir, args.preset, args.batch)))
         return
 
     results, load_before = [], loadavg()
@@ -108,7 +112,7 @@ def main() -> None:
         for threads in [int(t) for t in args.threads.split(",")]:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
             proc = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--examples", str(args.examples),
-                                   "--runs-dir", runs], cwd=ROOT, env=env, capture_output=True, text=True)
+                                   "--runs-dir", runs, "--preset", args.preset, "--batch", str(args.batch)], cwd=ROOT, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"worker with {threads} thread(s) failed:\n{proc.stderr[-3000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -116,15 +120,18 @@ def main() -> None:
     command = "python benchmarks/bench_sft.py " + " ".join(sys.argv[1:])
     from paper_lib import config
 
-    arch, max_length = config.load("tiny").model.tiny, config.load("tiny").sft.max_length
+    cfg = config.load(args.preset)
+    arch, max_length = cfg.model.tiny, cfg.sft.max_length
+    model = (f"{arch.layers}-layer, hidden-{arch.hidden_size} Qwen2, vocab {arch.vocab_size}" if cfg.model.name == "tiny"
+             else "SmolLM2-135M-Instruct, 30 layers, hidden 576" if cfg.model.name == "smol" else cfg.model.name)
     section = "\n".join([
-        "## SFT throughput on CPU (tiny preset)",
+        f"## SFT throughput on CPU ({args.preset} preset)",
         "",
         f"`{command.strip()}` on {datetime.date.today().isoformat()}; {machine()}; "
         f"torch {__import__('torch').__version__}; load average before/after: {load_before} / {loadavg()}.",
         "",
-        f"One epoch of the tiny preset's SFT ({arch.layers}-layer, hidden-{arch.hidden_size} Qwen2, vocab "
-        f"{arch.vocab_size}, batch {results[0]['batch']}, max_length {max_length}, fp32) through "
+        f"One epoch of the {args.preset} preset's SFT ({model}, "
+        f"batch {results[0]['batch']}, max_length {max_length}, fp32) through "
         "`sft.build_trainer`, the trainer `python -m paper_lib.sft` uses. Step time sums the training steps only "
         "(forward, backward, AdamW); trained tokens are every non-pad token (prompt + answer), answer tokens "
         "those that carry the loss.",
@@ -140,7 +147,7 @@ def main() -> None:
                     f"thread here). Rerun on an idle machine for clean numbers.")
     print("\n" + section)
     if args.write_docs:
-        write_section("bench_sft", section)
+        write_section("bench_sft" if args.preset == "tiny" else f"bench_sft_{args.preset}", section)
         print(f"written to {DOCS}")
 
 

@@ -105,6 +105,7 @@ class RLConfig:
     thought_prob_coef: float = 0.5
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update
+    micro_batch_size: int = 0  # attempts per forward/backward; 0: 1 on GPU (upstream), 8 on CPU
     num_updates: int = 300
     save_every: int = 20
     num_processes: int = 4
@@ -123,6 +124,9 @@ class EvalConfig:
     seed: int = 0
     repetition_penalty: float = 1.0  # set explicitly in both modes, never inherited
     batch_size: int = 64
+    # Which SFT checkpoints the sweep (Figure 1) evaluates: those whose step is a multiple of sft_every
+    # (0: every saved one), plus sft.inter_sft_step, sft.full_sft_step and the last. A preset's time budget.
+    sft_every: int = 0
 
 
 @dataclass(frozen=True)

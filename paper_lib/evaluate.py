@@ -48,9 +48,21 @@ def _numbered(directory: Path, stage: str) -> list[Checkpoint]:
 
 
 def discover_checkpoints(cfg: Config) -> list[Checkpoint]:
-    """The base model, then every SFT checkpoint, then every RL checkpoint that exists."""
+    """The base model, then the SFT checkpoints that eval.sft_every selects, then every RL checkpoint."""
     base = Checkpoint("base", "base", 0, Path(models.base_model_path(cfg)))
-    return [base, *_numbered(artifacts.sft_dir(cfg), "sft"), *_numbered(artifacts.rl_dir(cfg), "rl")]
+    return [base, *select_sft(cfg, _numbered(artifacts.sft_dir(cfg), "sft")), *_numbered(artifacts.rl_dir(cfg), "rl")]
+
+
+def select_sft(cfg: Config, found: list[Checkpoint]) -> list[Checkpoint]:
+    """The SFT checkpoints at multiples of eval.sft_every steps (all when 0), with sft.inter_sft_step,
+    sft.full_sft_step and the last checkpoint always kept (Figure 1's marks and RL's start)."""
+    every = cfg.eval.sft_every
+    if every < 0:
+        raise config.ConfigError(f"eval.sft_every must be >= 0 (0: every SFT checkpoint), got {every}")
+    if every == 0 or not found:
+        return found
+    keep = {cfg.sft.inter_sft_step, cfg.sft.full_sft_step, found[-1].step}
+    return [c for c in found if c.step % every == 0 or c.step in keep]
 
 
 def play_hands(generate: cards.Generate, jobs: list[tuple[str, int, cards.Hand]], max_attempts: int,

@@ -579,7 +579,8 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
           envs: int | None = None, micro_batch_size: int | None = None, progress: bool = True) -> Path:
     """Run PPO for cfg, resuming from the last checkpoint of an interrupted run and skipping a finished one
     (force: start over); returns rl_dir. `grade(hand, text) -> Verdict` replaces the verifier (tests use an
-    easy reward); envs: episode slots per process; micro_batch_size: attempts per forward/backward."""
+    easy reward); envs: episode slots per process; micro_batch_size: attempts per forward/backward (default
+    rl.micro_batch_size)."""
     from tqdm.auto import tqdm
 
     rl = cfg.rl
@@ -591,7 +592,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     if rl.steps_per_update % envs:
         raise ValueError(f"envs={envs} must divide rl.steps_per_update={rl.steps_per_update}")
     # Upstream backpropagates one attempt at a time (memory on big models); on CPU a few at once is faster.
-    micro = micro_batch_size or (1 if torch.cuda.is_available() else 8)
+    micro = micro_batch_size or rl.micro_batch_size or (1 if torch.cuda.is_available() else 8)
     out = artifacts.rl_dir(cfg)
     main = _process_state().is_main_process
     if not main:  # one process reports
@@ -676,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a setting, e.g. rl.num_updates=10 (repeatable)")
     parser.add_argument("--force", action="store_true", help="start over even if a finished run matches")
     parser.add_argument("--init-checkpoint", help="start from this HF checkpoint instead of the full-SFT one")
-    parser.add_argument("--micro-batch-size", type=int, help="attempts per forward/backward (default 1 on GPU, 8 on CPU)")
+    parser.add_argument("--micro-batch-size", type=int, help="attempts per forward/backward (default rl.micro_batch_size, or 1 on GPU, 8 on CPU)")
     parser.add_argument("--envs", type=int, help="episode slots per process (default: see default_envs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

