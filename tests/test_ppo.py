@@ -13,7 +13,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from paper_lib import artifacts, cards, config, grpo, launch, models, ppo
+from paper_lib import actor_critic, artifacts, cards, config, grpo, launch, models, ppo
 from paper_lib.config import PROJECT_ROOT
 
 
@@ -48,7 +48,7 @@ def test_gae_by_hand():
     values = torch.tensor([[0.5, 1.0], [0.4, 1.0], [0.3, 1.0]])
     dones = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     next_values = torch.tensor([0.2, 2.0])
-    adv, ret = ppo.gae(rewards, values, dones, next_values, gamma=0.9, lam=0.95)
+    adv, ret = actor_critic.gae(rewards, values, dones, next_values, gamma=0.9, lam=0.95)
     # slot 0: t=2: 2 + .9*.2 - .3 = 1.88; t=1 (terminal): -0.4; t=0: 1 + .9*.4 - .5 + .9*.95*(-.4) = 0.518
     # slot 1 (rewards 0, 0, 1): deltas 0 + .9 - 1 = -.1, -.1, 1 + .9*2 - 1 = 1.8; gamma*lambda = .855
     d = [-0.1, -0.1, 1.8]
@@ -65,7 +65,7 @@ def test_clipped_losses_by_hand():
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0])
     old = torch.zeros(5)
     values, old_values, returns = torch.tensor([1.0] * 5), torch.tensor([0.5] * 5), torch.tensor([2.0] * 5)
-    policy, value, clipped = ppo.ppo_loss(ratio.log(), old, adv, values, old_values, returns, clip_eps=0.1)
+    policy, value, clipped = actor_critic.ppo_loss(ratio.log(), old, adv, values, old_values, returns, clip_eps=0.1)
     # -min(r A, clip(r) A); past a ratio of 10 only the clipped term counts (upstream)
     assert torch.allclose(policy, torch.tensor([-1.1, -0.8, 0.9, 1.1, -2.1]), atol=1e-6)
     # value clipped to 0.5 + 0.1: 0.5 * max((1 - 2)^2, (0.6 - 2)^2) = 0.98
@@ -77,26 +77,26 @@ def test_thought_tokens_get_the_coefficient(tokenizer):
     hand = cards.Hand(("A", "3", "K", "10"), "id")
     text = cards.answer_text(hand, "10+10+3+1")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    weights = ppo.thought_weights(tokenizer, ids, 0.5)
+    weights = actor_critic.thought_weights(tokenizer, ids, 0.5)
     k = weights.index(1.0)
     assert 0 < k < len(ids) and weights == [0.5] * k + [1.0] * (len(ids) - k)
     key = text.index('"formula"')
     before, through = tokenizer.decode(ids[:k]), tokenizer.decode(ids[:k + 1])
     assert len(before) <= key < len(through), "the first weight-1 token holds the key's opening quote"
     # no key: everything is thought; two keys: the last one splits (upstream matches the last)
-    assert set(ppo.thought_weights(tokenizer, tokenizer("no formula here")["input_ids"], 0.5)) == {0.5}
+    assert set(actor_critic.thought_weights(tokenizer, tokenizer("no formula here")["input_ids"], 0.5)) == {0.5}
     twice = tokenizer(text + "\n" + text, add_special_tokens=False)["input_ids"]
-    assert ppo.thought_weights(tokenizer, twice, 0.5).index(1.0) > len(ids)
+    assert actor_critic.thought_weights(tokenizer, twice, 0.5).index(1.0) > len(ids)
 
 
 def test_score_matches_a_plain_forward(tiny_base):
     model, tok = models.load("tiny", checkpoint=tiny_base.path)
-    head = ppo.ValueHead(ppo.hidden_size(model))
-    ac = ppo.ActorCritic(model, head).eval()
-    steps = [ppo.Step([5, 6, 7, 8, 9], [10, 11, 12], [1.0] * 3, 0.0, False),
-             ppo.Step([5, 6], [13, 14, 15, 16], [1.0] * 4, 0.0, False)]  # different lengths: padding
+    head = actor_critic.ValueHead(actor_critic.hidden_size(model))
+    ac = actor_critic.ActorCritic(model, head).eval()
+    steps = [actor_critic.Step([5, 6, 7, 8, 9], [10, 11, 12], [1.0] * 3, 0.0, False),
+             actor_critic.Step([5, 6], [13, 14, 15, 16], [1.0] * 4, 0.0, False)]  # different lengths: padding
     with torch.no_grad():
-        tok_logp, mask, values, _ = ppo.score(ac, steps, temperature=0.5, pad_id=tok.pad_token_id)
+        tok_logp, mask, values, _ = actor_critic.score(ac, steps, temperature=0.5, pad_id=tok.pad_token_id)
         for i, s in enumerate(steps):
             ids = torch.tensor([s.prompt_ids + s.response_ids])
             out = model(input_ids=ids, output_hidden_states=True)
@@ -109,10 +109,10 @@ def test_score_matches_a_plain_forward(tiny_base):
 
 
 def test_value_head_round_trip(tmp_path):
-    head = ppo.ValueHead(64)
+    head = actor_critic.ValueHead(64)
     assert [m.out_features for m in head if isinstance(m, torch.nn.Linear)] == [16, 8, 1]
-    ppo.save_value_head(head, tmp_path / "value_head.safetensors")
-    loaded = ppo.load_value_head(tmp_path / "value_head.safetensors")
+    actor_critic.save_value_head(head, tmp_path / "value_head.safetensors")
+    loaded = actor_critic.load_value_head(tmp_path / "value_head.safetensors")
     x = torch.randn(3, 64)
     assert torch.equal(head(x), loaded(x))
 
@@ -147,8 +147,8 @@ def test_ppo_raises_an_easy_reward(sft_ready):
     # the checkpoint is a plain HF checkpoint plus the critic beside it
     model, _ = models.load(cfg, checkpoint=out / "checkpoint-10")
     assert type(AutoModelForCausalLM.from_pretrained(out / "checkpoint-10")) is type(model)
-    head = ppo.load_value_head(out / "checkpoint-10" / "value_head.safetensors")
-    assert head.hidden_size == ppo.hidden_size(model)
+    head = actor_critic.load_value_head(out / "checkpoint-10" / "value_head.safetensors")
+    assert head.hidden_size == actor_critic.hidden_size(model)
     assert not (out / "checkpoint-5" / "trainer_state").exists() and (out / "checkpoint-10" / "trainer_state").is_dir()
     # finished and unchanged: not redone
     before = (out / "manifest.json").stat().st_mtime_ns

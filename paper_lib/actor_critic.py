@@ -1,0 +1,168 @@
+"""The learner of the paper's PPO (Chu et al.'s recipe, PAPER_SPEC 4), piece by piece: the critic on the
+policy's last hidden state, the action log-probabilities at the sampling temperature with the thought
+tokens down-weighted, GAE over attempts and the clipped losses. ppo.py runs them as the RL stage.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+THOUGHT_KEY = '"formula"'  # tokens before its last occurrence are the "thought" (upstream)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_values: torch.Tensor,
+        gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by generalised advantage estimation.
+
+    rewards, values, dones: [T, E], step t of env slot e; dones[t, e] = 1 when the episode ended with that
+    step (the slot's next state is a new hand: nothing is bootstrapped across it). next_values: [E], the
+    value of each slot's state after its last step.
+    """
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(next_values)
+    for t in reversed(range(rewards.shape[0])):
+        following = next_values if t == rewards.shape[0] - 1 else values[t + 1]
+        alive = 1.0 - dones[t]
+        delta = rewards[t] + gamma * following * alive - values[t]
+        running = delta + gamma * lam * alive * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (policy loss, value loss, clipped?) of upstream's PPO, for sequence-level log-probs."""
+    ratio = torch.exp(logp - old_logp)
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    # A sequence-level ratio multiplies over hundreds of tokens and can explode; past 10 upstream keeps
+    # only the clipped term (after TRL's old PPO), so one runaway sample cannot dominate the step.
+    policy = torch.where(ratio > 10, -surr2, -torch.min(surr1, surr2))
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    return policy, value, (ratio - 1).abs() > clip_eps
+
+
+def thought_weights(tokenizer: Any, response_ids: list[int], coef: float) -> list[float]:
+    """Weight of each response token in the action's log-probability: coef for the tokens wholly before the
+    last `"formula"` key, 1 from the token that holds its opening quote on (upstream). Without the key the
+    whole answer is thought."""
+    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    key = text.rfind(THOUGHT_KEY)
+    if key < 0:
+        return [coef] * len(response_ids)
+    # The first token whose decoded prefix reaches the key's first character (prefix lengths only grow).
+    first = bisect.bisect_left(range(len(response_ids)), key + 1,
+                               key=lambda k: len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True)))
+    return [coef] * first + [1.0] * (len(response_ids) - first)
+
+
+class ValueHead(nn.Sequential):
+    """Upstream's critic: h -> h/4 -> h/8 -> 1 with ReLUs."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(nn.Linear(hidden_size, hidden_size // 4), nn.ReLU(),
+                         nn.Linear(hidden_size // 4, hidden_size // 8), nn.ReLU(), nn.Linear(hidden_size // 8, 1))
+        self.hidden_size = hidden_size
+
+
+def save_value_head(head: ValueHead, path: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path), metadata={"hidden_size": str(head.hidden_size)})
+
+
+def load_value_head(path: str | os.PathLike) -> ValueHead:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        hidden = int(fh.metadata()["hidden_size"])
+    head = ValueHead(hidden)
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
+class ActorCritic(nn.Module):
+    """The policy (an HF causal LM) and the value head on its last hidden state: one module, so that
+    accelerate/DeepSpeed wrap, synchronise and checkpoint both."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids, attention_mask, value_index, logits_to_keep):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          logits_to_keep=logits_to_keep, use_cache=False)
+        hidden = out.hidden_states[-1][torch.arange(len(input_ids), device=input_ids.device), value_index]
+        values = self.value_head(hidden.to(self.value_head[0].weight.dtype)).squeeze(-1)
+        return out.logits, values.float()
+
+
+def hidden_size(model: nn.Module) -> int:
+    return model.config.get_text_config().hidden_size
+
+
+@dataclass
+class Step:
+    """One attempt: the conversation so far (prompt) and the answer (response), with what PPO needs."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    weights: list[float]
+    reward: float
+    done: bool
+    old_logp: float = 0.0
+    old_value: float = 0.0
+    ref_logps: list[float] = field(default_factory=list)  # per token, under the reference (or start) policy
+
+
+def score(model: nn.Module, steps: list, temperature: float, pad_id: int, entropy: bool = False):
+    """Per-token log-probabilities of each step's response at the sampling temperature, [B, R] (0 on
+    padding), the response mask, the value of each prompt [B], and (optionally) per-token entropies."""
+    device = next(model.parameters()).device
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in steps]
+    width, span = max(lengths), max(len(s.response_ids) for s in steps)
+    ids = torch.full((len(steps), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(steps), width), dtype=torch.long)
+    targets = torch.zeros((len(steps), max(span, 1)), dtype=torch.long)
+    response_mask = torch.zeros((len(steps), max(span, 1)))
+    for i, s in enumerate(steps):  # right padding: positions need no adjustment
+        ids[i, :lengths[i]] = torch.tensor(s.prompt_ids + s.response_ids)
+        mask[i, :lengths[i]] = 1
+        targets[i, :len(s.response_ids)] = torch.tensor(s.response_ids, dtype=torch.long)
+        response_mask[i, :len(s.response_ids)] = 1
+    first = min(len(s.prompt_ids) for s in steps) - 1  # earliest position whose logits are needed
+    value_index = torch.tensor([len(s.prompt_ids) - 1 for s in steps])
+    logits, values = model(ids.to(device), mask.to(device), value_index.to(device), width - first)
+    # logits row r is sequence position first + r; the token at position p is predicted at p - 1. Every
+    # response token counts (upstream's slicing leaves the first out, and the second out of the thought).
+    rows = torch.tensor([[min(len(s.prompt_ids) - 1 + j, lengths[i] - 1) - first for j in range(targets.shape[1])]
+                         for i, s in enumerate(steps)], device=device)
+    picked = logits[torch.arange(len(steps), device=device)[:, None], rows].float() / temperature
+    logprobs = torch.log_softmax(picked, dim=-1)
+    response_mask = response_mask.to(device)
+    token_logps = logprobs.gather(-1, targets.to(device)[..., None]).squeeze(-1) * response_mask
+    ent = -(logprobs.exp() * logprobs).sum(-1) * response_mask if entropy else None
+    return token_logps, response_mask, values, ent
+
+
+def pad_rows(rows: list[list[float]], shape: tuple[int, int], device) -> torch.Tensor:
+    out = torch.zeros(shape)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row)
+    return out.to(device)
+
+
+def k3_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of a KL, r - 1 - log r with log r = log q - log p on tokens sampled from p:
+    unbiased and never negative."""
+    log_ratio = log_ratio * mask
+    return (log_ratio.exp() - 1 - log_ratio) * mask
