@@ -18,17 +18,17 @@ table and the feedback sentences. Deliberate differences, each safer and never a
 """
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Callable, Iterable, Sequence
 
-TARGET = 24
+# solve, is_solvable and evaluate are part of cards' public API (DESIGN.md); they live in arithmetic.
+from .arithmetic import (MAX_DIGITS, TARGET, completes_to_target, evaluate, is_solvable, solve,  # noqa: F401
+                         token_kind, upstream_solutions)
+
 RULES = ("id", "ood")
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")  # rank r is RANKS[r - 1]
 
@@ -112,144 +112,6 @@ def sample_hand(rng: random.Random, rule: str, target: int = TARGET) -> Hand:
             return hand
 
 
-# ---------------------------------------------------------------------------------------------- solver
-# An expression while solving: exact value, text with minimal parentheses, precedence of its top operator.
-_ATOM, _MUL, _ADD = 3, 2, 1
-_PREC = {"+": _ADD, "-": _ADD, "*": _MUL, "/": _MUL}
-
-
-@functools.lru_cache(maxsize=None)
-def _values(numbers: tuple[int, ...]) -> frozenset[Fraction]:
-    """Every value a sorted multiset of numbers can make; cached, so hands share their sub-multisets."""
-    if len(numbers) == 1:
-        return frozenset({Fraction(numbers[0])})
-    out: set[Fraction] = set()
-    full = (1 << len(numbers)) - 1
-    sub = (full - 1) & full
-    while sub:
-        left = _values(tuple(x for i, x in enumerate(numbers) if sub >> i & 1))
-        right = _values(tuple(x for i, x in enumerate(numbers) if not sub >> i & 1))
-        for a in left:
-            for b in right:
-                out.update((a + b, a - b, a * b))
-                if b:
-                    out.add(a / b)
-        sub = (sub - 1) & full
-    return frozenset(out)
-
-
-def _operands(op: str, a: Fraction, value: Fraction, candidates: set[Fraction]) -> Iterable[Fraction]:
-    """The right operands b among candidates with `a op b == value`."""
-    if op == "+":
-        wanted = {value - a}
-    elif op == "-":
-        wanted = {a - value}
-    elif op == "*":
-        wanted = candidates if a == 0 and value == 0 else ({value / a} if a else set())
-    elif value:  # a / b == value != 0 needs a != 0, and then b = a / value
-        wanted = {a / value} if a else set()
-    else:  # a / b == 0 needs a == 0 and any b != 0
-        wanted = {b for b in candidates if b} if a == 0 else set()
-    return wanted & candidates
-
-
-@functools.lru_cache(maxsize=4096)
-def _solutions(numbers: tuple[int, ...], target: int) -> tuple[str, ...]:
-    values = {m: _values(tuple(x for i, x in enumerate(numbers) if m >> i & 1)) for m in range(1, 1 << len(numbers))}
-    memo: dict[tuple[int, Fraction], set[tuple[str, int]]] = {}
-
-    def texts(mask: int, value: Fraction) -> set[tuple[str, int]]:
-        """Every (text, precedence) over the numbers in mask that equals value (top-down, so only
-        branches that reach the target are ever written out)."""
-        if (mask, value) in memo:
-            return memo[(mask, value)]
-        if mask & (mask - 1) == 0:
-            out = {(str(numbers[mask.bit_length() - 1]), _ATOM)}
-        else:
-            out = set()
-            sub = (mask - 1) & mask
-            while sub:
-                other = mask ^ sub
-                for a in values[sub]:
-                    for op in "+-*/":
-                        for b in _operands(op, a, value, values[other]):
-                            for ta, pa in texts(sub, a):
-                                for tb, pb in texts(other, b):
-                                    out.add(_render(ta, pa, op, tb, pb))
-                sub = (sub - 1) & mask
-        memo[(mask, value)] = out
-        return out
-
-    full = (1 << len(numbers)) - 1
-    if Fraction(target) not in values[full]:
-        return ()
-    return tuple(sorted({t for t, _ in texts(full, Fraction(target))}, key=lambda s: (len(s), s)))
-
-
-def _render(ta: str, pa: int, op: str, tb: str, pb: int) -> tuple[str, int]:
-    prec = _PREC[op]
-    left = f"({ta})" if pa < prec else ta
-    # The right operand of - or / needs parentheses at equal precedence too: a-(b+c), a/(b*c).
-    right = f"({tb})" if pb < prec or (pb == prec and op in "-/") else tb
-    return f"{left}{op}{right}", prec
-
-
-def solve(numbers: Sequence[int], target: int = TARGET) -> list[str]:
-    """Every distinct formula (minimal parentheses, no spaces) that uses each number once and equals
-    target exactly; [] if the hand has no solution."""
-    return list(_solutions(tuple(sorted(int(n) for n in numbers)), int(target)))
-
-
-@functools.lru_cache(maxsize=4096)
-def upstream_solutions(numbers: tuple[int, ...], target: int = TARGET) -> tuple[str, ...]:
-    """The solution strings upstream's solver writes for a hand (gym_cards general_points_oneline.solve):
-    every order of the numbers and every operator triple, with no brackets, one pair of brackets around
-    any run of two or more numbers except the whole formula, or the pair (a?b)?(c?d); kept where the
-    value equals target (exactly here; upstream used Fractions wherever a '/' occurs, so also exactly)."""
-    count = len(numbers)
-    width = 2 * count - 1  # tokens without brackets
-    placements = [()] + [(x, y) for x in range(0, width, 2) for y in range(x + 4, width + 2, 2)
-                         if (x, y) != (0, width + 1)] + [(0, 4, 6, 10)]
-    found = set()
-    for order in sorted(set(itertools.permutations(numbers))):
-        for ops in itertools.product("+-*/", repeat=count - 1):
-            plain = [str(order[0])] + [t for pair in zip(ops, map(str, order[1:])) for t in pair]
-            for spots in placements:
-                tokens = list(plain)
-                for spot, bracket in zip(spots, "()" * (len(spots) // 2)):
-                    tokens.insert(spot, bracket)
-                if evaluate(tokens) == target:
-                    found.add("".join(tokens))
-    return tuple(sorted(found))
-
-
-def _completes_to_target(tokens: list[str], target: int) -> bool:
-    """Whether closing the formula's open parentheses makes it equal target exactly. Every number is used
-    already, so appending ')' is the only completion there is."""
-    depth = tokens.count("(") - tokens.count(")")
-    return depth > 0 and evaluate([*tokens, *(")" * depth)]) == target
-
-
-def is_solvable(numbers: Sequence[int], target: int = TARGET) -> bool:
-    """Whether some formula over numbers equals target (values only, faster than solve())."""
-    return _is_solvable(tuple(sorted(int(n) for n in numbers)), int(target))
-
-
-@functools.lru_cache(maxsize=None)
-def _is_solvable(numbers: tuple[int, ...], target: int) -> bool:
-    if len(numbers) == 1:
-        return numbers[0] == target
-    full, value = (1 << len(numbers)) - 1, Fraction(target)
-    sub = (full - 1) & full
-    while sub:  # stops at the first split that reaches the target
-        left = _values(tuple(x for i, x in enumerate(numbers) if sub >> i & 1))
-        right = _values(tuple(x for i, x in enumerate(numbers) if not sub >> i & 1))
-        if any(_operands(op, a, value, right) for a in left for op in "+-*/"):
-            return True
-        sub = (sub - 1) & full
-    return False
-
-
 # --------------------------------------------------------------------------------- prompts and answers
 def prompt_text(cards: Sequence[str], rule: str, target: int = TARGET) -> str:
     """The user turn of PAPER_SPEC 2.3, character for character (upstream's template)."""
@@ -301,25 +163,18 @@ class Verdict:
 
 
 _TOKEN_RE = re.compile(r"\d+|[+\-*/()]", re.ASCII)
-_MAX_DIGITS = 12  # longer numbers cannot be cards; they are reported shortened, never converted
 _MAX_MESSAGE = 1000
 
 
 def _number(token: str) -> int | str:
-    return int(token) if len(token) <= _MAX_DIGITS else f"{token[:_MAX_DIGITS]}..."
-
-
-def _kind(token: str) -> str:
-    if token in "+-*/":
-        return "operator"
-    return {"(": "open", ")": "close"}.get(token, "number")
+    return int(token) if len(token) <= MAX_DIGITS else f"{token[:MAX_DIGITS]}..."
 
 
 def _sequence_errors(tokens: list[str]) -> list[str]:
     """Upstream's token-sequence checks, one message per violation."""
     errors, depth, prev = [], 0, None
     for token in tokens:
-        kind = _kind(token)
+        kind = token_kind(token)
         if kind in ("number", "open") and prev not in (None, "operator", "open"):
             errors.append("invalid sequence after number" if kind == "number" else "invalid sequence before '('")
         elif kind == "operator" and prev not in ("number", "close"):
@@ -335,62 +190,6 @@ def _sequence_errors(tokens: list[str]) -> list[str]:
             depth += 1
         prev = kind
     return errors
-
-
-def evaluate(tokens: Sequence[str]) -> Fraction | None:
-    """Exact value of a tokenised formula, or None where Python could not evaluate it (unbalanced or
-    dangling parts, division by zero, a number with a leading zero). Iterative, so 10,000 nested
-    parentheses cost no recursion."""
-    values: list[Fraction] = []
-    ops: list[str] = []
-
-    def reduce() -> bool:
-        op = ops.pop()
-        if op == "(" or len(values) < 2:
-            return False
-        b, a = values.pop(), values.pop()
-        if op == "/" and b == 0:
-            return False
-        values.append(a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b)
-        return True
-
-    expect_operand = True
-    for token in tokens:
-        kind = _kind(token)
-        if kind == "number":
-            if not expect_operand or (len(token) > 1 and token[0] == "0" and token.strip("0")):
-                return None
-            if len(token) > _MAX_DIGITS:
-                return None
-            values.append(Fraction(int(token)))
-            expect_operand = False
-        elif kind == "open":
-            if not expect_operand:
-                return None
-            ops.append("(")
-        elif kind == "close":
-            if expect_operand:
-                return None
-            while ops and ops[-1] != "(":
-                if not reduce():
-                    return None
-            if not ops:
-                return None
-            ops.pop()
-        else:
-            if expect_operand:
-                return None
-            while ops and ops[-1] != "(" and _PREC[ops[-1]] >= _PREC[token]:
-                if not reduce():
-                    return None
-            ops.append(token)
-            expect_operand = True
-    if expect_operand:
-        return None
-    while ops:
-        if ops[-1] == "(" or not reduce():
-            return None
-    return values[0] if len(values) == 1 else None
 
 
 def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
@@ -410,7 +209,7 @@ def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
         return Verdict("ILLEGAL_FORMULA", REWARDS["ILLEGAL_FORMULA"], "illegal characters.")
 
     penalties: list[tuple[str, str]] = [("ILLEGAL_FORMULA", m) for m in _sequence_errors(tokens)]
-    used = Counter(_number(t) for t in tokens if _kind(t) == "number")
+    used = Counter(_number(t) for t in tokens if token_kind(t) == "number")
     have = Counter(int(n) for n in numbers)
     invalid = [n for n in used if n not in have]
     overused = [n for n in used if n in have and used[n] > have[n]]
@@ -428,7 +227,7 @@ def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
         value = evaluate(tokens)
         if value is not None and value == target:
             return Verdict("CORRECT", REWARDS["CORRECT"], "Correct solution.")
-        partial = any(s.startswith(formula) for s in solutions) if upstream else _completes_to_target(tokens, target)
+        partial = any(s.startswith(formula) for s in solutions) if upstream else completes_to_target(tokens, target)
         if value is None and partial:
             return Verdict("PARTIAL", REWARDS["PARTIAL"], "partial solution.")
         # The longest token prefix that some solution starts with, for the feedback sentence.
