@@ -22,7 +22,7 @@ import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from . import artifacts, cards, config, data, models
+from . import artifacts, cards, config, data, launch, models
 from .artifacts import Checkpoint
 from .config import Config
 
@@ -271,18 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-evaluate even when cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def work() -> str:
         cfg = config.load(args.preset)
         chosen = None
         if args.checkpoint:
             path = Path(args.checkpoint)
             chosen = [Checkpoint(args.label or path.name, "other", 0, path)]
         table = sweep(cfg, force=args.force, checkpoints=chosen)
-    except (config.ConfigError, FileNotFoundError, models.ModelUnavailableError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False))
-    return 0
+        return table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
+
+    return launch.run_main(work)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -85,6 +85,20 @@ def stop(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def run_main(work: Callable[[], str]) -> int:
+    """The convention of every `python -m paper_lib.X`: run `work`, print the line it returns and exit 0.
+    An error of the user's settings, input or files (ValueError: ConfigError, WeightsError...; a missing
+    file or model: FileNotFoundError, ModelUnavailableError) is one line on stderr and exit 2, no traceback;
+    anything else is a bug and keeps its traceback."""
+    try:
+        message = work()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

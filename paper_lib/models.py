@@ -54,7 +54,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(FileNotFoundError):
     """A preset's base model cannot be found or made here; the message says how to provide it."""
 
 

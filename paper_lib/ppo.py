@@ -525,23 +525,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the metrics
-    try:
-        overrides = launch.parse_overrides(args.override)
-        cfg = config.load(args.preset, **overrides)
+    def work() -> str:
+        cfg = config.load(args.preset, **launch.parse_overrides(args.override))
         if cfg.rl.algo == "grpo":
             from .grpo import train_grpo  # TRL's trainer, imported only when asked for
 
-            out = train_grpo(cfg, force=args.force, init=args.init_checkpoint)
-        elif cfg.rl.algo == "ppo":
-            out = train(cfg, force=args.force, init=args.init_checkpoint, envs=args.envs,
-                        micro_batch_size=args.micro_batch_size)
-        else:
+            return f"RL checkpoints in {train_grpo(cfg, force=args.force, init=args.init_checkpoint)}"
+        if cfg.rl.algo != "ppo":
             raise config.ConfigError(f"rl.algo must be ppo or grpo, got {cfg.rl.algo!r}")
-    except (config.ConfigError, FileNotFoundError, models.ModelUnavailableError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"RL checkpoints in {out}")
-    return 0
+        out = train(cfg, force=args.force, init=args.init_checkpoint, envs=args.envs,
+                    micro_batch_size=args.micro_batch_size)
+        return f"RL checkpoints in {out}"
+
+    return launch.run_main(work)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import artifacts, evaluate, weights
+from . import artifacts, evaluate, launch, weights
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -300,14 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = Plan(layers=args.layers, top=args.top, tail=args.tail, keep=args.keep)
-    try:
-        out = write_restored(args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device,
-                             cache_dir=args.cache)
-    except (weights.WeightsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return launch.run_main(lambda: "wrote " + str(write_restored(
+        args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device, cache_dir=args.cache)))
 
 
 if __name__ == "__main__":

@@ -502,9 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     main_process = _process_state().is_main_process
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = config_lib.load(args.preset, **parse_overrides([i for group in args.override for i in group]))
-    train(cfg, force=args.force)
-    return 0
+    def work() -> str:
+        cfg = config_lib.load(args.preset, **parse_overrides([i for group in args.override for i in group]))
+        return f"SFT checkpoints in {train(cfg, force=args.force)}"
+
+    return launch.run_main(work)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import weights
+from . import launch, weights
 
 log = logging.getLogger(__name__)
 
@@ -440,15 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        table = analyze_pairs({"base": args.base, "target": args.target}, [("base", "target")], args.out,
-                              k=args.k, device=args.device, dtype=args.dtype, names=args.names,
-                              cache_dir=args.cache, progress=not args.quiet, svd_driver=args.svd_driver)
-    except weights.WeightsError as err:  # SpectraError too
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summarize(table))
-    return 0
+    return launch.run_main(lambda: summarize(analyze_pairs(
+        {"base": args.base, "target": args.target}, [("base", "target")], args.out, k=args.k, device=args.device,
+        dtype=args.dtype, names=args.names, cache_dir=args.cache, progress=not args.quiet,
+        svd_driver=args.svd_driver)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from paper_lib.config import PROJECT_ROOT
 
 QUICK = {
     "bench_eval.py": ["--hands", "2"],
+    "bench_generate.py": ["--preset", "tiny", "--batches", "1,2", "--dtypes", "float32", "--tokens", "4"],
     "bench_ppo.py": ["--updates", "1"],
     "bench_restore.py": ["--layers", "1", "--top", "8"],
     "bench_sft.py": ["--threads", "1", "--examples", "32"],

@@ -242,6 +242,6 @@ def test_mllama_shaped_model_trains_text_only(tmp_path):
 
 def test_a_failing_run_raises_with_the_tail_of_its_log():
     cfg = config.load("tiny", **SMALL, sft__lr_scheduler="no_such_schedule")
-    with pytest.raises(sft.SFTError, match=r"(?s)exit code 1.*no_such_schedule"):
+    with pytest.raises(sft.SFTError, match=r"(?s)exit code 2.*error: .*no_such_schedule"):
         sft.run(cfg, stream=False)
     assert artifacts.read_manifest(artifacts.sft_dir(cfg)) is None
