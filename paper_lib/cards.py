@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import random
 import re
 from collections import Counter
@@ -356,6 +357,11 @@ def evaluate(tokens: Sequence[str]) -> Fraction | None:
     return values[0] if len(values) == 1 else None
 
 
+def _is_whole(n: object) -> bool:
+    """An integer card value (4, numpy's int64, 4.0), never a bool, 1.5 or "4"."""
+    return not isinstance(n, bool) and (isinstance(n, numbers.Integral) or (isinstance(n, float) and n.is_integer()))
+
+
 def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET) -> Verdict:
     """Grade a formula (the text before `=`) for a hand's numbers with the reward table of PAPER_SPEC 2.4.
 
@@ -363,6 +369,8 @@ def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET) -
     """
     if not isinstance(formula, str):
         raise TypeError(f"formula must be a str, got {type(formula).__name__}")
+    if not numbers or not all(_is_whole(n) for n in numbers):
+        raise ValueError(f"numbers must be a non-empty list of integers (a hand's card values), got {list(numbers)!r}")
     tokens = _TOKEN_RE.findall(formula)
     if "".join(tokens) != formula:
         return Verdict("ILLEGAL_FORMULA", REWARDS["ILLEGAL_FORMULA"], "illegal characters.")

@@ -103,7 +103,7 @@ def _record(rule: str, index: int, episode: cards.Episode) -> dict:
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False) -> pd.DataFrame:
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
-    out = artifacts.eval_dir(cfg) / checkpoint.label
+    out = artifacts.eval_dir(cfg) / artifacts.safe_name(checkpoint.label)
     spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": fingerprint(checkpoint.path),
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
             "code": artifacts.code_hash("cards", "rollout", "evaluate")}
@@ -219,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         chosen = None
         if args.checkpoint:
             path = Path(args.checkpoint)
-            chosen = [Checkpoint(args.label or path.name, "other", 0, path)]
+            # a label names a directory under runs/<preset>/eval/: one safe name, never a path; "." gives
+            # the directory's real name
+            label = artifacts.safe_name(args.label if args.label is not None else path.resolve().name)
+            artifacts.validate_checkpoint(path)
+            chosen = [Checkpoint(label, "other", 0, path)]
         table = sweep(cfg, force=args.force, checkpoints=chosen)
-    except (config.ConfigError, FileNotFoundError, models.ModelUnavailableError, ValueError) as err:
+    except (config.ConfigError, OSError, models.ModelUnavailableError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False))

@@ -282,6 +282,12 @@ def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
     return found[step]
 
 
+def _validate_init(cfg: Config, init: Path) -> None:
+    """A damaged initial checkpoint stops the run before rl/ is touched, naming the file and the fix."""
+    artifacts.validate_checkpoint(init, f"python -m paper_lib.sft --preset {cfg.preset} --force (or "
+                                        f"./run_all.sh {cfg.preset} --only 2 with force=True)")
+
+
 def checkpoints(cfg: Config) -> dict[int, Path]:
     """{update: path} of the RL checkpoints written so far."""
     return artifacts.numbered_checkpoints(artifacts.rl_dir(cfg))
@@ -298,14 +304,16 @@ def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
 
 def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
     """Make out ready for the run (main process only); False when a finished run matches."""
-    if not force and artifacts.manifest_matches(out, spec):
+    if not force and artifacts.up_to_date(out, spec, "redo RL with force=True (`python -m paper_lib.ppo --force`)"):
         return False
     canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
     spec_file = out / "run_spec.json"
-    previous = json.loads(spec_file.read_text()) if spec_file.is_file() else None
-    if out.exists() and (force or previous != canon):
-        log.info("starting %s afresh (%s)", out, "force" if force else "its settings or code changed")
+    previous = artifacts.read_json(spec_file)  # None when missing or truncated
+    if force and out.exists():
+        log.info("starting %s afresh (force)", out)
         shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and previous != canon:  # a run of days is never deleted unasked
+        artifacts.move_aside(out, "its settings, code or initial checkpoint changed")
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*"):  # left by a run killed while saving
         shutil.rmtree(partial, ignore_errors=True)
@@ -584,6 +592,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     if rl.temperature <= 0:
         raise ValueError("rl.temperature must be > 0: PPO's log-probabilities are those of the sampling distribution")
     init_path = init_checkpoint(cfg, init)
+    _validate_init(cfg, init_path)
     spec = run_spec(cfg, init_path, "verifier" if grade is None else getattr(grade, "__name__", "custom"))
     envs = envs or default_envs(cfg)
     if rl.steps_per_update % envs:
@@ -635,6 +644,7 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
 
     rl = cfg.rl
     init_path = init_checkpoint(cfg, init)
+    _validate_init(cfg, init_path)
     grade_name = "verifier" if grade is None else getattr(grade, "__name__", "custom")
     grade = grade or verifier(cfg.data.target)
     out = artifacts.rl_dir(cfg)

@@ -292,6 +292,12 @@ class Checkpoint:
         if not self.path.is_dir():
             raise SpectraError(f"{where}: no such directory; pass a Hugging Face checkpoint directory holding "
                                f"*.safetensors")
+        from .artifacts import validate_checkpoint
+
+        try:  # headers and sizes, so a truncated shard is one clear line, not a traceback
+            validate_checkpoint(self.path)
+        except ValueError as err:
+            raise SpectraError(f"{where}: {err}") from None
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -380,7 +386,10 @@ def _select_keys(ckpts: dict[str, Checkpoint], names: Iterable[str] | str | None
     if len(mismatched) > 6:
         problems.append(f"... and {len(mismatched) - 6} more shape mismatches")
     if isinstance(names, str):  # a regular expression over names and canonical keys
-        pattern = re.compile(names)
+        try:
+            pattern = re.compile(names)
+        except re.error as err:
+            raise SpectraError(f"names={names!r} is not a valid regular expression ({err})") from None
         keys = [k for k in common if pattern.search(k) or pattern.search(first.names[k])]
         if not keys:
             raise SpectraError(f"names={names!r} matches none of the analysable tensors, e.g. {common[:3]}")
@@ -700,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         table = analyze_pairs({"base": args.base, "target": args.target}, [("base", "target")], args.out,
                               k=args.k, device=args.device, dtype=args.dtype, names=args.names,
                               cache_dir=args.cache, progress=not args.quiet, svd_driver=args.svd_driver)
-    except SpectraError as err:
+    except (SpectraError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summarize(table))
