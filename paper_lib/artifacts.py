@@ -156,8 +156,12 @@ def write_manifest(out_dir: str | os.PathLike, spec: dict[str, Any], **provenanc
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `final`; on success it replaces `final`."""
+    """Yield a fresh temporary directory beside `final`; on success it replaces `final`, which must be
+    absent, empty or the project's own output (a manifest in it): a user's directory is never replaced."""
     final = Path(final)
+    if not is_own_output(final):
+        raise ArtifactError(f"{final} exists and was not written by this project (no {MANIFEST}); "
+                            f"move it away, nothing was changed")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

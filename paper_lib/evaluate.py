@@ -104,6 +104,7 @@ def _record(rule: str, index: int, episode: cards.Episode) -> dict:
 def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False) -> pd.DataFrame:
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = artifacts.eval_dir(cfg) / artifacts.safe_name(checkpoint.label)
+    artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
     spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": fingerprint(checkpoint.path),
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
             "code": artifacts.code_hash("cards", "rollout", "evaluate")}
@@ -222,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
             # a label names a directory under runs/<preset>/eval/: one safe name, never a path; "." gives
             # the directory's real name
             label = artifacts.safe_name(args.label if args.label is not None else path.resolve().name)
-            artifacts.validate_checkpoint(path)
             chosen = [Checkpoint(label, "other", 0, path)]
         table = sweep(cfg, force=args.force, checkpoints=chosen)
     except (config.ConfigError, OSError, models.ModelUnavailableError, ValueError) as err:

@@ -238,3 +238,23 @@ def test_no_paper_lib_code_deletes_an_unchecked_path():
     assert {name for name, _ in sites} <= audited, sites
     restore_sites = [line for name, line in sites if name == "restore.py"]
     assert not any("rmtree(out" in line for line in restore_sites), restore_sites
+
+
+def test_atomic_dir_never_replaces_a_directory_the_project_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("notes")
+    with pytest.raises(artifacts.ArtifactError, match="not written by this project"):
+        with artifacts.atomic_dir(mine):
+            pass
+    assert (mine / "notes.txt").read_text() == "notes"
+    artifacts.cached_stage(tmp_path / "stage", {"a": 1}, lambda out: (out / "x").write_text("1"))
+    artifacts.cached_stage(tmp_path / "stage", {"a": 2}, lambda out: (out / "x").write_text("2"))  # its own: replaced
+    assert (tmp_path / "stage" / "x").read_text() == "2"
+
+
+def test_restore_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    tgt, src = tiny_qwen(tmp_path / "T", 0), tiny_qwen(tmp_path / "S", 1)
+    (tmp_path / "afile").write_text("x")
+    assert restore_cli(tgt, src, tmp_path / "afile" / "out") == 2
+    assert "afile" in capsys.readouterr().err
