@@ -282,6 +282,9 @@ def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
     return found[step]
 
 
+_REDO_RL = "redo RL with force=True (`python -m paper_lib.ppo --force`); the damaged run is kept until then"
+
+
 def _validate_init(cfg: Config, init: Path) -> None:
     """A damaged initial checkpoint stops the run before rl/ is touched, naming the file and the fix."""
     artifacts.validate_checkpoint(init, f"python -m paper_lib.sft --preset {cfg.preset} --force (or "
@@ -304,7 +307,7 @@ def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
 
 def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
     """Make out ready for the run (main process only); False when a finished run matches."""
-    if not force and artifacts.up_to_date(out, spec, "redo RL with force=True (`python -m paper_lib.ppo --force`)"):
+    if not force and artifacts.up_to_date(out, spec, _REDO_RL):
         return False
     canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
     spec_file = out / "run_spec.json"
@@ -715,10 +718,11 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None)
     several processes, streaming its progress bar and log; skipped when a finished run matches. `init`
     replaces the full-SFT checkpoint as the start. Returns rl_dir."""
     start = init_checkpoint(cfg, init)  # fails here, with the clear message, before any launch
+    _validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
     if cfg.rl.algo not in ("ppo", "grpo"):
         raise ValueError(f"rl.algo must be ppo or grpo, got {cfg.rl.algo!r}")
-    if not force and artifacts.manifest_matches(out, run_spec(cfg, start)):
+    if not force and artifacts.up_to_date(out, run_spec(cfg, start), _REDO_RL):
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
         return out
     logfile = artifacts.run_dir(cfg) / "logs" / "rl.log"

@@ -205,7 +205,7 @@ def restored_checkpoint(cfg: Config, name: str, target: evaluate.Checkpoint, sou
     out = artifacts.restore_dir(cfg) / name
     spec = {"stage": "restore", "target": evaluate.fingerprint(target.path), "source": evaluate.fingerprint(source.path),
             "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore", "spectra")}
-    if force or not artifacts.manifest_matches(out, spec):
+    if force or not artifacts.up_to_date(out, spec, f"pass force=True to rebuild {out}"):
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
                        cache_dir=spectra.svd_cache(cfg), replace=True)
         artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label)

@@ -109,8 +109,9 @@ def test_a_truncated_sft_checkpoint_stops_ppo_before_the_rl_run_is_touched(tiny_
     shutil.copytree(tiny_base.path, init)
     out = _finished_rl_run(cfg)
     truncate(init / "model.safetensors", 400_000 if (init / "model.safetensors").stat().st_size > 400_000 else 100)
-    with pytest.raises(artifacts.ArtifactError, match=r"checkpoint-4/model.safetensors.*paper_lib.sft"):
-        ppo.train(cfg)
+    for entry in (ppo.train, ppo.run):  # in-process, and the notebook's launcher
+        with pytest.raises(artifacts.ArtifactError, match=r"checkpoint-4/model.safetensors.*paper_lib.sft"):
+            entry(cfg)
     assert (out / "checkpoint-1" / "value_head.pt").read_text() == "weights"
 
 
@@ -148,6 +149,18 @@ def test_a_finished_stage_with_a_truncated_output_is_not_up_to_date(tmp_path):
     truncate(ck / "model.safetensors", (ck / "model.safetensors").stat().st_size - 10)
     with pytest.raises(artifacts.ArtifactError, match=r"checkpoint-64/model.safetensors.*redo it"):
         artifacts.up_to_date(out, spec, "redo it")
+
+
+def test_a_finished_sft_run_with_a_truncated_checkpoint_is_not_skipped(tiny_base):
+    cfg = config.load("tiny")
+    shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
+    out = artifacts.sft_dir(cfg)
+    ck = tiny_qwen(out / "checkpoint-64", 0)
+    artifacts.write_manifest(out, sft.manifest_spec(cfg))
+    truncate(ck / "model.safetensors", 1000)
+    with pytest.raises(artifacts.ArtifactError, match=r"checkpoint-64/model.safetensors.*paper_lib.sft.*--force"):
+        sft.run(cfg)  # today: "up to date", and 02_sft's checks pass
+    assert (ck / "model.safetensors").stat().st_size == 1000  # left for the user to inspect
 
 
 def test_a_checkpoint_without_tokenizer_and_another_vocabulary_is_refused(tiny_base):
