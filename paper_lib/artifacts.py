@@ -172,14 +172,30 @@ def file_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        return None
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (e.g. truncated by a killed run)."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
         return None
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    found = read_json(Path(out_dir) / MANIFEST)
+    return found if isinstance(found, dict) else None
+
+
+def up_to_date(out_dir: str | os.PathLike, spec: dict[str, Any], rebuild: str) -> bool:
+    """manifest_matches, and the finished outputs are intact: every *.safetensors under out_dir has a
+    readable header and the size it describes (headers only, so cheap). A damaged output raises
+    ArtifactError naming the file and `rebuild`, the way to remake it, rather than being trusted."""
+    if not manifest_matches(out_dir, spec):
+        return False
+    for path in sorted(Path(out_dir).rglob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise ArtifactError(f"{path}: {problem}; {rebuild}")
+    return True
 
 
 def manifest_matches(out_dir: str | os.PathLike, spec: dict[str, Any]) -> bool:
@@ -202,8 +218,12 @@ def write_manifest(out_dir: str | os.PathLike, spec: dict[str, Any], **provenanc
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `final`; on success it replaces `final`."""
+    """Yield a fresh temporary directory beside `final`; on success it replaces `final`, which must be
+    absent, empty or the project's own output (a manifest in it): a user's directory is never replaced."""
     final = Path(final)
+    if not is_own_output(final):
+        raise ArtifactError(f"{final} exists and was not written by this project (no {MANIFEST}); "
+                            f"move it away, nothing was changed")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -224,7 +244,7 @@ def cached_stage(out_dir: str | os.PathLike, spec: dict[str, Any], build: Callab
                  force: bool = False) -> Path:
     """Run `build(tmp_dir)` unless out_dir already holds a stage with this spec; return out_dir."""
     out_dir = Path(out_dir)
-    if not force and manifest_matches(out_dir, spec):
+    if not force and up_to_date(out_dir, spec, f"move {out_dir} aside (or delete it) and rerun: it is rebuilt"):
         log.info("%s is up to date (manifest matches); pass force=True to rebuild", out_dir)
         return out_dir
     started = time.time()
@@ -232,3 +252,107 @@ def cached_stage(out_dir: str | os.PathLike, spec: dict[str, Any], build: Callab
         build(tmp)
         write_manifest(tmp, spec, seconds=round(time.time() - started, 2))
     return out_dir
+
+
+# ------------------------------------------------------------------ never delete what the user did not ask to
+class ArtifactError(ValueError):
+    """An input checkpoint is damaged, or an output path is not the project's to replace."""
+
+
+_OWN_MARKERS = (MANIFEST, "run_spec.json", "restore_manifest.json")  # files only the project's stages write
+
+
+def is_own_output(path: str | os.PathLike) -> bool:
+    """True when `path` is absent, an empty directory, or a directory one of the project's stages wrote
+    (recognised by its manifest): only such a path may be replaced or moved aside."""
+    path = Path(path)
+    if not path.exists():
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return not any(path.iterdir()) or any((path / marker).is_file() for marker in _OWN_MARKERS)
+
+
+def move_aside(path: str | os.PathLike, reason: str, keep: tuple[str, ...] = ()) -> Path | None:
+    """Rename a previous run `path` to `<name>.stale-<time>` beside it (never delete it), log why, and
+    return the new path (None when there was nothing to move). Entries named in `keep` (e.g. a log a
+    running process appends to) stay where they are."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.stale-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.stale-{stamp}-{n}"), n + 1
+    if keep:
+        aside.mkdir()
+        for child in path.iterdir():
+            if child.name not in keep:
+                os.replace(child, aside / child.name)
+    else:
+        os.replace(path, aside)
+    log.warning("moved the previous run %s aside to %s (%s); delete it yourself when it is not needed",
+                path, aside, reason)
+    return aside
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file is unreadable (bad header, or shorter/longer than its header says), or None.
+
+    Reads only the header, so it costs microseconds even for a 5 GB shard."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"header claims {n} bytes but the file has {size}"
+            header = json.loads(fh.read(n))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"unreadable safetensors header ({err.__class__.__name__})"
+    if 8 + n + end != size:
+        return f"{size} bytes, but its header describes {8 + n + end} (truncated or damaged)"
+    return None
+
+
+def validate_checkpoint(path: str | os.PathLike, rebuild: str = "") -> Path:
+    """Check a checkpoint's weights before anything is built from it: the index JSON parses and names
+    files that exist, every *.safetensors header is readable and the file size agrees with it. Raises
+    ArtifactError naming the bad file (and `rebuild`, the command that remakes it)."""
+    path = Path(path)
+    hint = f"; rebuild it with: {rebuild}" if rebuild else "; replace it with an intact copy"
+    if not path.is_dir():
+        raise ArtifactError(f"checkpoint {path} is not a directory{hint}")
+    shards = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ArtifactError(f"{index} is not a valid safetensors index (truncated?){hint}") from None
+        missing = sorted(n for n in names if not (path / n).is_file())
+        if missing:
+            raise ArtifactError(f"{path} lacks the shard(s) {missing[:3]} its index names{hint}")
+    if not shards and not any(path.glob("*.bin")):
+        raise ArtifactError(f"no weight files (*.safetensors) in {path}{hint}")
+    for shard in shards:
+        problem = safetensors_problem(shard)
+        if problem:
+            raise ArtifactError(f"{shard}: {problem}{hint}")
+    return path
+
+
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def safe_name(name: str, what: str = "label") -> str:
+    """`name` when it is one plain path component (letters, digits, - _ .; not . or ..), else ArtifactError."""
+    if not name or name in (".", "..") or not set(name) <= _LABEL_CHARS:
+        raise ArtifactError(f"{what} {name!r} must be a single name of letters, digits, '-', '_' and '.' "
+                            f"(not '.' or '..')")
+    return name

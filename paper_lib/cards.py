@@ -23,6 +23,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Callable, Iterable, Sequence
 
 # solve, is_solvable and evaluate are part of cards' public API (DESIGN.md); they live in arithmetic.
@@ -192,6 +193,11 @@ def _sequence_errors(tokens: list[str]) -> list[str]:
     return errors
 
 
+def _is_whole(n: object) -> bool:
+    """An integer card value (4, numpy's int64, 4.0), never a bool, 1.5 or "4"."""
+    return not isinstance(n, bool) and (isinstance(n, Integral) or (isinstance(n, float) and n.is_integer()))
+
+
 def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
                    partial_credit: str = "arithmetic") -> Verdict:
     """Grade a formula (the text before `=`) for a hand's numbers with the reward table of PAPER_SPEC 2.4.
@@ -204,6 +210,8 @@ def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
         raise TypeError(f"formula must be a str, got {type(formula).__name__}")
     if partial_credit not in PARTIAL_CREDIT:
         raise ValueError(f"partial_credit must be one of {PARTIAL_CREDIT}, got {partial_credit!r}")
+    if not numbers or not all(_is_whole(n) for n in numbers):
+        raise ValueError(f"numbers must be a non-empty list of integers (a hand's card values), got {list(numbers)!r}")
     tokens = _TOKEN_RE.findall(formula)
     if "".join(tokens) != formula:
         return Verdict("ILLEGAL_FORMULA", REWARDS["ILLEGAL_FORMULA"], "illegal characters.")

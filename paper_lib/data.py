@@ -87,7 +87,12 @@ def build(cfg: Config, force: bool = False) -> Path:
 
 def load(cfg: Config) -> datasets.DatasetDict:
     """Every split, building them first if needed."""
-    return datasets.load_from_disk(str(build(cfg)))
+    path = build(cfg)
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as err:  # e.g. a truncated .arrow file: one line, and the fix
+        raise ValueError(f"the data in {path} is unreadable ({err.__class__.__name__}: {str(err)[:200]}); "
+                         f"move it aside and rerun notebooks/01_data.py (./run_all.sh {cfg.preset} --only 1)") from None
 
 
 def split_sizes(splits: datasets.DatasetDict) -> pd.DataFrame:

@@ -113,7 +113,8 @@ def _record(rule: str, index: int, episode: cards.Episode, repeat: int = 0) -> d
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False) -> pd.DataFrame:
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
-    out = artifacts.eval_dir(cfg) / checkpoint.label
+    out = artifacts.eval_dir(cfg) / artifacts.safe_name(checkpoint.label)
+    artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
     spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": artifacts.fingerprint(checkpoint.path),
             "data_stage": artifacts.stage_key(data.build(cfg)),
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
@@ -276,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = None
         if args.checkpoint:
             path = Path(args.checkpoint)
-            chosen = [Checkpoint(args.label or path.name, "other", 0, path)]
+            # a label names a directory under runs/<preset>/eval/: one safe name, never a path; "." gives
+            # the directory's real name
+            label = artifacts.safe_name(args.label if args.label is not None else path.resolve().name)
+            chosen = [Checkpoint(label, "other", 0, path)]
         table = sweep(cfg, force=args.force, checkpoints=chosen)
         return table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
 

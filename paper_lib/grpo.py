@@ -13,7 +13,7 @@ import torch
 
 from . import artifacts, cards, models
 from .config import Config
-from .ppo import Grade, _append_metrics, _start, checkpoints, init_checkpoint, run_spec, verifier
+from .ppo import Grade, _append_metrics, _start, _validate_init, checkpoints, init_checkpoint, run_spec, verifier
 
 
 def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
@@ -24,6 +24,7 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
 
     rl = cfg.rl
     init_path = init_checkpoint(cfg, init)
+    _validate_init(cfg, init_path)
     grade_name = "verifier" if grade is None else getattr(grade, "__name__", "custom")
     grade = grade or verifier(cfg.data.target, rl.partial_credit)
     out = artifacts.rl_dir(cfg)

@@ -89,12 +89,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run_main(work: Callable[[], str]) -> int:
     """The convention of every `python -m paper_lib.X`: run `work`, print the line it returns and exit 0.
-    An error of the user's settings, input or files (ValueError: ConfigError, WeightsError...; a missing
-    file or model: FileNotFoundError, ModelUnavailableError) is one line on stderr and exit 2, no traceback;
-    anything else is a bug and keeps its traceback."""
+    An error of the user's settings, input or files (ValueError: ConfigError, WeightsError, ArtifactError...;
+    OSError: a missing or unwritable file, ModelUnavailableError) is one line on stderr and exit 2, no
+    traceback; anything else is a bug and keeps its traceback."""
     try:
         message = work()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(message)

@@ -14,6 +14,7 @@ Where the base model comes from (`base_model_path`):
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -164,6 +165,15 @@ def _tokenizer_fallback(cfg: Config, path: Path) -> Path:
     base = base_model_path(cfg)
     if not _has_tokenizer(base):
         raise FileNotFoundError(f"no tokenizer in {path} nor in the base model {base}; save one with "
+                                f"tokenizer.save_pretrained({str(path)!r})")
+    # borrow the preset's tokenizer only when it fits the checkpoint's vocabulary: a foreign model would
+    # otherwise fail deep inside generation with an IndexError
+    mine = json.loads((path / "config.json").read_text())
+    theirs = json.loads((base / "config.json").read_text())
+    vocab = [c.get("vocab_size", c.get("text_config", {}).get("vocab_size")) for c in (mine, theirs)]
+    if vocab[0] != vocab[1]:
+        raise FileNotFoundError(f"{path} has no tokenizer and its vocabulary ({vocab[0]}) is not that of the "
+                                f"preset's tokenizer in {base} ({vocab[1]}); save its own tokenizer with "
                                 f"tokenizer.save_pretrained({str(path)!r})")
     log.info("%s has no tokenizer; using the base model's from %s", path, base)
     return base

@@ -119,6 +119,15 @@ def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
     return found[artifacts.full_sft_step(cfg, found)]
 
 
+_REDO_RL = "redo RL with force=True (`python -m paper_lib.ppo --force`); the damaged run is kept until then"
+
+
+def _validate_init(cfg: Config, init: Path) -> None:
+    """A damaged initial checkpoint stops the run before rl/ is touched, naming the file and the fix."""
+    artifacts.validate_checkpoint(init, f"python -m paper_lib.sft --preset {cfg.preset} --force (or "
+                                        f"./run_all.sh {cfg.preset} --only 2 with force=True)")
+
+
 def checkpoints(cfg: Config) -> dict[int, Path]:
     """{update: path} of the RL checkpoints written so far."""
     return artifacts.numbered_checkpoints(artifacts.rl_dir(cfg))
@@ -133,14 +142,16 @@ def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
 
 def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
     """Make out ready for the run (main process only); False when a finished run matches."""
-    if not force and artifacts.manifest_matches(out, spec):
+    if not force and artifacts.up_to_date(out, spec, _REDO_RL):
         return False
     canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
     spec_file = out / "run_spec.json"
-    previous = json.loads(spec_file.read_text()) if spec_file.is_file() else None
-    if out.exists() and (force or previous != canon):
-        log.info("starting %s afresh (%s)", out, "force" if force else "its settings or code changed")
+    previous = artifacts.read_json(spec_file)  # None when missing or truncated
+    if force and out.exists():
+        log.info("starting %s afresh (force)", out)
         shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and previous != canon:  # a run of days is never deleted unasked
+        artifacts.move_aside(out, "its settings, code or initial checkpoint changed")
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*"):  # left by a run killed while saving
         shutil.rmtree(partial, ignore_errors=True)
@@ -430,6 +441,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     if rl.temperature <= 0:
         raise ValueError("rl.temperature must be > 0: PPO's log-probabilities are those of the sampling distribution")
     init_path = init_checkpoint(cfg, init)
+    _validate_init(cfg, init_path)
     spec = run_spec(cfg, init_path, "verifier" if grade is None else getattr(grade, "__name__", "custom"))
     envs = envs or default_envs(cfg)
     if rl.steps_per_update % envs:
@@ -491,10 +503,11 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None)
     several processes, streaming its progress bar and log; skipped when a finished run matches. `init`
     replaces the full-SFT checkpoint as the start. Returns rl_dir."""
     start = init_checkpoint(cfg, init)  # fails here, with the clear message, before any launch
+    _validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
     if cfg.rl.algo not in ("ppo", "grpo"):
         raise ValueError(f"rl.algo must be ppo or grpo, got {cfg.rl.algo!r}")
-    if not force and artifacts.manifest_matches(out, run_spec(cfg, start)):
+    if not force and artifacts.up_to_date(out, run_spec(cfg, start), _REDO_RL):
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
         return out
     logfile = artifacts.run_dir(cfg) / "logs" / "rl.log"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -113,11 +114,19 @@ def _model_files(path: Path) -> list[str]:
 
 def write_restored(target: str | Path, source: str | Path, out: str | Path, plan: Plan, *,
                    dtype: str = "float32", device: str = "auto", cache_dir: str | Path | None = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, replace: bool = False) -> Path:
     """Write `target` with `plan`'s matrices direction-restored from `source`, as a full HF checkpoint at
-    `out` (the target's shards, index, config and tokenizer; no training state). Returns `out`."""
+    `out` (the target's shards, index, config and tokenizer; no training state). Returns `out`.
+
+    `out` must not exist, be empty, or (with replace=True) hold a previous restore output; it may not be,
+    or contain, an input. Everything is checked before anything is written."""
     if plan.keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {plan.keep!r}")
+    if (plan.top is not None and plan.top < 0) or plan.tail < 0:
+        raise ValueError(f"--top and --tail must be >= 0, got {plan.top}, {plan.tail}")
+    _check_out(Path(out), [Path(target), Path(source)], replace)
+    for path in (target, source):
+        artifacts.validate_checkpoint(path)
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
     to_key = {name: key for key, name in tgt.names.items()}
     selected = [k for k in tgt.names if plan.applies(k)]
@@ -129,7 +138,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
         raise weights.WeightsError(f"the plan {plan} selects no matrix of {tgt.path}")
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # our own scratch name, left by an interrupted restore
     tmp.mkdir(parents=True)
     record = []
     bar = tqdm(total=len(selected), desc=f"restore -> {out.name}", disable=not progress, leave=False)
@@ -160,9 +169,33 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     (tmp / "restore_manifest.json").write_text(json.dumps({
         "target": str(tgt.path), "source": str(src.path), "plan": asdict(plan), "dtype": dtype,
         "restored": record}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
+    clamped = sorted({(r["top"], r["rank"]) for r in record if plan.top is not None and r["top"] < plan.top})
+    if clamped:
+        log.warning("--top %d exceeds the rank of some matrices; clamped to their rank: %s", plan.top,
+                    ", ".join(f"rank {rank}" for _, rank in clamped))
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():  # checked by _check_out: empty, or a previous restore output the caller replaces
+        os.replace(out, old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
+    """Refuse an output directory that is, or contains, an input, or holds anything but a previous
+    restore output (which needs replace=True): restore never deletes what it did not write."""
+    real = out.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if p == real or real in p.parents:
+            raise artifacts.ArtifactError(f"--out {out} is or contains the input {path}; choose a new directory")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not (out / "restore_manifest.json").is_file():
+        raise artifacts.ArtifactError(f"--out {out} exists and is not a previous restore output; choose a new "
+                                      f"or empty directory (nothing was changed)")
+    if not replace:
+        raise artifacts.ArtifactError(f"--out {out} holds a previous restore output; pass --force to replace it")
 
 
 def layer_blocks(num_layers: int, block: int) -> list[tuple[int, int]]:
@@ -258,9 +291,9 @@ def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, so
     out = artifacts.restore_dir(cfg) / name
     spec = {"stage": "restore", "target": artifacts.fingerprint(target.path), "source": artifacts.fingerprint(source.path),
             "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore")}
-    if force or not artifacts.manifest_matches(out, spec):
+    if force or not artifacts.up_to_date(out, spec, f"pass force=True to rebuild {out}"):
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
-                       cache_dir=weights.svd_cache(cfg))
+                       cache_dir=weights.svd_cache(cfg), replace=True)
         artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label)
     return artifacts.Checkpoint(name, "restore", 0, out)
 
@@ -297,11 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache", help="SVD cache directory shared with python -m paper_lib.spectra --cache")
+    parser.add_argument("--force", action="store_true", help="replace --out when it holds a previous restore output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = Plan(layers=args.layers, top=args.top, tail=args.tail, keep=args.keep)
     return launch.run_main(lambda: "wrote " + str(write_restored(
-        args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device, cache_dir=args.cache)))
+        args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device, cache_dir=args.cache,
+        replace=args.force)))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def base_model_identity(cfg: Config) -> dict[str, Any]:
     and build code), cheap to compute even for a 7B checkpoint. The load dtype is left out: SFT always
     trains float32 master weights."""
     path = models.base_model_path(cfg)
+    artifacts.validate_checkpoint(path, f"check the base model {cfg.model.name!r} (model.name) and replace the file")
     identity: dict[str, Any] = {
         "name": cfg.model.name,
         "config": artifacts.file_hash(path / "config.json"),
@@ -213,7 +214,8 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
     out = artifacts.sft_dir(cfg)
     data_lib.build(cfg)  # here, once, rather than racing in several ranks
     spec = manifest_spec(cfg)  # builds the tiny base model here too
-    if not force and artifacts.manifest_matches(out, spec):
+    if not force and artifacts.up_to_date(out, spec, f"redo SFT with force=True (`python -m paper_lib.sft "
+                                                     f"--preset {cfg.preset} --force`)"):
         log.info("SFT in %s is up to date (manifest matches); pass force=True to redo it", out)
         return out
     if force:
@@ -328,7 +330,8 @@ def train(cfg: Config, force: bool = False) -> Path:
     with state.main_process_first():  # data and the tiny base model are built once
         data_lib.build(cfg)
         spec = manifest_spec(cfg)
-    if not force and artifacts.manifest_matches(out, spec):
+    if not force and artifacts.up_to_date(out, spec, f"redo SFT with force=True (`python -m paper_lib.sft "
+                                                     f"--preset {cfg.preset} --force`)"):
         log.info("SFT in %s is up to date (manifest matches); pass --force to redo it", out)
         return out
     if state.num_processes != cfg.sft.num_processes:
@@ -386,16 +389,11 @@ def _prepare_dir(out: Path, spec: dict[str, Any], force: bool) -> None:
     """Make out ready for training spec: clear it when forced or when it holds another spec; otherwise
     drop what follows the newest complete checkpoint (partial checkpoints, later loss rows)."""
     canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
-    previous = None
-    if (out / RUN_SPEC).is_file():
-        try:
-            previous = json.loads((out / RUN_SPEC).read_text())
-        except json.JSONDecodeError:
-            previous = None
-    if force or (out.is_dir() and previous != canon and any(p.name != LOG_FILE for p in out.iterdir())):
-        if not force:
-            log.warning("%s holds an SFT run of another config; starting afresh", out)
+    previous = artifacts.read_json(out / RUN_SPEC)
+    if force:
         _clear(out)
+    elif out.is_dir() and previous != canon and any(p.name != LOG_FILE for p in out.iterdir()):
+        artifacts.move_aside(out, "it holds an SFT run of another config", keep=(LOG_FILE,))
     out.mkdir(parents=True, exist_ok=True)
     (out / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten only when training finishes
     (out / RUN_SPEC).write_text(json.dumps(canon, indent=2, sort_keys=True))

@@ -131,7 +131,10 @@ def _select_keys(ckpts: dict[str, weights.LazyWeights], names: Iterable[str] | s
     if len(mismatched) > 6:
         problems.append(f"... and {len(mismatched) - 6} more shape mismatches")
     if isinstance(names, str):  # a regular expression over names and canonical keys
-        pattern = re.compile(names)
+        try:
+            pattern = re.compile(names)
+        except re.error as err:
+            raise SpectraError(f"names={names!r} is not a valid regular expression ({err})") from None
         keys = [k for k in common if pattern.search(k) or pattern.search(first.names[k])]
         if not keys:
             raise SpectraError(f"names={names!r} matches none of the analysable tensors, e.g. {common[:3]}")

@@ -207,6 +207,12 @@ class LazyWeights:
         if not self.path.is_dir():
             raise WeightsError(f"{where}: no such directory; pass a Hugging Face checkpoint directory holding "
                                f"*.safetensors")
+        from .artifacts import validate_checkpoint
+
+        try:  # headers and sizes, so a truncated shard is one clear line, not a traceback
+            validate_checkpoint(self.path)
+        except ValueError as err:
+            raise WeightsError(f"{where}: {err}") from None
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]

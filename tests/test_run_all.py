@@ -52,6 +52,8 @@ def test_a_failing_notebook_stops_the_run_and_is_named(tmp_path):
     assert "notebook 02_broken FAILED" in out.stderr
     assert str(executed / "02_broken.ipynb") in out.stderr
     assert "deliberate failure" in (executed / "02_broken.ipynb").read_text()
+    # the terminal gets the error's last line, not papermill's chained traceback (it stays in the copy)
+    assert "AssertionError: deliberate failure" in out.stderr and "Traceback" not in out.stderr
     assert (executed / "01_ok.ipynb").is_file()
     assert not marker.exists()
     # --from skips the earlier notebooks; the papermill parameter reaches the notebook
@@ -59,3 +61,15 @@ def test_a_failing_notebook_stops_the_run_and_is_named(tmp_path):
     assert again.returncode == 0, again.stderr
     assert marker.read_text() == "ran"
     assert "injected-parameters" in (executed / "03_after.ipynb").read_text()  # papermill's -p preset
+
+
+def test_a_preset_is_a_name_and_a_config_error_is_one_line(tmp_path):
+    out = run("../../tmp/x", "--dry-run")
+    assert out.returncode == 2 and "a preset is a name from configs/presets" in out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {dtype: float8}\n")
+    check = subprocess.run([sys.executable, str(PROJECT_ROOT / "scripts" / "run_notebook.py"), "--check", str(bad)],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 2
+    assert check.stderr.strip().splitlines() == ["run_all: config error: model.dtype must be one of "
+                                                 "['float32', 'bfloat16', 'float16', 'auto'], got 'float8'"]

@@ -186,6 +186,12 @@ def test_stale_or_forced_directory_starts_afresh(tmp_path, force):
     (out / sft.LOG_FILE).write_text("old log\n")
     sft._prepare_dir(out, spec, force=force)
     assert sorted(p.name for p in out.iterdir()) == sorted([sft.LOG_FILE, sft.RUN_SPEC])  # the log is kept
+    stale = sorted(tmp_path.glob("sft.stale-*"))
+    if force:  # asked for: the old run is gone
+        assert not stale
+    else:  # a run of another config is never deleted: it is moved aside, checkpoints and loss table whole
+        assert len(stale) == 1 and (stale[0] / "checkpoint-3" / "trainer_state.json").is_file()
+        assert (stale[0] / sft.LOSS_TABLE).read_text().endswith("7.0\n")
     assert json.loads((out / sft.RUN_SPEC).read_text())["sft"] == {"learning_rate": 2}
 
 
@@ -197,8 +203,8 @@ def test_launch_command_round_trips_the_config_and_names_missing_accelerate_conf
     items = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--override"]
     assert config.load("qwen7b", **sft.parse_overrides(items)) == cfg
     assert sft.launch_command(config.load("tiny"))[1:] == ["-m", "paper_lib.sft", "--preset", "tiny"]
-    with pytest.raises(FileNotFoundError, match=r"zero9.*\['single', 'zero2', 'zero3'\]"):
-        sft.launch_command(config.load("tiny", sft__accelerate_config="zero9"))
+    with pytest.raises(config.ConfigError, match=r"\['single', 'zero2', 'zero3'\].*zero9"):  # at load time
+        config.load("tiny", sft__accelerate_config="zero9")
 
 
 def _tiny_mllama(path, tokenizer):
