@@ -23,7 +23,7 @@ import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from . import artifacts, cards, config, data, models
+from . import artifacts, cards, config, data, launch, models
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Han
     jobs = [(rule, i, hand) for rule, hands in hands_by_rule.items() for i, hand in enumerate(hands)]
     with state.split_between_processes(jobs) as mine:
         records = play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target)
+        launch.report_processes("eval", state, f"{len(mine)} of {len(jobs)} hands")
     return gather_object(records) if state.num_processes > 1 else records
 
 
@@ -110,7 +111,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
 
     if not force and artifacts.manifest_matches(out, spec):
         return episodes_table(out)
-    state = PartialState()
+    state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
     splits = data.load(cfg)
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     log.info("evaluating %s (%s) on %d process(es)", checkpoint.label, checkpoint.path, state.num_processes)

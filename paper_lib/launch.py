@@ -96,3 +96,28 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--override needs section.key=value, got {item!r}")
         overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     return overrides
+
+
+def use_cpu() -> bool:
+    """Whether accelerate should run on the CPU: asked for (ACCELERATE_USE_CPU, `accelerate launch --cpu`) or
+    no CUDA. Without cpu=True, a torchrun launch on a machine without CUDA comes up as ONE process
+    (PartialState() then ignores WORLD_SIZE), which is how a two-process CPU run silently became one."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def process_state() -> Any:
+    """accelerate's shared process state, made the way every stage (and Trainer, Accelerator) must see it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu())
+
+
+def report_processes(stage: str, state: Any, share: str) -> None:
+    """One line per process, on every rank (non-main loggers are quietened): the world size this process
+    saw and its share of the work. The multi-process tests read these lines, so a launch that fell back
+    to one process shows as one line with `world size 1`, not as a silent success."""
+    print(f"[{stage}] rank {state.process_index} of world size {state.num_processes}: {share}",
+          file=sys.stderr, flush=True)

@@ -314,11 +314,8 @@ def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
 
 
 def _process_state():
-    """accelerate's view of the processes, as Accelerator will see them (ACCELERATE_USE_CPU included)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    """accelerate's view of the processes, as Accelerator will see them (see launch.process_state)."""
+    return launch.process_state()
 
 
 def _start(out: Path, spec: dict, force: bool) -> bool:
@@ -379,7 +376,7 @@ class PPOTrainer:
         self.rounds = self.rl.steps_per_update // envs
         self.n_micro = math.ceil(self.rl.steps_per_update / micro)
         # one optimizer step per PPO epoch: gradients accumulate (and synchronise) over its micro-batches
-        self.accelerator = acc = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
+        self.accelerator = acc = Accelerator(cpu=launch.use_cpu(), gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
         if acc.state.deepspeed_plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=self.n_micro,
@@ -607,6 +604,8 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
         log.info("PPO on %d process(es): %d slots x %d rounds = %d attempts per process per update, micro-batch "
                  "%d, %d updates from %s", trainer.accelerator.num_processes, envs, trainer.rounds,
                  rl.steps_per_update, micro, rl.num_updates, init_path)
+        launch.report_processes("ppo", trainer.accelerator, f"{rl.steps_per_update} attempts per update "
+                                f"(of {rl.steps_per_update * trainer.accelerator.num_processes} in all)")
         bar = tqdm(total=rl.num_updates, initial=start, desc="PPO updates", disable=not (main and progress))
         for number in range(start + 1, rl.num_updates + 1):
             row = trainer.update(number)
