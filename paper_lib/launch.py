@@ -112,7 +112,21 @@ def process_state() -> Any:
     """accelerate's shared process state, made the way every stage (and Trainer, Accelerator) must see it."""
     from accelerate import PartialState
 
+    die_with_launcher()
     return PartialState(cpu=use_cpu())
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (accelerate launch with several processes) each rank runs in a session of its own, so a
+    SIGKILL of the launcher's process group leaves the ranks training and writing on; ask Linux to SIGKILL
+    this rank when its launcher dies (prctl PR_SET_PDEATHSIG), as a kill of the whole run means."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def report_processes(stage: str, state: Any, share: str) -> None:

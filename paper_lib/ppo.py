@@ -531,7 +531,7 @@ class PPOTrainer:
         p, nan = self.accelerator.num_processes, float("nan")
         row = {
             "update": number, "mean_reward": t[0] / t[1],
-            "success_rate": t[3] / t[2] if t[2] else nan, "episodes": int(t[2]),
+            "success_rate": t[3] / t[2] if t[2] else nan, "episodes": int(t[2]), "attempts": int(t[1]),
             "episode_reward": t[4] / t[2] if t[2] else nan, "attempts_per_episode": t[5] / t[2] if t[2] else nan,
             "policy_loss": t[6] / t[9], "value_loss": t[7] / t[9], "clip_fraction": t[8] / t[9],
             "approx_kl": t[13] / max(t[14], 1), "entropy": t[11] / max(t[12], 1), "grad_norm": t[15] / p,

@@ -5,10 +5,13 @@ Select with `pytest -m multiprocess`."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -70,6 +73,8 @@ def test_sft_two_processes_match_one(tmp_path, monkeypatch):
     assert sorted(p.name for p in last.glob("*.safetensors")) == ["model.safetensors"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert AutoModelForCausalLM.from_pretrained(last).config.num_hidden_layers == 2
+    # weights only, but for the newest, which keeps the optimizer state a resume needs
+    assert (last / "optimizer.pt").is_file() and not (sft.checkpoints(two)[0] / "optimizer.pt").exists()
     # the same curves within 2e-3 (the global batch is the same; only the sum order of the gradient differs)
     a, b = sft.loss_table(one), sft.loss_table(two)
     merged = a.merge(b, on=["step", "curve"], suffixes=("_one", "_two"))
@@ -107,6 +112,50 @@ def test_ppo_two_processes(tiny_base, tmp_path):
     assert not (out / "checkpoint-1" / "trainer_state").exists() and (out / "checkpoint-2" / "trainer_state").is_dir()
     assert ppo.load_value_head(out / "checkpoint-2" / "value_head.safetensors").hidden_size == \
         ppo.hidden_size(AutoModelForCausalLM.from_pretrained(out / "checkpoint-2"))
+    # one process at the same global batch (8 attempts an update): the same attempts per update, so the
+    # two-process row is the sum over both processes, not one process's half
+    single = config.load(preset, rl__steps_per_update=8, rl__num_processes=1, rl__accelerate_config="single")
+    shutil.rmtree(out)
+    ppo.train(single, progress=False)
+    one = pd.read_csv(out / "metrics.csv")
+    assert one["attempts"].tolist() == m["attempts"].tolist() == [8, 8]
+    assert one["episodes"].sum() > 0 and m["episodes"].sum() > 0
+
+
+def test_two_process_sft_resumes_after_sigkill_of_the_group(tmp_path):
+    cfg = config.load("tiny", **{**SFT_SMALL, "data.sft_size": 96, "sft.per_device_batch_size": 4,
+                                              "sft.num_processes": 2, "sft.accelerate_config": "multi_cpu"})  # 12 steps
+    out = artifacts.sft_dir(cfg)
+    data.build(cfg)
+    sft.manifest_spec(cfg)  # the base model, built before the launch as sft.run does
+    cmd = sft.launch_command(cfg)
+    assert "accelerate.commands.launch" in cmd
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while not (out / "checkpoint-3" / "trainer_state.json").is_file():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.wait()
+    assert_two_processes((tmp_path / "killed.log").read_text(), "sft")
+    survived = sft.checkpoints(cfg)
+    assert artifacts.read_manifest(out) is None and sft.checkpoint_step(survived[-1]) < 12, "killed mid-run"
+    last = survived[-1]
+    stamp = (last / "trainer_state.json").stat().st_mtime_ns
+
+    sft.run(cfg, stream=False)
+    log = (out / sft.LOG_FILE).read_text()
+    assert_two_processes(log, "sft")
+    assert f"resuming from {last}" in log
+    assert [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)] == [3, 6, 9, 12]
+    assert (last / "trainer_state.json").stat().st_mtime_ns == stamp, "the checkpoint resumed from is not redone"
+    assert json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["global_step"] == 12
+    table = sft.loss_table(cfg)
+    assert not table.duplicated(["step", "curve"]).any(), "no step repeated"
+    assert sorted(table.loc[table.curve == "id_train", "step"]) == list(range(2, 13, 2)), "no step lost"
 
 
 def test_evaluation_split_across_two_processes_equals_one(tiny_base, tmp_path):
