@@ -386,6 +386,12 @@ class PPOTrainer:
         dtype = None if acc.state.deepspeed_plugin is not None else "float32"
         policy, self.tokenizer = models.load(cfg, checkpoint=init, dtype=dtype, device=str(acc.device))
         policy.eval()  # no dropout: the ratio must compare one function with itself
+        if self.rl.gradient_checkpointing:  # memory of the 7B/11B presets; the same gradients, more compute
+            if getattr(policy.config, "attention_dropout", 0.0):
+                raise ValueError("rl.gradient_checkpointing needs a model without dropout (HF checkpoints only in "
+                                 "train mode); set rl.gradient_checkpointing: false")
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.train()  # HF recomputes only in train mode; without dropout it is the same function
         if acc.device.type == "cpu" and hidden_size(policy) <= 256:
             # a tiny model gains nothing from intra-op threads and loses much when another process holds a core
             torch.set_num_threads(1)
