@@ -199,7 +199,7 @@ def test_launch_command_round_trips_the_config_and_names_missing_accelerate_conf
     items = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--override"]
     assert config.load("qwen7b", **sft.parse_overrides(items)) == cfg
     assert sft.launch_command(config.load("tiny"))[1:] == ["-m", "paper_lib.sft", "--preset", "tiny"]
-    with pytest.raises(FileNotFoundError, match=r"zero9.*\['single', 'zero2', 'zero3'\]"):
+    with pytest.raises(FileNotFoundError, match=r"zero9.*\['multi_cpu', 'single', 'zero2', 'zero2_offload', 'zero3'\]"):
         sft.launch_command(config.load("tiny", sft__accelerate_config="zero9"))
 
 
