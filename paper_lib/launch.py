@@ -133,5 +133,6 @@ def report_processes(stage: str, state: Any, share: str) -> None:
     """One line per process, on every rank (non-main loggers are quietened): the world size this process
     saw and its share of the work. The multi-process tests read these lines, so a launch that fell back
     to one process shows as one line with `world size 1`, not as a silent success."""
-    print(f"[{stage}] rank {state.process_index} of world size {state.num_processes}: {share}",
-          file=sys.stderr, flush=True)
+    line = f"\n[{stage}] rank {state.process_index} of world size {state.num_processes}: {share}\n"
+    sys.stderr.flush()
+    os.write(2, line.encode())  # one write, under PIPE_BUF: the ranks' lines cannot interleave in a shared pipe
