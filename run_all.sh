@@ -51,6 +51,9 @@ if [ "$dry_run" = 1 ]; then
     name="$(basename "$nb" .py)"
     echo "  $name  ->  $out_dir/$name.ipynb"
   done
+  echo
+  plan_py="${PAPER_PYTHON:-python3}"; [ -z "${PAPER_PYTHON:-}" ] && [ -x .venv/bin/python ] && plan_py=.venv/bin/python
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$plan_py" -m paper_lib.plan "$preset"
   exit 0
 fi
 

@@ -111,6 +111,7 @@ class RLConfig:
     save_every: int = 20
     num_processes: int = 4
     accelerate_config: str = "zero2"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (the 7B/11B presets)
     seed: int = 42
 
 

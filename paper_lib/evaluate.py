@@ -97,6 +97,7 @@ def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Han
         set_seed(cfg.eval.seed + repeat)
         with state.split_between_processes(jobs) as mine:
             records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat)
+            launch.report_processes("eval", state, f"{len(mine)} of {len(jobs)} hands")
     return gather_object(records) if state.num_processes > 1 else records
 
 
@@ -122,7 +123,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
 
     if not force and artifacts.manifest_matches(out, spec):
         return episodes_table(out)
-    state = PartialState()
+    state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
     splits = data.load(cfg)
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     log.info("evaluating %s (%s) on %d process(es)", checkpoint.label, checkpoint.path, state.num_processes)

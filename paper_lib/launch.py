@@ -110,3 +110,43 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--override needs section.key=value, got {item!r}")
         overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     return overrides
+
+
+def use_cpu() -> bool:
+    """Whether accelerate should run on the CPU: asked for (ACCELERATE_USE_CPU, `accelerate launch --cpu`) or
+    no CUDA. Without cpu=True, a torchrun launch on a machine without CUDA comes up as ONE process
+    (PartialState() then ignores WORLD_SIZE), which is how a two-process CPU run silently became one."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def process_state() -> Any:
+    """accelerate's shared process state, made the way every stage (and Trainer, Accelerator) must see it."""
+    from accelerate import PartialState
+
+    die_with_launcher()
+    return PartialState(cpu=use_cpu())
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (accelerate launch with several processes) each rank runs in a session of its own, so a
+    SIGKILL of the launcher's process group leaves the ranks training and writing on; ask Linux to SIGKILL
+    this rank when its launcher dies (prctl PR_SET_PDEATHSIG), as a kill of the whole run means."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_processes(stage: str, state: Any, share: str) -> None:
+    """One line per process, on every rank (non-main loggers are quietened): the world size this process
+    saw and its share of the work. The multi-process tests read these lines, so a launch that fell back
+    to one process shows as one line with `world size 1`, not as a silent success."""
+    line = f"\n[{stage}] rank {state.process_index} of world size {state.num_processes}: {share}\n"
+    sys.stderr.flush()
+    os.write(2, line.encode())  # one write, under PIPE_BUF: the ranks' lines cannot interleave in a shared pipe

@@ -160,11 +160,8 @@ def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
 
 
 def _process_state():
-    """accelerate's view of the processes, as Accelerator will see them (ACCELERATE_USE_CPU included)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    """accelerate's view of the processes, as Accelerator will see them (see launch.process_state)."""
+    return launch.process_state()
 
 
 def _start(out: Path, spec: dict, force: bool) -> bool:
@@ -225,7 +222,7 @@ class PPOTrainer:
         self.rounds = self.rl.steps_per_update // envs
         self.n_micro = math.ceil(self.rl.steps_per_update / micro)
         # one optimizer step per PPO epoch: gradients accumulate (and synchronise) over its micro-batches
-        self.accelerator = acc = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
+        self.accelerator = acc = Accelerator(cpu=launch.use_cpu(), gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
         if acc.state.deepspeed_plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm
             acc.state.deepspeed_plugin.deepspeed_config.update(
                 train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=self.n_micro,
@@ -235,6 +232,12 @@ class PPOTrainer:
         dtype = None if acc.state.deepspeed_plugin is not None else "float32"
         policy, self.tokenizer = models.load(cfg, checkpoint=init, dtype=dtype, device=str(acc.device))
         policy.eval()  # no dropout: the ratio must compare one function with itself
+        if self.rl.gradient_checkpointing:  # memory of the 7B/11B presets; the same gradients, more compute
+            if getattr(policy.config, "attention_dropout", 0.0):
+                raise ValueError("rl.gradient_checkpointing needs a model without dropout (HF checkpoints only in "
+                                 "train mode); set rl.gradient_checkpointing: false")
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.train()  # HF recomputes only in train mode; without dropout it is the same function
         if acc.device.type == "cpu" and hidden_size(policy) <= 256:
             # a tiny model gains nothing from intra-op threads and loses much when another process holds a core
             torch.set_num_threads(1)
@@ -387,7 +390,7 @@ class PPOTrainer:
         per_episode = lambda key: t[key] / episodes if episodes else nan  # noqa: E731
         row = {
             "update": number, "mean_reward": t["reward"] / t["steps"],
-            "success_rate": per_episode("successes"), "episodes": int(episodes),
+            "success_rate": per_episode("successes"), "episodes": int(episodes), "attempts": int(t["steps"]),
             "episode_reward": per_episode("episode_reward"), "attempts_per_episode": per_episode("episode_attempts"),
             "policy_loss": t["policy_loss"] / t["samples"], "value_loss": t["value_loss"] / t["samples"],
             "clip_fraction": t["clipped"] / t["samples"], "approx_kl": t["drift"] / max(t["drift_tokens"], 1),
@@ -465,6 +468,8 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
         log.info("PPO on %d process(es): %d slots x %d rounds = %d attempts per process per update, micro-batch "
                  "%d, %d updates from %s", trainer.accelerator.num_processes, envs, trainer.rounds,
                  rl.steps_per_update, micro, rl.num_updates, init_path)
+        launch.report_processes("ppo", trainer.accelerator, f"{rl.steps_per_update} attempts per update "
+                                f"(of {rl.steps_per_update * trainer.accelerator.num_processes} in all)")
         bar = tqdm(total=rl.num_updates, initial=start, desc="PPO updates", disable=not (main and progress))
         for number in range(start + 1, rl.num_updates + 1):
             row = trainer.update(number)

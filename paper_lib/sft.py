@@ -338,6 +338,8 @@ def train(cfg: Config, force: bool = False) -> Path:
         log.warning("running %d process(es) but sft.num_processes is %d: the global batch is %d, not %d",
                     state.num_processes, cfg.sft.num_processes, state.num_processes * _per_process_batch(cfg),
                     cfg.sft.num_processes * _per_process_batch(cfg))
+    launch.report_processes("sft", state, f"{_per_process_batch(cfg)} examples per optimizer step (of "
+                                          f"{state.num_processes * _per_process_batch(cfg)} in all)")
     if state.is_main_process:
         _prepare_dir(out, spec, force)
     state.wait_for_everyone()
@@ -368,12 +370,8 @@ def train(cfg: Config, force: bool = False) -> Path:
 
 
 def _process_state() -> Any:
-    """accelerate's shared process state, made as the Trainer makes it (cpu=True without CUDA, or a
-    multi-process CPU launch would be taken for one process)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
+    """accelerate's shared process state, made as the Trainer makes it (see launch.process_state)."""
+    return launch.process_state()
 
 
 def _per_process_batch(cfg: Config) -> int:

@@ -396,6 +396,21 @@ def load_pair(out_dir: str | os.PathLike, before: str,
 
 
 # ------------------------------------------------------------------------------------------- the stage
+def clear_svd_cache(cfg) -> int:
+    """Delete the SVD factor cache once the stages that read it (06_restore, 07_causal) are done; returns the
+    bytes freed. Safe to call at any time: a later stage that needs a factor decomposes it again. For the 7B
+    presets the cache holds every projection's full thin SVD of several checkpoints (hundreds of GB)."""
+    import shutil
+
+    cache = weights.svd_cache(cfg)
+    if not cache.is_dir():
+        return 0
+    freed = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    shutil.rmtree(cache)
+    log.info("deleted the SVD cache %s (%.3g GB)", cache, freed / 1e9)
+    return freed
+
+
 def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
               force: bool = False) -> pd.DataFrame:
     """The notebook's stage: analyze_pairs under runs/<preset>/spectra with cfg.spectra's k, dtype and

@@ -213,3 +213,14 @@ def test_grpo_smoke(sft_ready):
     m = pd.read_csv(out / "metrics.csv")
     assert m["update"].tolist() == [1, 2] and m["mean_reward"].between(0, 1).all()
     assert math.isfinite(m["success_rate"].iloc[0])
+
+
+def test_gradient_checkpointing_gives_the_same_update(sft_ready):
+    """rl.gradient_checkpointing (on for the 7B/11B presets) trades compute for memory, not results."""
+    rows = []
+    for checkpointing in (False, True):
+        cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8,
+                          rl__gradient_checkpointing=checkpointing)
+        rows.append(pd.read_csv(ppo.train(cfg, force=True, progress=False) / "metrics.csv").iloc[0])
+    for column in ("mean_reward", "policy_loss", "value_loss", "grad_norm", "approx_kl"):
+        assert rows[1][column] == pytest.approx(rows[0][column], rel=1e-5, abs=1e-7), column

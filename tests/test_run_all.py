@@ -24,11 +24,13 @@ def test_dry_run_lists_the_notebooks_in_order_and_honours_from_and_only():
     names = sorted(p.stem for p in (PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
     out = run("tiny", "--dry-run")
     assert out.returncode == 0, out.stderr
-    listed = [line.split()[0] for line in out.stdout.splitlines()[1:]]
+    listing, _, plan = out.stdout.partition("\n\n")  # the notebooks, then the plan (paper_lib.plan)
+    listed = [line.split()[0] for line in listing.splitlines()[1:]]
     assert listed == names
     assert "01_data" in listed
+    assert plan.startswith("plan for preset 'tiny'") and "total disk" in plan
     only = run("tiny", "--dry-run", "--only", "1")
-    assert [line.split()[0] for line in only.stdout.splitlines()[1:]] == ["01_data"]
+    assert [line.split()[0] for line in only.stdout.partition("\n\n")[0].splitlines()[1:]] == ["01_data"]
 
 
 def test_bad_arguments_fail_with_a_message():

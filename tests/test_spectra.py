@@ -392,3 +392,17 @@ def test_analyze_pairs_float32_tall_embedding_matches_float64(tmp_path):
     np.testing.assert_allclose(arrays[name]["angles_u"], principal_angles(Ub[:, :16], Ua[:, :16]).numpy(), atol=1e-5)
     np.testing.assert_allclose(arrays[name]["rot_u"], rotation_angles(Ub[:, :16], Ua[:, :16]).numpy(), atol=1e-4)
     np.testing.assert_allclose(table.loc[0, "fro_delta"], torch.linalg.matrix_norm(Wrf - Wf).item(), rtol=1e-10)
+
+
+def test_clear_svd_cache_frees_the_cache_and_a_later_stage_recomputes(tmp_path):
+    from paper_lib import config
+
+    cfg = config.load("tiny")
+    cache = weights.svd_cache(cfg)
+    W = torch.randn(12, 8, dtype=torch.float64)
+    weights.load_or_decompose(W, "w", cache, device="cpu")
+    size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    assert size > 0 and spectra.clear_svd_cache(cfg) == size and not cache.exists()
+    assert spectra.clear_svd_cache(cfg) == 0
+    U, S, Vh = weights.load_or_decompose(W, "w", cache, device="cpu")
+    assert torch.allclose((U * S) @ Vh, W.to(U.dtype), atol=1e-5)

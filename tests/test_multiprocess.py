@@ -1,0 +1,181 @@
+"""Two processes on the CPU (accelerate's MULTI_CPU over gloo, configs/accelerate/multi_cpu.yaml) against
+one, at the same global batch: SFT, PPO and evaluation on the tiny preset. Each test first checks from the
+per-rank lines (launch.report_processes) that two processes really ran and each did its half.
+Select with `pytest -m multiprocess`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from paper_lib import actor_critic, artifacts, config, data, evaluate, ppo, sft
+from paper_lib.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.multiprocess
+
+MULTI = str(PROJECT_ROOT / "configs" / "accelerate" / "multi_cpu.yaml")
+RANK_LINE = re.compile(r"\[(\w+)\] rank (\d+) of world size (\d+): (.*)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def ranks(text: str, stage: str) -> dict[int, tuple[int, str]]:
+    """rank -> (world size it saw, its share) from the per-rank lines of one stage."""
+    found = {}
+    for m in RANK_LINE.finditer(text):
+        if m.group(1) == stage:
+            found[int(m.group(2))] = (int(m.group(3)), m.group(4))
+    return found
+
+
+def assert_two_processes(text: str, stage: str) -> dict[int, str]:
+    seen = ranks(text, stage)
+    assert sorted(seen) == [0, 1], f"expected ranks 0 and 1 in the {stage} log, got {seen}:\n{text[-3000:]}"
+    assert all(world == 2 for world, _ in seen.values()), seen
+    return {rank: share for rank, (_, share) in seen.items()}
+
+
+# SFT: 6 steps of a global batch of 8, checkpoints at 3 and 6, a loss point every 2 steps
+SFT_SMALL = {"data.sft_size": 48, "data.test_size": 8, "data.loss_set_size": 8, "sft.save_steps": 3,
+             "sft.eval_steps": 2}
+
+
+def test_sft_two_processes_match_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path / "one"))
+    one = config.load("tiny", **SFT_SMALL, **{"sft.per_device_batch_size": 8})
+    sft.run(one, stream=False)
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path / "two"))
+    two = config.load("tiny", **SFT_SMALL, **{"sft.per_device_batch_size": 4, "sft.num_processes": 2,
+                                              "sft.accelerate_config": "multi_cpu"})
+    out = sft.run(two, stream=False)
+    shares = assert_two_processes((out / sft.LOG_FILE).read_text(), "sft")
+    assert all(share.startswith("4 examples per optimizer step (of 8") for share in shares.values()), shares
+
+    assert [sft.checkpoint_step(p) for p in sft.checkpoints(two)] == [3, 6] == \
+        [sft.checkpoint_step(p) for p in sft.checkpoints(one)]
+    assert artifacts.read_manifest(out)["provenance"]["processes"] == 2
+    # written once, by the main process: one weights file, no per-rank leftovers, a plain HF checkpoint
+    last = sft.checkpoints(two)[-1]
+    assert sorted(p.name for p in last.glob("*.safetensors")) == ["model.safetensors"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert AutoModelForCausalLM.from_pretrained(last).config.num_hidden_layers == 2
+    # weights only, but for the newest, which keeps the optimizer state a resume needs
+    assert (last / "optimizer.pt").is_file() and not (sft.checkpoints(two)[0] / "optimizer.pt").exists()
+    # the same curves within 2e-3 (the global batch is the same; only the sum order of the gradient differs)
+    a, b = sft.loss_table(one), sft.loss_table(two)
+    merged = a.merge(b, on=["step", "curve"], suffixes=("_one", "_two"))
+    assert len(merged) == len(a) == len(b) > 0
+    assert merged["loss_one"].to_numpy() == pytest.approx(merged["loss_two"].to_numpy(), abs=2e-3)
+
+
+def _preset(tmp_path, name="tiny", **sections):
+    settings = config.load("tiny").to_dict()
+    settings.pop("preset")
+    for section, values in sections.items():
+        settings[section].update(values)
+    path = tmp_path / "preset" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_ppo_two_processes(tiny_base, tmp_path):
+    preset = _preset(tmp_path, rl={"num_updates": 2, "save_every": 1, "steps_per_update": 4, "max_new_tokens": 8,
+                                   "num_processes": 2, "accelerate_config": "multi_cpu"})
+    cfg = config.load(preset)
+    shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
+    shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
+    out = ppo.run(cfg)
+    log = (artifacts.run_dir(cfg) / "logs" / "rl.log").read_text()
+    shares = assert_two_processes(log, "ppo")
+    assert all(share == "4 attempts per update (of 8 in all)" for share in shares.values()), shares
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["update"].tolist() == [1, 2], "one row per update, written once"
+    assert sorted(ppo.checkpoints(cfg)) == [1, 2]
+    for n in (1, 2):
+        assert sorted(p.name for p in (out / f"checkpoint-{n}").glob("*.safetensors")) == \
+            ["model.safetensors", "value_head.safetensors"]
+    assert not (out / "checkpoint-1" / "trainer_state").exists() and (out / "checkpoint-2" / "trainer_state").is_dir()
+    assert actor_critic.load_value_head(out / "checkpoint-2" / "value_head.safetensors").hidden_size == \
+        actor_critic.hidden_size(AutoModelForCausalLM.from_pretrained(out / "checkpoint-2"))
+    # one process at the same global batch (8 attempts an update): the same attempts per update, so the
+    # two-process row is the sum over both processes, not one process's half
+    single = config.load(preset, rl__steps_per_update=8, rl__num_processes=1, rl__accelerate_config="single")
+    shutil.rmtree(out)
+    ppo.train(single, progress=False)
+    one = pd.read_csv(out / "metrics.csv")
+    assert one["attempts"].tolist() == m["attempts"].tolist() == [8, 8]
+    assert one["episodes"].sum() > 0 and m["episodes"].sum() > 0
+
+
+def test_two_process_sft_resumes_after_sigkill_of_the_group(tmp_path):
+    cfg = config.load("tiny", **{**SFT_SMALL, "data.sft_size": 96, "sft.per_device_batch_size": 4,
+                                              "sft.num_processes": 2, "sft.accelerate_config": "multi_cpu"})  # 12 steps
+    out = artifacts.sft_dir(cfg)
+    data.build(cfg)
+    sft.manifest_spec(cfg)  # the base model, built before the launch as sft.run does
+    cmd = sft.launch_command(cfg)
+    assert "accelerate.commands.launch" in cmd
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while not (out / "checkpoint-3" / "trainer_state.json").is_file():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.wait()
+    assert_two_processes((tmp_path / "killed.log").read_text(), "sft")
+    survived = sft.checkpoints(cfg)
+    assert artifacts.read_manifest(out) is None and sft.checkpoint_step(survived[-1]) < 12, "killed mid-run"
+    last = survived[-1]
+    stamp = (last / "trainer_state.json").stat().st_mtime_ns
+
+    sft.run(cfg, stream=False)
+    log = (out / sft.LOG_FILE).read_text()
+    assert_two_processes(log, "sft")
+    assert f"resuming from {last}" in log
+    assert [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)] == [3, 6, 9, 12]
+    assert (last / "trainer_state.json").stat().st_mtime_ns == stamp, "the checkpoint resumed from is not redone"
+    assert json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["global_step"] == 12
+    table = sft.loss_table(cfg)
+    assert not table.duplicated(["step", "curve"]).any(), "no step repeated"
+    assert sorted(table.loc[table.curve == "id_train", "step"]) == list(range(2, 13, 2)), "no step lost"
+
+
+def test_evaluation_split_across_two_processes_equals_one(tiny_base, tmp_path):
+    preset = _preset(tmp_path, data={"test_size": 6}, eval={"max_new_tokens": 8, "max_attempts": 1,
+                                                             "decoding": "greedy"})
+    cfg = config.load(preset)
+    data.build(cfg)
+    base = str(tiny_base.path)
+    args = ["-m", "paper_lib.evaluate", "--preset", str(preset), "--checkpoint", base]
+    single = subprocess.run([sys.executable, *args, "--label", "one"], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", MULTI,
+                             "--num_processes", "2", *args, "--label", "two"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    shares = assert_two_processes(double.stdout + double.stderr, "eval")
+    n = len(data.load(cfg)["id_test"]["cards"]) + len(data.load(cfg)["ood_test"]["cards"])
+    assert sorted(shares.values()) == [f"{n // 2} of {n} hands"] * 2
+    one = evaluate.episodes_table(artifacts.eval_dir(cfg) / "one")
+    two = evaluate.episodes_table(artifacts.eval_dir(cfg) / "two")
+    assert len(two) == n and not two.duplicated(["rule", "hand"]).any(), "each hand once"
+    pd.testing.assert_frame_equal(one.reset_index(drop=True), two.reset_index(drop=True))
