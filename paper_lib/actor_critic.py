@@ -1,16 +1,20 @@
-"""The learner of the paper's PPO (Chu et al.'s recipe, PAPER_SPEC 4), piece by piece: the critic on the
-policy's last hidden state, the action log-probabilities at the sampling temperature with the thought
-tokens down-weighted, GAE over attempts and the clipped losses. ppo.py runs them as the RL stage.
+"""The paper's PPO (Chu et al.'s recipe, PAPER_SPEC 4), piece by piece: the rollouts (episode slots played
+in lockstep), the critic on the policy's last hidden state, the action log-probabilities at the sampling
+temperature with the thought tokens down-weighted, GAE over attempts and the clipped losses. ppo.py runs
+them as the RL stage.
 """
 from __future__ import annotations
 
 import bisect
 import os
+import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from . import cards
 
 THOUGHT_KEY = '"formula"'  # tokens before its last occurrence are the "thought" (upstream)
 
@@ -166,3 +170,44 @@ def k3_kl(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     unbiased and never negative."""
     log_ratio = log_ratio * mask
     return (log_ratio.exp() - 1 - log_ratio) * mask
+
+
+class Rollouts:
+    """`envs` episode slots played in lockstep, one attempt per slot per round; hands from the ID rule
+    with a seeded RNG. Episodes still running at the end of an update carry over to the next."""
+
+    def __init__(self, envs: int, seed: int, max_attempts: int, target: int,
+                 grade: Callable[[cards.Hand, str], cards.Verdict]):
+        self.rng = random.Random(seed)
+        self.max_attempts, self.target, self.grade = max_attempts, target, grade
+        self.slots = [self._new() for _ in range(envs)]
+
+    def _new(self) -> cards.Episode:
+        return cards.start_episode(cards.sample_hand(self.rng, "id", self.target), self.target)
+
+    def collect(self, generator, rounds: int, coef: float) -> tuple[list[list[Step]], list[cards.Episode]]:
+        """rounds x envs steps, and the episodes that ended meanwhile."""
+        steps, finished = [], []
+        for _ in range(rounds):
+            row = []
+            for e, generation in enumerate(generator.generate_tokens([list(ep.messages) for ep in self.slots])):
+                episode = self.slots[e]
+                verdict = cards.step_episode(episode, generation.text, self.target, self.grade).verdict
+                # A correct attempt or the last failed one ends the episode, and nothing follows it (upstream
+                # asks for a sixth, ungraded answer at -1 and, as a time limit, bootstraps into the next hand).
+                done = cards.is_finished(episode, self.max_attempts)
+                row.append(Step(generation.prompt_ids, generation.response_ids,
+                                thought_weights(generator.tokenizer, generation.response_ids, coef),
+                                verdict.reward, done))
+                if done:
+                    finished.append(episode)
+                    self.slots[e] = self._new()
+            steps.append(row)
+        return steps, finished
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "slots": self.slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.slots = state["slots"]

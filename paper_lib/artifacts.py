@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -356,3 +357,51 @@ def safe_name(name: str, what: str = "label") -> str:
         raise ArtifactError(f"{what} {name!r} must be a single name of letters, digits, '-', '_' and '.' "
                             f"(not '.' or '..')")
     return name
+
+
+# ------------------------------------------------------------------------- a training stage's directory
+RUN_SPEC = "run_spec.json"  # the spec of the run a training directory holds, written before it starts
+
+
+def prepare_run_dir(out: str | os.PathLike, spec: dict[str, Any], force: bool, what: str) -> None:
+    """Make `out` ready to train `spec` (on the main process): forced, it is emptied (the user asked);
+    holding a run of another spec, it is moved aside whole (never deleted); holding this spec (an
+    interrupted run), it is kept for resuming, less the scratch a killed save left. The manifest goes
+    (the finished run writes it again) and the run spec is written."""
+    out = Path(out)
+    canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
+    if force and out.exists():
+        log.info("starting %s afresh (force)", out)
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and read_json(out / RUN_SPEC) != canon:
+        move_aside(out, f"it holds {what} of other settings, code or inputs")
+    out.mkdir(parents=True, exist_ok=True)
+    for partial in out.glob(".checkpoint-*"):  # our own scratch names, left by a run killed while saving
+        shutil.rmtree(partial, ignore_errors=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    (out / RUN_SPEC).write_text(json.dumps(canon, indent=2, sort_keys=True))
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Append rows to a CSV table (its header from the first row when the file is new)."""
+    path = Path(path)
+    if not rows:
+        return
+    new = not path.is_file()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def keep_rows(path: str | os.PathLike, column: str, last: int) -> None:
+    """Drop the rows of a CSV table whose `column` is past `last`: what a killed run logged after its last
+    checkpoint is redone when it resumes."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r[column]) <= last]
+    path.unlink()
+    append_rows(path, rows)

@@ -13,7 +13,7 @@ import torch
 
 from . import artifacts, cards, models
 from .config import Config
-from .ppo import Grade, _append_metrics, _start, _validate_init, checkpoints, init_checkpoint, run_spec, verifier
+from .ppo import METRICS, Grade, _start, _validate_init, checkpoints, init_checkpoint, run_spec, verifier
 
 
 def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
@@ -69,8 +69,7 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
         for entry in trainer.state.log_history:
             if "reward" in entry:
                 rows[entry["step"]] = {new: entry.get(old, float("nan")) for old, new in rename.items()}
-        (out / "metrics.csv").unlink(missing_ok=True)
-        for step in sorted(rows):
-            _append_metrics(out, rows[step])
+        (out / METRICS).unlink(missing_ok=True)  # TRL's log history holds every update
+        artifacts.append_rows(out / METRICS, [rows[step] for step in sorted(rows)])
         artifacts.write_manifest(out, spec)
     return out

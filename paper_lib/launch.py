@@ -1,12 +1,18 @@
-"""Running a training stage (SFT, RL) as a subprocess from a notebook or a script.
+"""The one way to run a training stage (SFT, RL) from a notebook or a script, and the conventions of every
+`python -m paper_lib.X`.
 
-The child's output (progress bar and log) is written to a log file and echoed as it comes; an interrupt
-(a notebook's stop button) stops the whole process group we started; the caller gets the exit code and
-the tail of the output for its error message. The child's settings come as `--override section.key=value`.
+`run_stage` starts `python -m paper_lib.<module> --preset P --override section.key=value ...` (behind
+`accelerate launch` when the stage's accelerate config or process count asks for it), appends its output
+to runs/<preset>/logs/<module>.log and echoes it as it comes; an interrupt (a notebook's stop button)
+stops the whole process group it started; a failure is a StageError with the command, the log and its
+last lines. Inside the child, `process_state` is how every stage sees its processes.
 """
 from __future__ import annotations
 
+import argparse
 import codecs
+import json
+import logging
 import os
 import re
 import select
@@ -16,11 +22,20 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
-from .config import PROJECT_ROOT, ConfigError
+from . import artifacts
+from . import config as config_lib
+from .config import PROJECT_ROOT, Config, ConfigError
+
+log = logging.getLogger(__name__)
+ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"
+
+
+class StageError(RuntimeError):
+    """A training stage failed in its subprocess; the message holds its command, exit code, log and last lines."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -150,3 +165,86 @@ def report_processes(stage: str, state: Any, share: str) -> None:
     line = f"\n[{stage}] rank {state.process_index} of world size {state.num_processes}: {share}\n"
     sys.stderr.flush()
     os.write(2, line.encode())  # one write, under PIPE_BUF: the ranks' lines cannot interleave in a shared pipe
+
+
+# ------------------------------------------------------------------------------------- the stage runner
+def config_overrides(cfg: Config) -> dict[str, Any]:
+    """The `section.key` settings in which cfg differs from its preset file, to pass on a command line."""
+    mine, base = _flatten(cfg.to_dict()), _flatten(config_lib.load(cfg.preset).to_dict())
+    return {key: value for key, value in mine.items() if key != "preset" and value != base.get(key)}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] = (),
+                  use_accelerate: bool | None = None) -> list[str]:
+    """The command that runs a training stage: `python -m paper_lib.<module> --preset P --override k=v ...`
+    with the settings in which cfg differs from its preset, then `extra`; behind `accelerate launch
+    --config_file configs/accelerate/<section.accelerate_config>.yaml --num_processes <section.num_processes>`
+    unless (use_accelerate=None) that is one process with no distributed backend. A preset that is not
+    under configs/presets travels whole, as a preset file beside the stage's log."""
+    settings = getattr(cfg, section)
+    acc_path = ACCELERATE_DIR / f"{settings.accelerate_config}.yaml"
+    if not acc_path.is_file():
+        choices = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"accelerate config {acc_path} does not exist: {section}.accelerate_config="
+                                f"{settings.accelerate_config!r} must be one of {choices} (files in {ACCELERATE_DIR})")
+    args = ["-m", f"paper_lib.{module}"]
+    if cfg.preset in config_lib.available_presets():
+        args += ["--preset", cfg.preset]
+        for key, value in config_overrides(cfg).items():
+            args += ["--override", f"{key}={json.dumps(value)}"]
+    else:  # named after the preset, so the child writes to the same runs/<preset>/
+        preset_file = stage_log(cfg, module).parent / f"{module}-config" / f"{cfg.preset}.yaml"
+        preset_file.parent.mkdir(parents=True, exist_ok=True)
+        settings_tree = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "preset"}))
+        preset_file.write_text(yaml.safe_dump(settings_tree, sort_keys=False))
+        args += ["--preset", str(preset_file)]
+    args += list(extra)
+    if use_accelerate is None:
+        distributed = (yaml.safe_load(acc_path.read_text()) or {}).get("distributed_type", "NO")
+        use_accelerate = settings.num_processes > 1 or str(distributed).upper() != "NO"
+    if not use_accelerate:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_path),
+            "--num_processes", str(settings.num_processes), *args]
+
+
+def stage_log(cfg: Config, module: str) -> Path:
+    """runs/<preset>/logs/<module>.log: every run of the stage appends to it (kept when a run is redone)."""
+    return artifacts.run_dir(cfg) / "logs" / f"{module}.log"
+
+
+def run_stage(cfg: Config, module: str, section: str, extra: Sequence[str] = (), stream: bool = True) -> None:
+    """Run a training stage's command (stage_command) to its end, streaming it into its log; StageError
+    with the tail of the log when it fails."""
+    command = stage_command(cfg, module, section, extra)
+    log_path = stage_log(cfg, module)
+    log.info("running %s (log: %s)", " ".join(command), log_path)
+    code, output = run_streamed(command, log_path, stream=stream)
+    if code != 0:
+        raise StageError(f"{module} failed with exit code {code}.\ncommand: {' '.join(command)}\nfull log: "
+                         f"{log_path}\nlast lines:\n{tail(output, 40)}")
+
+
+def stage_arguments(prog: str, description: str, what: str) -> argparse.ArgumentParser:
+    """The command line every stage module shares: --preset, --override (repeatable), --force."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", default="tiny", help="a preset name under configs/presets/ or a .yaml path")
+    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings, e.g. --override sft.learning_rate=1e-5 rl.num_updates=10")
+    parser.add_argument("--force", action="store_true", help=f"{what} afresh even if a finished run matches")
+    return parser
+
+
+def stage_config(args: argparse.Namespace) -> Config:
+    """The settings a stage module's command line names (stage_arguments)."""
+    return config_lib.load(args.preset, **parse_overrides([item for group in args.override for item in group]))

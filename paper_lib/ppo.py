@@ -30,29 +30,23 @@ latest also holds trainer_state/ for resuming), metrics.csv (one row per update)
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
-import json
 import logging
 import math
 import os
 import pickle
-import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from . import artifacts, cards, config, launch, models
-from .actor_critic import (ActorCritic, Step, ValueHead, gae, hidden_size, k3_kl, pad_rows, ppo_loss,
-                           save_value_head, score, thought_weights)
-from .config import PROJECT_ROOT, Config
+from .actor_critic import (ActorCritic, Rollouts, Step, ValueHead, gae, hidden_size, k3_kl, pad_rows, ppo_loss,
+                           save_value_head, score)
+from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -62,46 +56,6 @@ Grade = Callable[[cards.Hand, str], cards.Verdict]  # (hand, answer text) -> ver
 def verifier(target: int = cards.TARGET, partial_credit: str = "arithmetic") -> Grade:
     """The reward of PAPER_SPEC 2.4 for one answer (rl.partial_credit decides PARTIAL)."""
     return lambda hand, text: cards.verify_formula(cards.parse_formula(text), hand.numbers, target, partial_credit)
-
-
-class Rollouts:
-    """`envs` episode slots played in lockstep, one attempt per slot per round; hands from the ID rule
-    with a seeded RNG. Episodes still running at the end of an update carry over to the next."""
-
-    def __init__(self, envs: int, seed: int, max_attempts: int, target: int, grade: Grade):
-        self.rng = random.Random(seed)
-        self.max_attempts, self.target, self.grade = max_attempts, target, grade
-        self.slots = [self._new() for _ in range(envs)]
-
-    def _new(self) -> cards.Episode:
-        return cards.start_episode(cards.sample_hand(self.rng, "id", self.target), self.target)
-
-    def collect(self, generator, rounds: int, coef: float) -> tuple[list[list[Step]], list[cards.Episode]]:
-        """rounds x envs steps, and the episodes that ended meanwhile."""
-        steps, finished = [], []
-        for _ in range(rounds):
-            row = []
-            for e, generation in enumerate(generator.generate_tokens([list(ep.messages) for ep in self.slots])):
-                episode = self.slots[e]
-                verdict = cards.step_episode(episode, generation.text, self.target, self.grade).verdict
-                # A correct attempt or the last failed one ends the episode, and nothing follows it (upstream
-                # asks for a sixth, ungraded answer at -1 and, as a time limit, bootstraps into the next hand).
-                done = cards.is_finished(episode, self.max_attempts)
-                row.append(Step(generation.prompt_ids, generation.response_ids,
-                                thought_weights(generator.tokenizer, generation.response_ids, coef),
-                                verdict.reward, done))
-                if done:
-                    finished.append(episode)
-                    self.slots[e] = self._new()
-            steps.append(row)
-        return steps, finished
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "slots": self.slots}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.setstate(state["rng"])
-        self.slots = state["slots"]
 
 
 # ------------------------------------------------------------------------------ checkpoints and specs
@@ -119,6 +73,7 @@ def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
     return found[artifacts.full_sft_step(cfg, found)]
 
 
+METRICS = "metrics.csv"  # one row per update
 _REDO_RL = "redo RL with force=True (`python -m paper_lib.ppo --force`); the damaged run is kept until then"
 
 
@@ -141,21 +96,11 @@ def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
 
 
 def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
-    """Make out ready for the run (main process only); False when a finished run matches."""
+    """Make out ready for the run (main process only; artifacts.prepare_run_dir); False when a finished run
+    matches."""
     if not force and artifacts.up_to_date(out, spec, _REDO_RL):
         return False
-    canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
-    spec_file = out / "run_spec.json"
-    previous = artifacts.read_json(spec_file)  # None when missing or truncated
-    if force and out.exists():
-        log.info("starting %s afresh (force)", out)
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and previous != canon:  # a run of days is never deleted unasked
-        artifacts.move_aside(out, "its settings, code or initial checkpoint changed")
-    out.mkdir(parents=True, exist_ok=True)
-    for partial in out.glob(".checkpoint-*"):  # left by a run killed while saving
-        shutil.rmtree(partial, ignore_errors=True)
-    spec_file.write_text(json.dumps(canon, indent=2, sort_keys=True))
+    artifacts.prepare_run_dir(out, spec, force, "an RL run")
     return True
 
 
@@ -176,28 +121,6 @@ def _start(out: Path, spec: dict, force: bool) -> bool:
     if not decision[0]:
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
     return bool(decision[0])
-
-
-def _append_metrics(out: Path, row: dict) -> None:
-    path = out / "metrics.csv"
-    new = not path.is_file()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _truncate_metrics(out: Path, last_update: int) -> None:
-    """Drop rows a killed run logged after its last checkpoint: they are redone."""
-    path = out / "metrics.csv"
-    if not path.is_file():
-        return
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["update"]) <= last_update]
-    path.unlink()
-    for row in rows:
-        _append_metrics(out, row)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -464,7 +387,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
         trainer = PPOTrainer(cfg, init_path, grade or verifier(cfg.data.target, rl.partial_credit), envs, micro)
         start = trainer.resume(out)
         if main:
-            _truncate_metrics(out, start)  # rows a killed run logged after its last checkpoint are redone
+            artifacts.keep_rows(out / METRICS, "update", start)  # rows a killed run logged after its last checkpoint are redone
         log.info("PPO on %d process(es): %d slots x %d rounds = %d attempts per process per update, micro-batch "
                  "%d, %d updates from %s", trainer.accelerator.num_processes, envs, trainer.rounds,
                  rl.steps_per_update, micro, rl.num_updates, init_path)
@@ -474,7 +397,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
         for number in range(start + 1, rl.num_updates + 1):
             row = trainer.update(number)
             if main:
-                _append_metrics(out, row)
+                artifacts.append_rows(out / METRICS, [row])
             bar.set_postfix(reward=f"{row['mean_reward']:.2f}", success=f"{row['success_rate']:.2f}")
             bar.update()
             log.info("update %d: %s", number, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "update"))
@@ -490,61 +413,39 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
 
 
 # ------------------------------------------------------------------------------------- the subprocess
-def _launch_command(cfg: Config, preset_file: Path, force: bool, init: str | os.PathLike | None) -> list[str]:
-    args = ["-m", "paper_lib.ppo", "--preset", str(preset_file)]
-    if force:
-        args.append("--force")
-    if init is not None:
-        args += ["--init-checkpoint", str(init)]
-    if cfg.rl.num_processes == 1 and cfg.rl.accelerate_config == "single":
-        return [sys.executable, *args]
-    accel = PROJECT_ROOT / "configs" / "accelerate" / f"{cfg.rl.accelerate_config}.yaml"
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel),
-            "--num_processes", str(cfg.rl.num_processes), *args]
+def launch_command(cfg: Config, force: bool = False, init: str | os.PathLike | None = None) -> list[str]:
+    """The command that runs the RL stage (launch.stage_command): `python -m paper_lib.ppo --preset P
+    --override k=v ...`, behind accelerate launch with configs/accelerate/<rl.accelerate_config>.yaml."""
+    extra = (["--force"] if force else []) + (["--init-checkpoint", str(init)] if init is not None else [])
+    return launch.stage_command(cfg, "ppo", "rl", extra)
 
 
-def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None) -> Path:
-    """Run the RL stage (rl.algo) as a subprocess, under accelerate launch when the preset asks for
-    several processes, streaming its progress bar and log; skipped when a finished run matches. `init`
-    replaces the full-SFT checkpoint as the start. Returns rl_dir."""
+def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None, stream: bool = True) -> Path:
+    """Run the RL stage (rl.algo) in a subprocess (launch.run_stage) unless a finished run matches; its
+    output is appended to runs/<preset>/logs/ppo.log and echoed. `init` replaces the full-SFT checkpoint as
+    the start. Returns rl_dir."""
     start = init_checkpoint(cfg, init)  # fails here, with the clear message, before any launch
     _validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
-    if cfg.rl.algo not in ("ppo", "grpo"):
-        raise ValueError(f"rl.algo must be ppo or grpo, got {cfg.rl.algo!r}")
     if not force and artifacts.up_to_date(out, run_spec(cfg, start), _REDO_RL):
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
         return out
-    logfile = artifacts.run_dir(cfg) / "logs" / "rl.log"
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        # the settings travel as a preset file named after the preset, so the child writes to the same place
-        preset_file = Path(tmp) / f"{cfg.preset}.yaml"
-        settings = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "preset"}))
-        preset_file.write_text(yaml.safe_dump(settings, sort_keys=False))
-        command = _launch_command(cfg, preset_file, force, init)
-        log.info("running %s (log: %s)", " ".join(command), logfile)
-        code, output = launch.run_streamed(command, logfile, append=False)
-    if code != 0:
-        raise RuntimeError(f"the RL run failed (exit code {code}); command: {' '.join(command)}\n"
-                           f"last lines of its log ({logfile}):\n" + launch.tail(output, 60))
+    extra = (["--force"] if force else []) + (["--init-checkpoint", str(init)] if init is not None else [])
+    launch.run_stage(cfg, "ppo", "rl", extra, stream=stream)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paper_lib.ppo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", help="preset name or a .yaml path")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting, e.g. rl.num_updates=10 (repeatable)")
-    parser.add_argument("--force", action="store_true", help="start over even if a finished run matches")
+    parser = launch.stage_arguments("python -m paper_lib.ppo", __doc__.split("\n\n")[0], "start")
     parser.add_argument("--init-checkpoint", help="start from this HF checkpoint instead of the full-SFT one")
     parser.add_argument("--micro-batch-size", type=int, help="attempts per forward/backward (default rl.micro_batch_size, or 1 on GPU, 8 on CPU)")
     parser.add_argument("--envs", type=int, help="episode slots per process (default: see default_envs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the metrics
+
     def work() -> str:
-        cfg = config.load(args.preset, **launch.parse_overrides(args.override))
+        cfg = launch.stage_config(args)
         if cfg.rl.algo == "grpo":
             from .grpo import train_grpo  # TRL's trainer, imported only when asked for
 

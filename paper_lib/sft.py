@@ -28,7 +28,6 @@ manifest matches (cfg.sft, cfg.data, the base model's identity, this module's co
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -40,26 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from . import artifacts, launch, models
-from . import config as config_lib
 from . import data as data_lib
-from .config import PROJECT_ROOT, Config
-from .launch import parse_overrides  # noqa: F401  (sft.parse_overrides, used by main and the tests)
+from .config import Config
 
 log = logging.getLogger(__name__)
 
-ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"
 LOSS_TABLE = "losses.csv"
-LOG_FILE = "sft.log"
-RUN_SPEC = "run_spec.json"
 CURVES = {"loss": "id_train", "eval_id_test_loss": "id_test", "eval_ood_loss": "ood"}
 _CKPT_PREFIX = "checkpoint-"
-
-
-class SFTError(RuntimeError):
-    """The SFT subprocess failed; the message holds its command, exit code and the tail of its log."""
 
 
 # --------------------------------------------------------------------------------------------- artifacts
@@ -150,67 +139,23 @@ def loss_table(cfg: Config) -> "pd.DataFrame":  # noqa: F821
 
 
 def log_tail(cfg: Config, lines: int = 20) -> str:
-    """The last lines of runs/<preset>/sft/sft.log (progress-bar redraws collapsed)."""
-    path = artifacts.sft_dir(cfg) / LOG_FILE
+    """The last lines of runs/<preset>/logs/sft.log (progress-bar redraws collapsed)."""
+    path = launch.stage_log(cfg, "sft")
     if not path.is_file():
         return ""
     return launch.tail(path.read_text(errors="replace"), lines)
 
 
 # ------------------------------------------------------------------------------------------- launching
-def accelerate_config_path(cfg: Config) -> Path:
-    path = ACCELERATE_DIR / f"{cfg.sft.accelerate_config}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"accelerate config {path} does not exist: sft.accelerate_config="
-                                f"{cfg.sft.accelerate_config!r} must be one of {choices} (files in {ACCELERATE_DIR})")
-    return path
-
-
-def config_overrides(cfg: Config) -> dict[str, Any]:
-    """The `section.key` settings in which cfg differs from its preset file, to pass on a command line."""
-    if cfg.preset not in config_lib.available_presets():
-        raise ValueError(f"preset {cfg.preset!r} is not under configs/presets/ ({config_lib.available_presets()}), "
-                         f"so a subprocess cannot rebuild this config; copy the .yaml there or run "
-                         f"`python -m paper_lib.sft --preset path/to/{cfg.preset}.yaml`")
-    mine, base = _flatten(cfg.to_dict()), _flatten(config_lib.load(cfg.preset).to_dict())
-    return {key: value for key, value in mine.items() if key != "preset" and value != base.get(key)}
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
 def launch_command(cfg: Config, force: bool = False, use_accelerate: bool | None = None) -> list[str]:
-    """The command that trains cfg: `python -m paper_lib.sft --preset P --override k=v ...`, behind
-    `accelerate launch --config_file configs/accelerate/<sft.accelerate_config>.yaml --num_processes N`
-    unless (use_accelerate=None) it is one process without a distributed backend."""
-    acc_path = accelerate_config_path(cfg)
-    args = ["-m", "paper_lib.sft", "--preset", cfg.preset]
-    for key, value in config_overrides(cfg).items():
-        args += ["--override", f"{key}={json.dumps(value)}"]
-    if force:
-        args.append("--force")
-    if use_accelerate is None:
-        distributed = (yaml.safe_load(acc_path.read_text()) or {}).get("distributed_type", "NO")
-        use_accelerate = cfg.sft.num_processes > 1 or str(distributed).upper() != "NO"
-    if not use_accelerate:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_path),
-            "--num_processes", str(cfg.sft.num_processes), *args]
+    """The command that trains cfg (launch.stage_command): `python -m paper_lib.sft --preset P --override
+    k=v ...`, behind accelerate launch with configs/accelerate/<sft.accelerate_config>.yaml when asked."""
+    return launch.stage_command(cfg, "sft", "sft", ["--force"] if force else [], use_accelerate)
 
 
 def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
-    """Train cfg's SFT in a subprocess (see launch_command) unless a finished run matches; returns sft_dir.
-
-    The subprocess's output (progress bar and log) is appended to sft_dir/sft.log and, with stream=True,
-    echoed as it comes. A failure raises SFTError with the tail of the log."""
+    """Train cfg's SFT in a subprocess (launch.run_stage) unless a finished run matches; returns sft_dir.
+    Its output is appended to runs/<preset>/logs/sft.log and, with stream=True, echoed as it comes."""
     out = artifacts.sft_dir(cfg)
     data_lib.build(cfg)  # here, once, rather than racing in several ranks
     spec = manifest_spec(cfg)  # builds the tiny base model here too
@@ -218,33 +163,11 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
                                                      f"--preset {cfg.preset} --force`)"):
         log.info("SFT in %s is up to date (manifest matches); pass force=True to redo it", out)
         return out
-    if force:
-        _clear(out)
-    cmd = launch_command(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / LOG_FILE
-    log.info("launching: %s", " ".join(cmd))
-    code, output = launch.run_streamed(cmd, log_path, stream=stream)
-    if code != 0:
-        raise SFTError(f"SFT failed with exit code {code}.\ncommand: {' '.join(cmd)}\nfull log: {log_path}\n"
-                       f"last lines:\n{launch.tail(output, 40)}")
+    launch.run_stage(cfg, "sft", "sft", ["--force"] if force else [], stream=stream)
     if not artifacts.manifest_matches(out, spec):
-        raise SFTError(f"the SFT command exited cleanly but {out / artifacts.MANIFEST} does not match the config; "
-                       f"see {log_path}")
+        raise launch.StageError(f"the SFT command exited cleanly but {out / artifacts.MANIFEST} does not match the "
+                                f"config; see {launch.stage_log(cfg, 'sft')}")
     return out
-
-
-def _clear(out: Path) -> None:
-    """Empty the SFT directory, but keep the log (a run() in progress appends to it)."""
-    if not out.is_dir():
-        return
-    for child in out.iterdir():
-        if child.name == LOG_FILE:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -359,7 +282,7 @@ def train(cfg: Config, force: bool = False) -> Path:
             if (out / f"{_CKPT_PREFIX}{final}" / "trainer_state.json").is_file():
                 hint = (" (it has no *.safetensors weights: under DeepSpeed ZeRO-3 the accelerate config needs "
                         "`zero3_save_16bit_model: true`, as configs/accelerate/zero3.yaml has)")
-            raise SFTError(f"training ended at step {final} but the newest complete checkpoint in {out} is "
+            raise launch.StageError(f"training ended at step {final} but the newest complete checkpoint in {out} is "
                            f"{done[-1].name if done else 'none'}{hint}")
         artifacts.write_manifest(out, spec, final_step=final, checkpoints=[p.name for p in done],
                                  resumed_from=resume_from.name if resume_from else None,
@@ -384,40 +307,20 @@ def _last_complete(out: Path) -> Path | None:
 
 
 def _prepare_dir(out: Path, spec: dict[str, Any], force: bool) -> None:
-    """Make out ready for training spec: clear it when forced or when it holds another spec; otherwise
-    drop what follows the newest complete checkpoint (partial checkpoints, later loss rows)."""
-    canon = json.loads(json.dumps(spec, sort_keys=True, default=str))
-    previous = artifacts.read_json(out / RUN_SPEC)
-    if force:
-        _clear(out)
-    elif out.is_dir() and previous != canon and any(p.name != LOG_FILE for p in out.iterdir()):
-        artifacts.move_aside(out, "it holds an SFT run of another config", keep=(LOG_FILE,))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)  # rewritten only when training finishes
-    (out / RUN_SPEC).write_text(json.dumps(canon, indent=2, sort_keys=True))
+    """Make out ready for training spec (artifacts.prepare_run_dir), then drop what follows the newest
+    complete checkpoint of an interrupted run (partial checkpoints, later loss rows)."""
+    artifacts.prepare_run_dir(out, spec, force, "an SFT run")
     resume = _last_complete(out)
     step = checkpoint_step(resume) if resume else 0
     for path in _checkpoint_dirs(out):
         if checkpoint_step(path) > step or not _is_complete(path):
             log.info("removing %s (incomplete, or after the checkpoint we resume from)", path.name)
             shutil.rmtree(path)
-    table = out / LOSS_TABLE
     if resume is None:
-        table.unlink(missing_ok=True)
+        (out / LOSS_TABLE).unlink(missing_ok=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
-    elif table.is_file():
-        with open(table, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-        _write_rows(table, rows, mode="w")
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]], mode: str = "a") -> None:
-    new = mode == "w" or not path.is_file()
-    with open(path, mode, newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["step", "curve", "loss"])
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    else:
+        artifacts.keep_rows(out / LOSS_TABLE, "step", step)
 
 
 try:
@@ -458,7 +361,7 @@ class LossTableCallback(_CallbackBase):
         rows = [{"step": step, "curve": curve, "loss": float(logs[key])}
                 for key, curve in CURVES.items() if key in logs and (step, curve) not in self.seen]
         if rows:
-            _write_rows(self.out / LOSS_TABLE, rows)
+            artifacts.append_rows(self.out / LOSS_TABLE, rows)
             self.seen.update((r["step"], r["curve"]) for r in rows)
         if self.writer is not None:
             for row in rows:
@@ -489,20 +392,12 @@ class LossTableCallback(_CallbackBase):
 
 # ------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paper_lib.sft", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", help="a preset name under configs/presets/ or a .yaml path")
-    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="e.g. --override sft.learning_rate=1e-5 data.sft_size=2048")
-    parser.add_argument("--force", action="store_true", help="train afresh even if a finished run matches")
+    parser = launch.stage_arguments("python -m paper_lib.sft", __doc__.split("\n\n")[0], "train")
     args = parser.parse_args(argv)
     main_process = _process_state().is_main_process
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    def work() -> str:
-        cfg = config_lib.load(args.preset, **parse_overrides([i for group in args.override for i in group]))
-        return f"SFT checkpoints in {train(cfg, force=args.force)}"
-
-    return launch.run_main(work)
+    return launch.run_main(lambda: f"SFT checkpoints in {train(launch.stage_config(args), force=args.force)}")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def test_a_truncated_base_model_stops_sft_before_the_sft_run_is_touched(tiny_bas
     out = artifacts.sft_dir(cfg)
     (out / "checkpoint-64").mkdir(parents=True)
     (out / "checkpoint-64" / "model.safetensors").write_text("finished weights")
-    (out / sft.RUN_SPEC).write_text("{}")
+    (out / artifacts.RUN_SPEC).write_text("{}")
     truncate(artifacts.base_model_dir(cfg) / "model.safetensors")
     with pytest.raises(artifacts.ArtifactError, match=r"models/base/model.safetensors.*rerun"):
         sft.manifest_spec(cfg)  # what sft.train computes before it prepares its directory

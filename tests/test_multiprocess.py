@@ -18,7 +18,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from paper_lib import actor_critic, artifacts, config, data, evaluate, ppo, sft
+from paper_lib import actor_critic, artifacts, config, data, evaluate, launch, ppo, sft
 from paper_lib.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.multiprocess
@@ -62,7 +62,7 @@ def test_sft_two_processes_match_one(tmp_path, monkeypatch):
     two = config.load("tiny", **SFT_SMALL, **{"sft.per_device_batch_size": 4, "sft.num_processes": 2,
                                               "sft.accelerate_config": "multi_cpu"})
     out = sft.run(two, stream=False)
-    shares = assert_two_processes((out / sft.LOG_FILE).read_text(), "sft")
+    shares = assert_two_processes(launch.stage_log(two, "sft").read_text(), "sft")
     assert all(share.startswith("4 examples per optimizer step (of 8") for share in shares.values()), shares
 
     assert [sft.checkpoint_step(p) for p in sft.checkpoints(two)] == [3, 6] == \
@@ -100,7 +100,7 @@ def test_ppo_two_processes(tiny_base, tmp_path):
     shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
     shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
     out = ppo.run(cfg)
-    log = (artifacts.run_dir(cfg) / "logs" / "rl.log").read_text()
+    log = launch.stage_log(cfg, "ppo").read_text()
     shares = assert_two_processes(log, "ppo")
     assert all(share == "4 attempts per update (of 8 in all)" for share in shares.values()), shares
     m = pd.read_csv(out / "metrics.csv")
@@ -147,7 +147,7 @@ def test_two_process_sft_resumes_after_sigkill_of_the_group(tmp_path):
     stamp = (last / "trainer_state.json").stat().st_mtime_ns
 
     sft.run(cfg, stream=False)
-    log = (out / sft.LOG_FILE).read_text()
+    log = launch.stage_log(cfg, "sft").read_text()
     assert_two_processes(log, "sft")
     assert f"resuming from {last}" in log
     assert [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)] == [3, 6, 9, 12]

@@ -169,7 +169,7 @@ def test_interrupted_directory_is_trimmed_to_its_last_complete_checkpoint(tmp_pa
     out, spec = tmp_path / "sft", {"stage": "sft", "sft": {"learning_rate": 1}}
     _fake_checkpoint(out, 3)
     _fake_checkpoint(out, 6, complete=False)  # killed while saving
-    (out / sft.RUN_SPEC).write_text(json.dumps(spec))
+    (out / artifacts.RUN_SPEC).write_text(json.dumps(spec))
     rows = "".join(f"{s},{c},1.0\n" for s in range(0, 7) for c in ("id_test", "ood"))
     (out / sft.LOSS_TABLE).write_text("step,curve,loss\n" + rows)
     sft._prepare_dir(out, spec, force=False)
@@ -181,18 +181,17 @@ def test_interrupted_directory_is_trimmed_to_its_last_complete_checkpoint(tmp_pa
 def test_stale_or_forced_directory_starts_afresh(tmp_path, force):
     out, spec = tmp_path / "sft", {"stage": "sft", "sft": {"learning_rate": 2}}
     _fake_checkpoint(out, 3)
-    (out / sft.RUN_SPEC).write_text(json.dumps(spec if force else {"stage": "sft", "sft": {"learning_rate": 1}}))
+    (out / artifacts.RUN_SPEC).write_text(json.dumps(spec if force else {"stage": "sft", "sft": {"learning_rate": 1}}))
     (out / sft.LOSS_TABLE).write_text("step,curve,loss\n0,id_test,7.0\n")
-    (out / sft.LOG_FILE).write_text("old log\n")
     sft._prepare_dir(out, spec, force=force)
-    assert sorted(p.name for p in out.iterdir()) == sorted([sft.LOG_FILE, sft.RUN_SPEC])  # the log is kept
+    assert sorted(p.name for p in out.iterdir()) == [artifacts.RUN_SPEC]
     stale = sorted(tmp_path.glob("sft.stale-*"))
     if force:  # asked for: the old run is gone
         assert not stale
     else:  # a run of another config is never deleted: it is moved aside, checkpoints and loss table whole
         assert len(stale) == 1 and (stale[0] / "checkpoint-3" / "trainer_state.json").is_file()
         assert (stale[0] / sft.LOSS_TABLE).read_text().endswith("7.0\n")
-    assert json.loads((out / sft.RUN_SPEC).read_text())["sft"] == {"learning_rate": 2}
+    assert json.loads((out / artifacts.RUN_SPEC).read_text())["sft"] == {"learning_rate": 2}
 
 
 def test_launch_command_round_trips_the_config_and_names_missing_accelerate_configs():
@@ -201,7 +200,7 @@ def test_launch_command_round_trips_the_config_and_names_missing_accelerate_conf
     assert cmd[1:7] == ["-m", "accelerate.commands.launch", "--config_file",
                         str(config.PROJECT_ROOT / "configs" / "accelerate" / "zero3.yaml"), "--num_processes", "4"]
     items = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--override"]
-    assert config.load("qwen7b", **sft.parse_overrides(items)) == cfg
+    assert config.load("qwen7b", **launch.parse_overrides(items)) == cfg
     assert sft.launch_command(config.load("tiny"))[1:] == ["-m", "paper_lib.sft", "--preset", "tiny"]
     with pytest.raises(config.ConfigError, match=r"\['multi_cpu', 'single', 'zero2', 'zero2_offload', 'zero3'\].*zero9"):  # at load time
         config.load("tiny", sft__accelerate_config="zero9")
@@ -248,6 +247,6 @@ def test_mllama_shaped_model_trains_text_only(tmp_path):
 
 def test_a_failing_run_raises_with_the_tail_of_its_log():
     cfg = config.load("tiny", **SMALL, sft__lr_scheduler="no_such_schedule")
-    with pytest.raises(sft.SFTError, match=r"(?s)exit code 2.*error: .*no_such_schedule"):
+    with pytest.raises(launch.StageError, match=r"(?s)exit code 2.*error: .*no_such_schedule"):
         sft.run(cfg, stream=False)
     assert artifacts.read_manifest(artifacts.sft_dir(cfg)) is None
