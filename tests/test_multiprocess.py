@@ -179,3 +179,36 @@ def test_evaluation_split_across_two_processes_equals_one(tiny_base, tmp_path):
     two = evaluate.episodes_table(artifacts.eval_dir(cfg) / "two")
     assert len(two) == n and not two.duplicated(["rule", "hand"]).any(), "each hand once"
     pd.testing.assert_frame_equal(one.reset_index(drop=True), two.reset_index(drop=True))
+
+
+def test_two_process_ppo_resumes_after_sigkill_of_the_group(tiny_base, tmp_path):
+    preset = _preset(tmp_path, rl={"num_updates": 4, "save_every": 1, "steps_per_update": 4, "max_new_tokens": 8,
+                                   "num_processes": 2, "accelerate_config": "multi_cpu"})
+    cfg = config.load(preset)
+    shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
+    shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
+    out = artifacts.rl_dir(cfg)
+    cmd = ppo.launch_command(cfg)
+    assert "accelerate.commands.launch" in cmd
+    with open(tmp_path / "killed.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while 2 not in ppo.checkpoints(cfg):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.wait()
+    assert_two_processes((tmp_path / "killed.log").read_text(), "ppo")
+    survived = max(ppo.checkpoints(cfg))
+    assert artifacts.read_manifest(out) is None and survived < 4, "killed mid-run"
+    stamp = (out / f"checkpoint-{survived}" / "model.safetensors").stat().st_mtime_ns
+
+    ppo.run(cfg, stream=False)
+    log = launch.stage_log(cfg, "ppo").read_text()
+    assert_two_processes(log, "ppo")
+    assert f"update {survived} of 4" in log  # "resuming from ... (update N of 4)"
+    assert sorted(ppo.checkpoints(cfg)) == [1, 2, 3, 4] and artifacts.read_manifest(out) is not None
+    assert (out / f"checkpoint-{survived}" / "model.safetensors").stat().st_mtime_ns == stamp, "not redone"
+    assert pd.read_csv(out / "metrics.csv")["update"].tolist() == [1, 2, 3, 4], "no update lost or repeated"
