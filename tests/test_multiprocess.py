@@ -93,12 +93,19 @@ def _preset(tmp_path, name="tiny", **sections):
     return path
 
 
-def test_ppo_two_processes(tiny_base, tmp_path):
-    preset = _preset(tmp_path, rl={"num_updates": 2, "save_every": 1, "steps_per_update": 4, "max_new_tokens": 8,
-                                   "num_processes": 2, "accelerate_config": "multi_cpu"})
+def _two_process_ppo(tiny_base, tmp_path, updates: int):
+    """A two-process PPO preset of `updates` updates of 4 attempts, a checkpoint each, on the tiny base
+    standing in for the full-SFT checkpoint."""
+    preset = _preset(tmp_path, rl={"num_updates": updates, "save_every": 1, "steps_per_update": 4,
+                                   "max_new_tokens": 8, "num_processes": 2, "accelerate_config": "multi_cpu"})
     cfg = config.load(preset)
     shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
     shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
+    return preset, cfg
+
+
+def test_ppo_two_processes(tiny_base, tmp_path):
+    preset, cfg = _two_process_ppo(tiny_base, tmp_path, updates=2)
     out = ppo.run(cfg)
     log = launch.stage_log(cfg, "ppo").read_text()
     shares = assert_two_processes(log, "ppo")
@@ -122,24 +129,30 @@ def test_ppo_two_processes(tiny_base, tmp_path):
     assert one["episodes"].sum() > 0 and m["episodes"].sum() > 0
 
 
+def kill_group_when(cmd: list[str], ready, log_path) -> None:
+    """Start a two-process launch in its own process group; SIGKILL the whole group (the launcher and both
+    ranks) as soon as ready() holds, as a crash or an operator's kill -9 would."""
+    assert "accelerate.commands.launch" in cmd
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 240
+        while not ready():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_two_process_sft_resumes_after_sigkill_of_the_group(tmp_path):
     cfg = config.load("tiny", **{**SFT_SMALL, "data.sft_size": 96, "sft.per_device_batch_size": 4,
                                               "sft.num_processes": 2, "sft.accelerate_config": "multi_cpu"})  # 12 steps
     out = artifacts.sft_dir(cfg)
     data.build(cfg)
     sft.manifest_spec(cfg)  # the base model, built before the launch as sft.run does
-    cmd = sft.launch_command(cfg)
-    assert "accelerate.commands.launch" in cmd
-    with open(tmp_path / "killed.log", "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.time() + 240
-        while not (out / "checkpoint-3" / "trainer_state.json").is_file():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        proc.wait()
+    kill_group_when(sft.launch_command(cfg), lambda: (out / "checkpoint-3" / "trainer_state.json").is_file(),
+                    tmp_path / "killed.log")
     assert_two_processes((tmp_path / "killed.log").read_text(), "sft")
     survived = sft.checkpoints(cfg)
     assert artifacts.read_manifest(out) is None and sft.checkpoint_step(survived[-1]) < 12, "killed mid-run"
@@ -182,24 +195,9 @@ def test_evaluation_split_across_two_processes_equals_one(tiny_base, tmp_path):
 
 
 def test_two_process_ppo_resumes_after_sigkill_of_the_group(tiny_base, tmp_path):
-    preset = _preset(tmp_path, rl={"num_updates": 4, "save_every": 1, "steps_per_update": 4, "max_new_tokens": 8,
-                                   "num_processes": 2, "accelerate_config": "multi_cpu"})
-    cfg = config.load(preset)
-    shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
-    shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
+    _, cfg = _two_process_ppo(tiny_base, tmp_path, updates=4)
     out = artifacts.rl_dir(cfg)
-    cmd = ppo.launch_command(cfg)
-    assert "accelerate.commands.launch" in cmd
-    with open(tmp_path / "killed.log", "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.time() + 240
-        while 2 not in ppo.checkpoints(cfg):
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        proc.wait()
+    kill_group_when(ppo.launch_command(cfg), lambda: 2 in ppo.checkpoints(cfg), tmp_path / "killed.log")
     assert_two_processes((tmp_path / "killed.log").read_text(), "ppo")
     survived = max(ppo.checkpoints(cfg))
     assert artifacts.read_manifest(out) is None and survived < 4, "killed mid-run"
