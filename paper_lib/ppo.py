@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -131,6 +131,46 @@ def default_envs(cfg: Config) -> int:
     return max(d for d in range(1, steps + 1) if steps % d == 0 and steps // d >= min(cfg.eval.max_attempts, steps))
 
 
+def _load_policy(cfg: Config, init: Path, acc) -> tuple[Any, Any]:
+    """The policy to train and its tokenizer, on this process's device."""
+    # Adam steps of lr 1e-6 vanish in bf16 weights: train in fp32 unless DeepSpeed keeps fp32 master weights
+    dtype = None if acc.state.deepspeed_plugin is not None else "float32"
+    policy, tokenizer = models.load(cfg, checkpoint=init, dtype=dtype, device=str(acc.device))
+    policy.eval()  # no dropout: the ratio must compare one function with itself
+    if cfg.rl.gradient_checkpointing:  # memory of the 7B/11B presets; the same gradients, more compute
+        if getattr(policy.config, "attention_dropout", 0.0):
+            raise ValueError("rl.gradient_checkpointing needs a model without dropout (HF checkpoints only in "
+                             "train mode); set rl.gradient_checkpointing: false")
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.train()  # HF recomputes only in train mode; without dropout it is the same function
+    if acc.device.type == "cpu" and hidden_size(policy) <= 256:
+        # a tiny model gains nothing from intra-op threads and loses much when another process holds a core
+        torch.set_num_threads(1)
+    return policy, tokenizer
+
+
+def metrics_row(t: dict[str, float], processes: int, number: int, lr: float, seconds: float,
+                with_kl_ref: bool) -> dict[str, Any]:
+    """One metrics.csv row from an update's sums over every process (PPOTrainer.update's `local`)."""
+    nan, episodes = float("nan"), t["episodes"]
+    per_episode = lambda key: t[key] / episodes if episodes else nan  # noqa: E731
+    row = {
+        "update": number, "mean_reward": t["reward"] / t["steps"],
+        "success_rate": per_episode("successes"), "episodes": int(episodes), "attempts": int(t["steps"]),
+        "episode_reward": per_episode("episode_reward"), "attempts_per_episode": per_episode("episode_attempts"),
+        "policy_loss": t["policy_loss"] / t["samples"], "value_loss": t["value_loss"] / t["samples"],
+        "clip_fraction": t["clipped"] / t["samples"], "approx_kl": t["drift"] / max(t["drift_tokens"], 1),
+        "entropy": t["entropy"] / max(t["entropy_tokens"], 1), "grad_norm": t["grad_norm"] / processes,
+        "learning_rate": lr, "response_tokens": t["response_tokens"] / t["steps"],
+        "rollout_tokens_per_s": t["response_tokens"] / max(t["rollout_seconds"] / processes, 1e-9),
+        "rollout_seconds": t["rollout_seconds"] / processes, "seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if with_kl_ref:
+        row["kl_ref"] = t["kl_ref"] / t["samples"]
+    return row
+
+
 class PPOTrainer:
     """One PPO run under accelerate: the actor-critic, Adam and its schedule, the episode slots of this
     process, and the start policy's samples that measure how far the policy has moved."""
@@ -151,19 +191,7 @@ class PPOTrainer:
                 train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=self.n_micro,
                 gradient_clipping=self.rl.max_grad_norm)
         set_seed(self.rl.seed)  # the same value-head init on every process
-        # Adam steps of lr 1e-6 vanish in bf16 weights: train in fp32 unless DeepSpeed keeps fp32 master weights
-        dtype = None if acc.state.deepspeed_plugin is not None else "float32"
-        policy, self.tokenizer = models.load(cfg, checkpoint=init, dtype=dtype, device=str(acc.device))
-        policy.eval()  # no dropout: the ratio must compare one function with itself
-        if self.rl.gradient_checkpointing:  # memory of the 7B/11B presets; the same gradients, more compute
-            if getattr(policy.config, "attention_dropout", 0.0):
-                raise ValueError("rl.gradient_checkpointing needs a model without dropout (HF checkpoints only in "
-                                 "train mode); set rl.gradient_checkpointing: false")
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            policy.train()  # HF recomputes only in train mode; without dropout it is the same function
-        if acc.device.type == "cpu" and hidden_size(policy) <= 256:
-            # a tiny model gains nothing from intra-op threads and loses much when another process holds a core
-            torch.set_num_threads(1)
+        policy, self.tokenizer = _load_policy(cfg, init, acc)
         model = ActorCritic(policy, ValueHead(hidden_size(policy)).to(acc.device))
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.rl.learning_rate,
                                      eps=self.rl.adam_eps, weight_decay=0.0)
@@ -189,25 +217,6 @@ class PPOTrainer:
 
     def _score(self, model, steps: list, entropy: bool = False):
         return score(model, steps, self.rl.temperature, self.tokenizer.pad_token_id, entropy)
-
-    def resume(self, out: Path) -> int:
-        """Load the newest checkpoint's trainer state, if any; the last finished update (0 if none)."""
-        found = {u: p for u, p in artifacts.numbered_checkpoints(out).items() if (p / "trainer_state").is_dir()}
-        if not found:
-            return 0
-        update = max(found)
-        state = found[update] / "trainer_state"
-        acc = self.accelerator
-        if not (state / f"rollouts_{acc.process_index}.pkl").is_file() or (state / f"rollouts_{acc.num_processes}.pkl").is_file():
-            raise ValueError(f"{found[update]} was written by another number of processes; resume with the same "
-                             f"number, or pass force=True to start over")
-        acc.load_state(str(state))  # weights, optimizer, schedule, every process's RNG
-        with open(state / f"rollouts_{acc.process_index}.pkl", "rb") as fh:
-            saved = pickle.load(fh)
-        self.rollouts.load_state_dict(saved["rollouts"])
-        self.probe = saved["probe"]
-        log.info("resuming from %s (update %d of %d)", found[update], update, self.rl.num_updates)
-        return update
 
     @torch.no_grad()
     def _rollout_pass(self, steps: list[Step]) -> tuple[float, float]:
@@ -308,51 +317,58 @@ class PPOTrainer:
         }
         reduced = self.accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64,
                                                        device=self.accelerator.device), "sum").tolist()
-        t = dict(zip(local, reduced))
-        p, nan, episodes = self.accelerator.num_processes, float("nan"), t["episodes"]
-        per_episode = lambda key: t[key] / episodes if episodes else nan  # noqa: E731
-        row = {
-            "update": number, "mean_reward": t["reward"] / t["steps"],
-            "success_rate": per_episode("successes"), "episodes": int(episodes), "attempts": int(t["steps"]),
-            "episode_reward": per_episode("episode_reward"), "attempts_per_episode": per_episode("episode_attempts"),
-            "policy_loss": t["policy_loss"] / t["samples"], "value_loss": t["value_loss"] / t["samples"],
-            "clip_fraction": t["clipped"] / t["samples"], "approx_kl": t["drift"] / max(t["drift_tokens"], 1),
-            "entropy": t["entropy"] / max(t["entropy_tokens"], 1), "grad_norm": t["grad_norm"] / p,
-            "learning_rate": lr, "response_tokens": t["response_tokens"] / t["steps"],
-            "rollout_tokens_per_s": t["response_tokens"] / max(t["rollout_seconds"] / p, 1e-9),
-            "rollout_seconds": t["rollout_seconds"] / p, "seconds": time.time() - t0,
-            "torch_threads": torch.get_num_threads(),
-        }
-        if self.ref is not None:
-            row["kl_ref"] = t["kl_ref"] / t["samples"]
-        return row
+        return metrics_row(dict(zip(local, reduced)), self.accelerator.num_processes, number, lr,
+                           time.time() - t0, self.ref is not None)
 
-    def save(self, out: Path, number: int) -> None:
-        """Write checkpoint-<number> under a temporary name and rename it when complete, so a kill leaves the
-        last complete checkpoint. Only the newest keeps trainer_state/ (optimizer shards are large)."""
-        acc = self.accelerator
-        tmp = out / f".checkpoint-{number}.partial"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "trainer_state"))  # weights, optimizer, schedule, every process's RNG
-        with open(tmp / "trainer_state" / f"rollouts_{acc.process_index}.pkl", "wb") as fh:
-            pickle.dump({"rollouts": self.rollouts.state_dict(), "probe": self.probe}, fh)
-        if acc.is_main_process:
-            self.unwrapped.policy.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            save_value_head(self.unwrapped.value_head, tmp / "value_head.safetensors")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            final = out / f"checkpoint-{number}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for other, path in artifacts.numbered_checkpoints(out).items():
-                if other != number:
-                    shutil.rmtree(path / "trainer_state", ignore_errors=True)
-            log.info("saved %s", final)
-        acc.wait_for_everyone()
+
+# ---------------------------------------------------------------------------------- a run's checkpoints
+def save_checkpoint(trainer: PPOTrainer, out: Path, number: int) -> None:
+    """Write checkpoint-<number> under a temporary name and rename it when complete, so a kill leaves the
+    last complete checkpoint. Only the newest keeps trainer_state/ (optimizer shards are large)."""
+    acc = trainer.accelerator
+    tmp = out / f".checkpoint-{number}.partial"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "trainer_state"))  # weights, optimizer, schedule, every process's RNG
+    with open(tmp / "trainer_state" / f"rollouts_{acc.process_index}.pkl", "wb") as fh:
+        pickle.dump({"rollouts": trainer.rollouts.state_dict(), "probe": trainer.probe}, fh)
+    if acc.is_main_process:
+        trainer.unwrapped.policy.save_pretrained(tmp, safe_serialization=True)
+        trainer.tokenizer.save_pretrained(tmp)
+        save_value_head(trainer.unwrapped.value_head, tmp / "value_head.safetensors")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = out / f"checkpoint-{number}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for other, path in artifacts.numbered_checkpoints(out).items():
+            if other != number:
+                shutil.rmtree(path / "trainer_state", ignore_errors=True)
+        log.info("saved %s", final)
+    acc.wait_for_everyone()
+
+
+def resume(trainer: PPOTrainer, out: Path) -> int:
+    """Load the newest checkpoint's trainer state into `trainer`, if any; the last finished update (0 if
+    none)."""
+    found = {u: p for u, p in artifacts.numbered_checkpoints(out).items() if (p / "trainer_state").is_dir()}
+    if not found:
+        return 0
+    update = max(found)
+    state = found[update] / "trainer_state"
+    acc = trainer.accelerator
+    if not (state / f"rollouts_{acc.process_index}.pkl").is_file() or (state / f"rollouts_{acc.num_processes}.pkl").is_file():
+        raise ValueError(f"{found[update]} was written by another number of processes; resume with the same "
+                         f"number, or pass force=True to start over")
+    acc.load_state(str(state))  # weights, optimizer, schedule, every process's RNG
+    with open(state / f"rollouts_{acc.process_index}.pkl", "rb") as fh:
+        saved = pickle.load(fh)
+    trainer.rollouts.load_state_dict(saved["rollouts"])
+    trainer.probe = saved["probe"]
+    log.info("resuming from %s (update %d of %d)", found[update], update, trainer.rl.num_updates)
+    return update
 
 
 def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = None, grade: Grade | None = None,
@@ -385,7 +401,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     threads = torch.get_num_threads()  # the trainer may lower it for a tiny model; restored for the caller
     try:
         trainer = PPOTrainer(cfg, init_path, grade or verifier(cfg.data.target, rl.partial_credit), envs, micro)
-        start = trainer.resume(out)
+        start = resume(trainer, out)
         if main:
             artifacts.keep_rows(out / METRICS, "update", start)  # rows a killed run logged after its last checkpoint are redone
         log.info("PPO on %d process(es): %d slots x %d rounds = %d attempts per process per update, micro-batch "
@@ -402,7 +418,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
             bar.update()
             log.info("update %d: %s", number, ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "update"))
             if number % rl.save_every == 0 or number == rl.num_updates:
-                trainer.save(out, number)
+                save_checkpoint(trainer, out, number)
         bar.close()
     finally:
         torch.set_num_threads(threads)

@@ -224,3 +224,18 @@ def test_gradient_checkpointing_gives_the_same_update(sft_ready):
         rows.append(pd.read_csv(ppo.train(cfg, force=True, progress=False) / "metrics.csv").iloc[0])
     for column in ("mean_reward", "policy_loss", "value_loss", "grad_norm", "approx_kl"):
         assert rows[1][column] == pytest.approx(rows[0][column], rel=1e-5, abs=1e-7), column
+
+
+def test_metrics_row_turns_the_sums_of_every_process_into_ratios():
+    sums = {"reward": -6.0, "steps": 8, "episodes": 2, "successes": 1, "episode_reward": 4.0,
+            "episode_attempts": 6, "policy_loss": 0.8, "value_loss": 4.0, "clipped": 2, "samples": 8,
+            "kl_ref": 0.4, "entropy": 3.0, "entropy_tokens": 30, "drift": 0.2, "drift_tokens": 40,
+            "grad_norm": 1.0, "response_tokens": 80, "rollout_seconds": 4.0}
+    row = ppo.metrics_row(sums, processes=2, number=3, lr=1e-6, seconds=5.0, with_kl_ref=True)
+    assert (row["update"], row["attempts"], row["episodes"]) == (3, 8, 2)
+    assert row["mean_reward"] == -0.75 and row["success_rate"] == 0.5 and row["attempts_per_episode"] == 3
+    assert row["clip_fraction"] == 0.25 and row["entropy"] == 0.1 and row["approx_kl"] == 0.005
+    assert row["grad_norm"] == 0.5 and row["rollout_seconds"] == 2.0 and row["rollout_tokens_per_s"] == 40.0
+    assert row["kl_ref"] == 0.05
+    assert math.isnan(ppo.metrics_row({**sums, "episodes": 0}, 2, 3, 1e-6, 5.0, False)["success_rate"])
+    assert "kl_ref" not in ppo.metrics_row(sums, 2, 3, 1e-6, 5.0, False)
