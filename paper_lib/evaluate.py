@@ -28,7 +28,6 @@ from .config import Config
 
 log = logging.getLogger(__name__)
 RULE_SPLITS = {"id": "id_test", "ood": "ood_test"}
-DECODING = ("greedy", "model")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -77,8 +76,6 @@ def make_generator(cfg: Config, model, tokenizer, progress: bool = False):
     generation_config as upstream's evaluator did; repetition_penalty always from eval.repetition_penalty."""
     from .rollout import Generator, model_sampling
 
-    if cfg.eval.decoding not in DECODING:
-        raise config.ConfigError(f"eval.decoding must be one of {DECODING}, got {cfg.eval.decoding!r}")
     sampling = model_sampling(model) if cfg.eval.decoding == "model" else None
     return Generator(model, tokenizer, cfg.eval.max_new_tokens, 0.0, cfg.eval.batch_size, progress=progress,
                      repetition_penalty=cfg.eval.repetition_penalty, sampling=sampling)

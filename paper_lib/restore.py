@@ -232,13 +232,7 @@ class Variant:
 
 
 def variants(cfg: Config) -> list[Variant]:
-    """restore.sources x restore.keeps, checked."""
-    for source in cfg.restore.sources:
-        if source not in ("base", "inter_sft"):
-            raise ValueError(f"restore.sources: {source!r} is not base or inter_sft")
-    for keep in cfg.restore.keeps:
-        if keep not in KEEP:
-            raise ValueError(f"restore.keeps: {keep!r} is not one of {KEEP}")
+    """restore.sources x restore.keeps (config.load has checked both against their choices)."""
     return [Variant(source, keep) for source in cfg.restore.sources for keep in cfg.restore.keeps]
 
 
