@@ -62,8 +62,10 @@ def test_sft_two_processes_match_one(tmp_path, monkeypatch):
     two = config.load("tiny", **SFT_SMALL, **{"sft.per_device_batch_size": 4, "sft.num_processes": 2,
                                               "sft.accelerate_config": "multi_cpu"})
     out = sft.run(two, stream=False)
-    shares = assert_two_processes(launch.stage_log(two, "sft").read_text(), "sft")
+    log = launch.stage_log(two, "sft").read_text()
+    shares = assert_two_processes(log, "sft")
     assert all(share.startswith("4 examples per optimizer step (of 8") for share in shares.values()), shares
+    assert log.count(f"SFT checkpoints in {out}\n") == 1  # the closing line, from rank 0 alone
 
     assert [sft.checkpoint_step(p) for p in sft.checkpoints(two)] == [3, 6] == \
         [sft.checkpoint_step(p) for p in sft.checkpoints(one)]
