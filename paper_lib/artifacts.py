@@ -94,6 +94,18 @@ def full_sft_step(cfg: Config, steps) -> int:
     return cfg.sft.full_sft_step if cfg.sft.full_sft_step in steps else steps[-1]
 
 
+def evaluated_sft_steps(cfg: Config, steps) -> list[int]:
+    """The SFT steps among saved `steps` that the sweep (Figure 1) evaluates: multiples of eval.sft_every
+    (all when 0), with sft.inter_sft_step, sft.full_sft_step and the last always kept (Figure 1's marks and
+    RL's start)."""
+    steps = sorted(steps)
+    every = cfg.eval.sft_every
+    if every == 0 or not steps:
+        return steps
+    keep = {cfg.sft.inter_sft_step, cfg.sft.full_sft_step, steps[-1]}
+    return [s for s in steps if s % every == 0 or s in keep]
+
+
 def figures_dir(cfg: Config) -> Path:
     return Path(os.environ.get("PAPER_FIGURES_DIR", PROJECT_ROOT / "figures")) / cfg.preset
 

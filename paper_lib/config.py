@@ -77,6 +77,9 @@ class SFTConfig:
     eval_steps: int = 5
     max_steps: int = -1  # > 0 stops early
     max_length: int = 1024
+    # Recompute activations in the backward pass, on GPU only (TRL's default): the 7B/11B presets' SFT
+    # would otherwise need ~56 GB of activations per device at batch 16 (`./run_all.sh P --dry-run`).
+    gradient_checkpointing: bool = True
     accelerate_config: str = "zero3"
     inter_sft_step: int = 120  # checkpoints the paper names
     full_sft_step: int = 800

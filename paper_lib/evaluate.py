@@ -53,15 +53,9 @@ def discover_checkpoints(cfg: Config) -> list[Checkpoint]:
 
 
 def select_sft(cfg: Config, found: list[Checkpoint]) -> list[Checkpoint]:
-    """The SFT checkpoints at multiples of eval.sft_every steps (all when 0), with sft.inter_sft_step,
-    sft.full_sft_step and the last checkpoint always kept (Figure 1's marks and RL's start)."""
-    every = cfg.eval.sft_every
-    if every < 0:
-        raise config.ConfigError(f"eval.sft_every must be >= 0 (0: every SFT checkpoint), got {every}")
-    if every == 0 or not found:
-        return found
-    keep = {cfg.sft.inter_sft_step, cfg.sft.full_sft_step, found[-1].step}
-    return [c for c in found if c.step % every == 0 or c.step in keep]
+    """The found SFT checkpoints that artifacts.evaluated_sft_steps selects (eval.sft_every)."""
+    keep = set(artifacts.evaluated_sft_steps(cfg, [c.step for c in found]))
+    return [c for c in found if c.step in keep]
 
 
 def play_hands(generate: cards.Generate, jobs: list[tuple[str, int, cards.Hand]], max_attempts: int,

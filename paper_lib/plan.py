@@ -127,16 +127,18 @@ def plan(cfg: Config) -> dict:
     zs, off, _ = zero_settings(cfg.sft.accelerate_config)
     stages["sft"] = {"checkpoints": n_sft, "disk": (n_sft - 1) * weights_only + latest,
                      "memory": gpu_memory(params, shape, zs, off, cfg.sft.num_processes, cfg.sft.per_device_batch_size,
-                                          cfg.sft.max_length, False), "zero": (zs, off), "setting": "sft.save_steps"}
+                                          cfg.sft.max_length, cfg.sft.gradient_checkpointing),
+                     "zero": (zs, off), "setting": "sft.save_steps"}
     n_rl = cfg.rl.num_updates // cfg.rl.save_every + (1 if cfg.rl.num_updates % cfg.rl.save_every else 0)
     zr, offr, _ = zero_settings(cfg.rl.accelerate_config)
     head = 4 * shape.hidden
     stages["rl"] = {"checkpoints": n_rl, "disk": (n_rl - 1) * (weights_only + head) + latest + head,
                     "memory": gpu_memory(params, shape, zr, offr, cfg.rl.num_processes, 1, cfg.rl.max_new_tokens + 512,
-                                         bool(getattr(cfg.rl, "gradient_checkpointing", False))),
+                                         cfg.rl.gradient_checkpointing),
                     "zero": (zr, offr), "setting": "rl.save_every"}
     hands = 2 * cfg.data.test_size  # ID and OOD
-    evaluated = 1 + n_sft + 1  # the base model, every SFT checkpoint, the RL result
+    sft_saved = {*range(cfg.sft.save_steps, steps + 1, cfg.sft.save_steps), steps}
+    evaluated = 1 + len(artifacts.evaluated_sft_steps(cfg, sft_saved)) + n_rl  # base, swept SFT, every RL
     return {"preset": cfg.preset, "model": cfg.model.name, "params": params, "stages": stages,
             "eval": {"checkpoints": evaluated, "hands": hands, "generations": evaluated * hands * cfg.eval.max_attempts},
             "disk": sum(s["disk"] for s in stages.values())}
@@ -152,7 +154,8 @@ def render(p: dict, free: float) -> str:
                      f"(weights only but the newest; set by {s['setting']})")
         lines.append(f"    GPU memory per device (ZeRO-{stage}{' + optimizer offload' if off else ''}): "
                      + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in mem.items()) + f"; total {total / GB:.3g} GB"
-                     + (f"  WARNING: over {GPU_GB} GB" if total > GPU_GB * GB else ""))
+                     + (f"  WARNING: over {GPU_GB} GB: set {name}.gradient_checkpointing or a smaller per-device batch"
+                        if total > GPU_GB * GB else ""))
         lines.append("    time: no measurement")
     e = p["eval"]
     lines.append(f"  eval: {e['checkpoints']} checkpoints x {e['hands']} hands x up to "

@@ -173,7 +173,7 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
 # -------------------------------------------------------------------------------------------- training
 def sft_args(cfg: Config, resume: bool = False) -> Any:
     """TRL's SFTConfig for cfg.sft. bf16 only where the device supports it (fp32 on CPU); gradient
-    checkpointing on GPU only; evaluation and logging every eval_steps; every checkpoint kept."""
+    checkpointing (sft.gradient_checkpointing) on GPU only; evaluation and logging every eval_steps; every checkpoint kept."""
     import torch
     from trl import SFTConfig
 
@@ -200,7 +200,7 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
         weight_decay=s.weight_decay,
         bf16=bf16,
         use_cpu=not cuda,
-        **{checkpointing: cuda},
+        **{checkpointing: bool(s.gradient_checkpointing and cuda)},
         # every trainable parameter gets a gradient (Mllama's unused parts are frozen), so DDP needs no search
         ddp_find_unused_parameters=False,
         max_length=s.max_length,

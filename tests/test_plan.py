@@ -44,3 +44,21 @@ def test_every_preset_has_a_plan(preset, monkeypatch):
     assert "sft:" in text and "rl:" in text and "generations" in text
     if preset in ("qwen7b", "llama11b"):
         assert "WARNING: not enough free disk" in text and "sft.save_steps" in text
+
+
+def test_sft_activation_checkpointing_is_what_fits_qwen7b_on_80gb(monkeypatch):
+    """SFT recomputes activations on GPU (sft.gradient_checkpointing, on by default); without it the 7B
+    preset's batch of 16 x 1024 tokens would not fit an 80 GB device."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    on = plan.plan(config.load("qwen7b"))["stages"]["sft"]["memory"]
+    off = plan.plan(config.load("qwen7b", sft__gradient_checkpointing=False))["stages"]["sft"]["memory"]
+    assert sum(on.values()) < plan.GPU_GB * plan.GB < sum(off.values())
+    assert off["activations"] == 17 * on["activations"]
+
+
+def test_plan_counts_the_checkpoints_the_sweep_evaluates():
+    # 10 SFT steps saved every 3 (3, 6, 9, 10); eval.sft_every 6 keeps 6, the named 3 and the last, 10
+    cfg = config.load("tiny", **{"data.sft_size": 100, "sft.per_device_batch_size": 10, "sft.save_steps": 3,
+                                 "eval.sft_every": 6, "sft.inter_sft_step": 3, "sft.full_sft_step": 10,
+                                 "rl.num_updates": 4, "rl.save_every": 2})
+    assert plan.plan(cfg)["eval"]["checkpoints"] == 1 + 3 + 2  # base, SFT 3/6/10, RL 2/4
