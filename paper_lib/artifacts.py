@@ -223,10 +223,34 @@ def manifest_matches(out_dir: str | os.PathLike, spec: dict[str, Any]) -> bool:
 def write_manifest(out_dir: str | os.PathLike, spec: dict[str, Any], **provenance: Any) -> None:
     record = {**json.loads(json.dumps(spec, sort_keys=True, default=str)), "provenance": {
         "git": git_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance}}
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    with atomic_file(Path(out_dir) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success it replaces `path` in one step, so a reader
+    never sees half a file and an interrupted write leaves the previous one. The temporary name ends in
+    `.tmp-<pid>`, so no `*.parquet`-style glob picks up a leftover."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def replace_dir(finished: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the complete directory `finished` to `final`, whose previous contents (the caller checked they
+    are its own output) go only once the new ones are in place: never a moment with neither."""
+    finished, final = Path(finished), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(finished, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -246,11 +270,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
 
 
 def cached_stage(out_dir: str | os.PathLike, spec: dict[str, Any], build: Callable[[Path], Any],

@@ -341,8 +341,7 @@ def save_checkpoint(trainer: PPOTrainer, out: Path, number: int) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         final = out / f"checkpoint-{number}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        artifacts.replace_dir(tmp, final)
         for other, path in artifacts.numbered_checkpoints(out).items():
             if other != number:
                 shutil.rmtree(path / "trainer_state", ignore_errors=True)

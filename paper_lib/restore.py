@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -173,11 +172,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     if clamped:
         log.warning("--top %d exceeds the rank of some matrices; clamped to their rank: %s", plan.top,
                     ", ".join(f"rank {rank}" for _, rank in clamped))
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():  # checked by _check_out: empty, or a previous restore output the caller replaces
-        os.replace(out, old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    artifacts.replace_dir(tmp, out)  # checked by _check_out: empty, or a previous restore output
     return out
 
 

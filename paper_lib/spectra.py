@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import launch, weights
+from . import artifacts, launch, weights
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +293,13 @@ def _streamed_u_angles(path_b: Path, path_a: Path, k: int, rows: int, device: to
 
 
 def _write_table(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with artifacts.atomic_file(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def _write_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with artifacts.atomic_file(path) as tmp, open(tmp, "wb") as fh:  # a file object: savez adds no suffix
+        np.savez(fh, **arrays)
 
 
 def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
@@ -417,8 +415,6 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
     device, the shared SVD cache, and a manifest (checkpoint weights, pairs, settings, code) that skips
     the work when nothing changed."""
     from dataclasses import asdict
-
-    from . import artifacts
 
     out = artifacts.spectra_dir(cfg)
     spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": asdict(cfg.spectra),

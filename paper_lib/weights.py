@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import artifacts
+
 
 class WeightsError(ValueError):
     """A checkpoint or a matrix that cannot be read or decomposed; the message says which and what to do."""
@@ -142,13 +144,11 @@ def save_factors(path: Path, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor)
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with artifacts.atomic_file(path) as tmp, open(tmp, "wb") as f:  # a reader never sees half a file
         f.write(len(raw).to_bytes(8, "little") + raw)
         for t in tensors.values():
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    os.replace(tmp, path)  # a reader never sees half a file
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -284,6 +284,4 @@ def decompose_streamed(ck: LazyWeights, key: str, dtype: torch.dtype, device: to
 
 def svd_cache(cfg) -> Path:
     """Decompositions shared by the spectra stage and direction restore: runs/<preset>/spectra/svd_cache."""
-    from . import artifacts
-
     return artifacts.spectra_dir(cfg) / "svd_cache"

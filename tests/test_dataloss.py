@@ -271,3 +271,28 @@ def test_restore_out_that_cannot_be_written_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert restore_cli(tgt, src, tmp_path / "afile" / "out") == 2
     assert "afile" in capsys.readouterr().err
+
+
+def test_an_interrupted_file_write_keeps_the_previous_file_and_leaves_no_scratch(tmp_path):
+    table = tmp_path / "pair.parquet"
+    table.write_text("previous")
+    with pytest.raises(KeyboardInterrupt):
+        with artifacts.atomic_file(table) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert table.read_text() == "previous" and sorted(tmp_path.iterdir()) == [table]
+    with artifacts.atomic_file(table) as tmp:
+        assert not tmp.name.endswith(".parquet")  # a leftover is never globbed as a table
+        tmp.write_text("new")
+    assert table.read_text() == "new" and sorted(tmp_path.iterdir()) == [table]
+
+
+def test_replace_dir_swaps_in_the_finished_directory_and_drops_the_old_one(tmp_path):
+    final, finished = tmp_path / "checkpoint-4", tmp_path / ".checkpoint-4.partial"
+    final.mkdir()
+    (final / "stale.bin").write_text("old")
+    finished.mkdir()
+    (finished / "model.safetensors").write_text("new")
+    artifacts.replace_dir(finished, final)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+    assert [p.name for p in final.iterdir()] == ["model.safetensors"]
