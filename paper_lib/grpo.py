@@ -13,7 +13,7 @@ import torch
 
 from . import artifacts, cards, models
 from .config import Config
-from .ppo import METRICS, Grade, _start, _validate_init, checkpoints, init_checkpoint, run_spec, verifier
+from .rl_run import METRICS, Grade, checkpoints, init_checkpoint, prepare_run, run_spec, validate_init, verifier
 
 
 def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
@@ -24,12 +24,12 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
 
     rl = cfg.rl
     init_path = init_checkpoint(cfg, init)
-    _validate_init(cfg, init_path)
+    validate_init(cfg, init_path)
     grade_name = "verifier" if grade is None else getattr(grade, "__name__", "custom")
     grade = grade or verifier(cfg.data.target, rl.partial_credit)
     out = artifacts.rl_dir(cfg)
     spec = run_spec(cfg, init_path, grade_name)
-    if not _start(out, spec, force):
+    if not prepare_run(out, spec, force):
         return out
     model, tokenizer = models.load(cfg, checkpoint=init_path, dtype="float32", device=None)  # bf16: autocast
     # a step's completions: steps_per_update per process, in groups of `generations` per prompt

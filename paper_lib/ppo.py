@@ -39,89 +39,18 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from . import artifacts, cards, config, launch, models
+from . import artifacts, config, launch, models
 from .actor_critic import (ActorCritic, Rollouts, Step, ValueHead, gae, hidden_size, k3_kl, pad_rows, ppo_loss,
                            save_value_head, score)
 from .config import Config
+from .rl_run import (METRICS, REDO_RL, Grade, init_checkpoint, prepare_run, run_spec, validate_init,  # noqa: F401
+                     checkpoints, verifier)  # ppo.checkpoints / ppo.verifier, as the notebooks read them
 
 log = logging.getLogger(__name__)
-
-Grade = Callable[[cards.Hand, str], cards.Verdict]  # (hand, answer text) -> verdict with .reward
-
-
-def verifier(target: int = cards.TARGET, partial_credit: str = "arithmetic") -> Grade:
-    """The reward of PAPER_SPEC 2.4 for one answer (rl.partial_credit decides PARTIAL)."""
-    return lambda hand, text: cards.verify_formula(cards.parse_formula(text), hand.numbers, target, partial_credit)
-
-
-# ------------------------------------------------------------------------------ checkpoints and specs
-def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
-    """Where PPO starts: `path` if given, else the full-SFT checkpoint, sft_dir/checkpoint-<full_sft_step>
-    if it exists, else the last SFT checkpoint."""
-    if path is not None:
-        return models.checkpoint_path(path)
-    found = artifacts.numbered_checkpoints(artifacts.sft_dir(cfg))
-    if not found:
-        raise FileNotFoundError(
-            f"PPO starts from the full-SFT checkpoint, but {artifacts.sft_dir(cfg)} holds no SFT checkpoint "
-            f"(checkpoint-N with config.json and *.safetensors). Run notebooks/02_sft.py first (or `python -m "
-            f"paper_lib.sft --preset {cfg.preset}`), or pass init_checkpoint=PATH / --init-checkpoint PATH.")
-    return found[artifacts.full_sft_step(cfg, found)]
-
-
-METRICS = "metrics.csv"  # one row per update
-_REDO_RL = "redo RL with force=True (`python -m paper_lib.ppo --force`); the damaged run is kept until then"
-
-
-def _validate_init(cfg: Config, init: Path) -> None:
-    """A damaged initial checkpoint stops the run before rl/ is touched, naming the file and the fix."""
-    artifacts.validate_checkpoint(init, f"python -m paper_lib.sft --preset {cfg.preset} --force (or "
-                                        f"./run_all.sh {cfg.preset} --only 2 with force=True)")
-
-
-def checkpoints(cfg: Config) -> dict[int, Path]:
-    """{update: path} of the RL checkpoints written so far."""
-    return artifacts.numbered_checkpoints(artifacts.rl_dir(cfg))
-
-
-def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
-    """What a finished run's manifest must match for it to be reused."""
-    return {"stage": "rl", "rl": dataclasses.asdict(cfg.rl), "max_attempts": cfg.eval.max_attempts,
-            "target": cfg.data.target, "init": str(init), "init_weights": artifacts.fingerprint(init), "reward": grade_name,
-            "code": artifacts.code_hash("ppo")}
-
-
-def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
-    """Make out ready for the run (main process only; artifacts.prepare_run_dir); False when a finished run
-    matches."""
-    if not force and artifacts.up_to_date(out, spec, _REDO_RL):
-        return False
-    artifacts.prepare_run_dir(out, spec, force, "an RL run")
-    return True
-
-
-def _process_state():
-    """accelerate's view of the processes, as Accelerator will see them (see launch.process_state)."""
-    return launch.process_state()
-
-
-def _start(out: Path, spec: dict, force: bool) -> bool:
-    """Prepare out on the main process; every process learns whether there is work to do."""
-    from accelerate.utils import broadcast_object_list
-
-    state = _process_state()
-    decision = [_prepare_dir(out, spec, force) if state.is_main_process else None]
-    if state.num_processes > 1:
-        broadcast_object_list(decision)
-    state.wait_for_everyone()
-    if not decision[0]:
-        log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
-    return bool(decision[0])
-
 
 # ------------------------------------------------------------------------------------------ training
 def default_envs(cfg: Config) -> int:
@@ -382,7 +311,7 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     if rl.temperature <= 0:
         raise ValueError("rl.temperature must be > 0: PPO's log-probabilities are those of the sampling distribution")
     init_path = init_checkpoint(cfg, init)
-    _validate_init(cfg, init_path)
+    validate_init(cfg, init_path)
     spec = run_spec(cfg, init_path, "verifier" if grade is None else getattr(grade, "__name__", "custom"))
     envs = envs or default_envs(cfg)
     if rl.steps_per_update % envs:
@@ -390,11 +319,11 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     # Upstream backpropagates one attempt at a time (memory on big models); on CPU a few at once is faster.
     micro = micro_batch_size or rl.micro_batch_size or (1 if torch.cuda.is_available() else 8)
     out = artifacts.rl_dir(cfg)
-    main = _process_state().is_main_process
+    main = launch.process_state().is_main_process
     if not main:  # one process reports
         for name in ("paper_lib", __name__):
             logging.getLogger(name).setLevel(logging.WARNING)
-    if not _start(out, spec, force):
+    if not prepare_run(out, spec, force):
         return out
 
     threads = torch.get_num_threads()  # the trainer may lower it for a tiny model; restored for the caller
@@ -440,9 +369,9 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
     output is appended to runs/<preset>/logs/ppo.log and echoed. `init` replaces the full-SFT checkpoint as
     the start. Returns rl_dir."""
     start = init_checkpoint(cfg, init)  # fails here, with the clear message, before any launch
-    _validate_init(cfg, start)
+    validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
-    if not force and artifacts.up_to_date(out, run_spec(cfg, start), _REDO_RL):
+    if not force and artifacts.up_to_date(out, run_spec(cfg, start), REDO_RL):
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
         return out
     extra = (["--force"] if force else []) + (["--init-checkpoint", str(init)] if init is not None else [])

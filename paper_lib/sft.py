@@ -248,7 +248,7 @@ def train(cfg: Config, force: bool = False) -> Path:
 
     Skips a finished run with a matching manifest; resumes an interrupted run of the same spec from its
     newest complete checkpoint; starts afresh when forced or when the directory holds another spec."""
-    state = _process_state()
+    state = launch.process_state()
     out = artifacts.sft_dir(cfg)
     with state.main_process_first():  # data and the tiny base model are built once
         data_lib.build(cfg)
@@ -290,11 +290,6 @@ def train(cfg: Config, force: bool = False) -> Path:
         log.info("SFT done: %d checkpoints in %s, final step %d", len(done), out, final)
     state.wait_for_everyone()
     return out
-
-
-def _process_state() -> Any:
-    """accelerate's shared process state, made as the Trainer makes it (see launch.process_state)."""
-    return launch.process_state()
 
 
 def _per_process_batch(cfg: Config) -> int:
@@ -394,7 +389,7 @@ class LossTableCallback(_CallbackBase):
 def main(argv: list[str] | None = None) -> int:
     parser = launch.stage_arguments("python -m paper_lib.sft", __doc__.split("\n\n")[0], "train")
     args = parser.parse_args(argv)
-    main_process = _process_state().is_main_process
+    main_process = launch.process_state().is_main_process
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return launch.run_main(lambda: f"SFT checkpoints in {train(launch.stage_config(args), force=args.force)}")

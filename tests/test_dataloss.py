@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from paper_lib import artifacts, cards, config, evaluate, ppo, restore, sft, spectra
+from paper_lib import artifacts, cards, config, evaluate, ppo, restore, rl_run, sft, spectra
 from paper_lib.restore import Plan
 
 
@@ -117,12 +117,12 @@ def test_a_truncated_sft_checkpoint_stops_ppo_before_the_rl_run_is_touched(tiny_
 def test_ppo_moves_a_run_of_another_spec_aside_and_tolerates_a_truncated_run_spec(tmp_path):
     out = _finished_rl_run(config.load("tiny"))
     (out / "run_spec.json").write_text('{"stage": "r')  # truncated by a kill
-    assert ppo._prepare_dir(out, {"stage": "rl", "new": True}, force=False)
+    assert rl_run._prepare_dir(out, {"stage": "rl", "new": True}, force=False)
     stale = list(out.parent.glob("rl.stale-*"))
     assert len(stale) == 1 and (stale[0] / "checkpoint-1" / "value_head.pt").read_text() == "weights"
     assert json.loads((out / "run_spec.json").read_text())["new"] is True
     (out / artifacts.MANIFEST).write_text("{trunc")  # a truncated manifest is "not finished", not a crash
-    assert ppo._prepare_dir(out, {"stage": "rl", "new": True}, force=False)
+    assert rl_run._prepare_dir(out, {"stage": "rl", "new": True}, force=False)
 
 
 def test_a_truncated_base_model_stops_sft_before_the_sft_run_is_touched(tiny_base):

@@ -1,0 +1,81 @@
+"""The RL stage's run directory, shared by PPO (ppo.py) and GRPO (grpo.py): the reward, the checkpoint RL
+starts from, the spec a finished run must match, and whether a run starts afresh, resumes or is skipped.
+Outputs live under runs/<preset>/rl/ (ppo.py's docstring lists them)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from . import artifacts, cards, launch, models
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+Grade = Callable[[cards.Hand, str], cards.Verdict]  # (hand, answer text) -> verdict with .reward
+
+
+def verifier(target: int = cards.TARGET, partial_credit: str = "arithmetic") -> Grade:
+    """The reward of PAPER_SPEC 2.4 for one answer (rl.partial_credit decides PARTIAL)."""
+    return lambda hand, text: cards.verify_formula(cards.parse_formula(text), hand.numbers, target, partial_credit)
+
+
+def init_checkpoint(cfg: Config, path: str | os.PathLike | None = None) -> Path:
+    """Where PPO starts: `path` if given, else the full-SFT checkpoint, sft_dir/checkpoint-<full_sft_step>
+    if it exists, else the last SFT checkpoint."""
+    if path is not None:
+        return models.checkpoint_path(path)
+    found = artifacts.numbered_checkpoints(artifacts.sft_dir(cfg))
+    if not found:
+        raise FileNotFoundError(
+            f"PPO starts from the full-SFT checkpoint, but {artifacts.sft_dir(cfg)} holds no SFT checkpoint "
+            f"(checkpoint-N with config.json and *.safetensors). Run notebooks/02_sft.py first (or `python -m "
+            f"paper_lib.sft --preset {cfg.preset}`), or pass init_checkpoint=PATH / --init-checkpoint PATH.")
+    return found[artifacts.full_sft_step(cfg, found)]
+
+
+METRICS = "metrics.csv"  # one row per update
+REDO_RL = "redo RL with force=True (`python -m paper_lib.ppo --force`); the damaged run is kept until then"
+
+
+def validate_init(cfg: Config, init: Path) -> None:
+    """A damaged initial checkpoint stops the run before rl/ is touched, naming the file and the fix."""
+    artifacts.validate_checkpoint(init, f"python -m paper_lib.sft --preset {cfg.preset} --force (or "
+                                        f"./run_all.sh {cfg.preset} --only 2 with force=True)")
+
+
+def checkpoints(cfg: Config) -> dict[int, Path]:
+    """{update: path} of the RL checkpoints written so far."""
+    return artifacts.numbered_checkpoints(artifacts.rl_dir(cfg))
+
+
+def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
+    """What a finished run's manifest must match for it to be reused."""
+    return {"stage": "rl", "rl": dataclasses.asdict(cfg.rl), "max_attempts": cfg.eval.max_attempts,
+            "target": cfg.data.target, "init": str(init), "init_weights": artifacts.fingerprint(init), "reward": grade_name,
+            "code": artifacts.code_hash("ppo")}
+
+
+def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
+    """Make out ready for the run (main process only; artifacts.prepare_run_dir); False when a finished run
+    matches."""
+    if not force and artifacts.up_to_date(out, spec, REDO_RL):
+        return False
+    artifacts.prepare_run_dir(out, spec, force, "an RL run")
+    return True
+
+
+def prepare_run(out: Path, spec: dict, force: bool) -> bool:
+    """Prepare out on the main process; every process learns whether there is work to do."""
+    from accelerate.utils import broadcast_object_list
+
+    state = launch.process_state()
+    decision = [_prepare_dir(out, spec, force) if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(decision)
+    state.wait_for_everyone()
+    if not decision[0]:
+        log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
+    return bool(decision[0])
