@@ -209,10 +209,19 @@ def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
                  str(rl.iloc[-1]) if len(rl) else None)
 
 
+def _interval(name: str, samples: np.ndarray) -> dict[str, float]:
+    """{name_ci_low, name_ci_high}: the 95% percentile interval of the finite bootstrap samples (NaN if none),
+    as two float columns so that the tables stay tidy."""
+    finite = samples[np.isfinite(samples)]
+    low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (float("nan"), float("nan"))
+    return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}
+
+
 def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
              n_boot: int = 2000, seed: int = 0) -> dict:
     """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
-    RL recovers, (rl - full) / (inter - full), with 95% intervals from a paired bootstrap over hands."""
+    RL recovers, (rl - full) / (inter - full), with 95% intervals (`<name>_ci_low`, `<name>_ci_high`) from a
+    paired bootstrap over hands."""
     def hits(label):  # per hand, the mean over repeated passes (a 0/1 outcome under greedy decoding)
         e = episodes[label]
         return e[e["rule"] == rule].groupby("hand")["success"].mean().sort_index().to_numpy(dtype=float)
@@ -226,21 +235,16 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
     with np.errstate(divide="ignore", invalid="ignore"):
         boot_relative = np.where(a[idx].mean(1) > 0, boot_drop / a[idx].mean(1), np.nan)
     result = {"rule": rule, "inter_sft": inter, "full_sft": full, "rl": rl,
-              "inter_rate": a.mean(), "full_rate": b.mean(), "drop": drop,
-              "drop_ci": tuple(np.percentile(boot_drop, [2.5, 97.5])),
+              "inter_rate": a.mean(), "full_rate": b.mean(), "drop": drop, **_interval("drop", boot_drop),
               # the paper's "relative OOD drop", (Inter_SFT - full SFT) / Inter_SFT: 48% Llama, 13% Qwen
               "relative_drop": drop / a.mean() if a.mean() > 0 else float("nan"),
-              "relative_drop_ci": tuple(np.nanpercentile(boot_relative, [2.5, 97.5]))
-              if np.isfinite(boot_relative).any() else (float("nan"), float("nan"))}
+              **_interval("relative_drop", boot_relative)}
     if c is not None:
         gain, boot_gain = c.mean() - b.mean(), c[idx].mean(1) - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             boot_share = np.where(boot_drop > 0, boot_gain / boot_drop, np.nan)
-        result.update(rl_rate=c.mean(), gain=gain,
-                      share_recovered=gain / drop if drop > 0 else float("nan"),
-                      share_ci=tuple(np.nanpercentile(boot_share, [2.5, 97.5])) if np.isfinite(boot_share).any()
-                      else (float("nan"), float("nan")),
-                      share_defined_in=float(np.isfinite(boot_share).mean()))
+        result.update(rl_rate=c.mean(), gain=gain, share_recovered=gain / drop if drop > 0 else float("nan"),
+                      **_interval("share", boot_share), share_defined_in=float(np.isfinite(boot_share).mean()))
     return result
 
 

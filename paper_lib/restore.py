@@ -265,8 +265,8 @@ def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.
                          "keep": variant.keep, "kind": kind, "setting": setting, "claim_point": claim,
                          "label": label, "rule": r["rule"], "success_rate": r["success_rate"],
                          "ci_low": r["ci_low"], "ci_high": r["ci_high"], "episodes": r["episodes"],
-                         **({"share_recovered": share["share_recovered"], "share_ci_low": share["share_ci"][0],
-                             "share_ci_high": share["share_ci"][1]} if r["rule"] == "ood" else {})})
+                         **({key: share[key] for key in ("share_recovered", "share_ci_low", "share_ci_high")}
+                            if r["rule"] == "ood" else {})})
     out = pd.DataFrame(rows)
     artifacts.restore_dir(cfg).mkdir(parents=True, exist_ok=True)
     out.to_csv(artifacts.restore_dir(cfg) / "variants.csv", index=False)
