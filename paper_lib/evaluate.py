@@ -209,7 +209,19 @@ def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
                  str(rl.iloc[-1]) if len(rl) else None)
 
 
-def _interval(name: str, samples: np.ndarray) -> dict[str, float]:
+def hand_hits(episodes: pd.DataFrame, rule: str) -> np.ndarray:
+    """Success per test hand of one rule, sorted by hand, averaged over repeated passes (0/1 under greedy
+    decoding): the unit that paired bootstraps resample."""
+    e = episodes[episodes["rule"] == rule]
+    return e.groupby("hand")["success"].mean().sort_index().to_numpy(dtype=float)
+
+
+def bootstrap_indices(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """(n_boot, n) hand indices; the same rows index every checkpoint's hits, so the bootstrap is paired."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def interval(name: str, samples: np.ndarray) -> dict[str, float]:
     """{name_ci_low, name_ci_high}: the 95% percentile interval of the finite bootstrap samples (NaN if none),
     as two float columns so that the tables stay tidy."""
     finite = samples[np.isfinite(samples)]
@@ -222,29 +234,25 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
     """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
     RL recovers, (rl - full) / (inter - full), with 95% intervals (`<name>_ci_low`, `<name>_ci_high`) from a
     paired bootstrap over hands."""
-    def hits(label):  # per hand, the mean over repeated passes (a 0/1 outcome under greedy decoding)
-        e = episodes[label]
-        return e[e["rule"] == rule].groupby("hand")["success"].mean().sort_index().to_numpy(dtype=float)
-
-    a, b = hits(inter), hits(full)
-    c = hits(rl) if rl else None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_boot, len(a)))
+    a, b = hand_hits(episodes[inter], rule), hand_hits(episodes[full], rule)
+    c = hand_hits(episodes[rl], rule) if rl else None
+    idx = bootstrap_indices(len(a), n_boot, seed)
     drop = a.mean() - b.mean()
     boot_drop = a[idx].mean(1) - b[idx].mean(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         boot_relative = np.where(a[idx].mean(1) > 0, boot_drop / a[idx].mean(1), np.nan)
     result = {"rule": rule, "inter_sft": inter, "full_sft": full, "rl": rl,
-              "inter_rate": a.mean(), "full_rate": b.mean(), "drop": drop, **_interval("drop", boot_drop),
+              "inter_rate": a.mean(), "full_rate": b.mean(), "drop": drop, **interval("drop", boot_drop),
               # the paper's "relative OOD drop", (Inter_SFT - full SFT) / Inter_SFT: 48% Llama, 13% Qwen
               "relative_drop": drop / a.mean() if a.mean() > 0 else float("nan"),
-              **_interval("relative_drop", boot_relative)}
+              **interval("relative_drop", boot_relative)}
     if c is not None:
         gain, boot_gain = c.mean() - b.mean(), c[idx].mean(1) - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             boot_share = np.where(boot_drop > 0, boot_gain / boot_drop, np.nan)
-        result.update(rl_rate=c.mean(), gain=gain, share_recovered=gain / drop if drop > 0 else float("nan"),
-                      **_interval("share", boot_share), share_defined_in=float(np.isfinite(boot_share).mean()))
+        result.update(rl_rate=c.mean(), gain=gain, **interval("gain", boot_gain),
+                      share_recovered=gain / drop if drop > 0 else float("nan"), **interval("share", boot_share),
+                      share_defined_in=float(np.isfinite(boot_share).mean()))
     return result
 
 

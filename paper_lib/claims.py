@@ -1,0 +1,248 @@
+"""The paper's six findings, each answered in numbers from one run: the quantity, its 95% interval or its
+spread, and a verdict by a rule written beside it (issue 9's docs/results.md). Everything is read from the
+tables that notebooks 04-07 wrote under runs/<preset>/; only the bootstraps are computed here.
+
+    python -m paper_lib.claims --preset smol      # the Markdown report on stdout
+    claims.table(cfg)                             # its rows as a DataFrame; claims.save(cfg): claims.md
+
+A verdict is "holds", "does not hold" or "inconclusive" (the interval straddles the rule's threshold, or
+the quantity is undefined, e.g. no drop to recover). The thresholds turn the paper's words into numbers;
+each row's `rule` says which, so a reader who reads the words otherwise can judge again.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import artifacts, config, evaluate, launch, spectra
+from .config import Config
+
+HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
+EDGE = 0.10  # claim 4: the top and bottom 10% of the singular indices against the 80% between
+
+
+def _verdict(low: float, high: float, threshold: float) -> str:
+    """Above `threshold` by the whole interval: holds; at or below it by the whole interval: does not."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return UNSURE
+    return HOLDS if low > threshold else FAILS if high <= threshold else UNSURE
+
+
+def _pct(value: float, low: float | None = None, high: float | None = None) -> str:
+    text = f"{value:.1%}" if np.isfinite(value) else "undefined"
+    return text + (f" [{low:.1%}, {high:.1%}]" if low is not None and np.isfinite(low) else "")
+
+
+def _row(claim: int, case: str, paper: str, measured: str, verdict: str, rule: str) -> dict:
+    return {"claim": claim, "case": case, "paper": paper, "measured": measured, "verdict": verdict, "rule": rule}
+
+
+def _results(cfg: Config) -> tuple[pd.DataFrame, evaluate.Named]:
+    path = artifacts.eval_dir(cfg) / "results.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: run notebooks 01-04 for preset {cfg.preset!r} first")
+    table = pd.read_parquet(path)
+    return table, evaluate.named_checkpoints(cfg, table)
+
+
+def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
+    """Claims 1 and 2, from the evaluation's headline quantities (Inter_SFT, full SFT, RL; paired bootstrap)."""
+    table, named = _results(cfg)
+    heads = evaluate.headline(cfg, named)
+    ood, iid = heads.loc["ood"], heads.loc["id"]
+    step = dict(zip(table["label"], table["step"]))
+    peak = _verdict(ood["drop_ci_low"], ood["drop_ci_high"], 0.0)
+    if step[named.inter_sft] >= step[named.full_sft]:
+        peak = FAILS  # the best OOD checkpoint is full SFT itself: no early peak
+    rows = [_row(1, "OOD", "OOD success peaks early in SFT (Inter_SFT), then falls by full SFT",
+                 f"Inter_SFT {named.inter_sft}: {_pct(ood['inter_rate'])}; full SFT {named.full_sft}: "
+                 f"{_pct(ood['full_rate'])}; drop {_pct(ood['drop'], ood['drop_ci_low'], ood['drop_ci_high'])}",
+                 peak, "holds when Inter_SFT precedes full SFT and the drop's interval lies above 0")]
+    if named.rl is None:
+        return rows
+    share = _verdict(ood["share_ci_low"], ood["share_ci_high"], 0.5) if np.isfinite(ood["share_recovered"]) \
+        else UNSURE
+    rows.append(_row(2, "OOD share, ID change", "RL recovers most of the OOD drop, at a small cost in ID",
+                     f"RL {named.rl}: OOD {_pct(ood['rl_rate'])}, share of the drop recovered "
+                     f"{_pct(ood['share_recovered'], ood['share_ci_low'], ood['share_ci_high'])}; ID change "
+                     f"from full SFT {_pct(iid['gain'], iid['gain_ci_low'], iid['gain_ci_high'])}",
+                     share, "holds when the share's interval lies above 50% ('most'); the ID change is "
+                            "reported, not judged"))
+    return rows
+
+
+def _paper_pairs(cfg: Config) -> list[tuple[str, str, str]]:
+    """Figures 3-4's pairs, as 05_spectra analysed them: SFT from base, RL from the full-SFT checkpoint."""
+    _, named = _results(cfg)
+    pairs = [("SFT", named.base, named.full_sft)]
+    return pairs + ([("RL", named.full_sft, named.rl)] if named.rl else [])
+
+
+def sigma_share(table: pd.DataFrame, arrays: dict) -> pd.Series:
+    """Per matrix, the part of ‖ΔW‖F² that the change of σ alone accounts for: Σᵢ(Δσᵢ)² / ‖ΔW‖F². Mirsky's
+    inequality bounds it by 1; 1 is a pure rescaling of σ, 0 a pure rotation of the singular vectors."""
+    shares = []
+    for name, fro in zip(table["name"], table["fro_delta"]):
+        a = arrays[name]
+        d = a["sigma_after"].astype(float) - a["sigma_before"].astype(float)
+        shares.append(float(np.sum(d * d)) / fro**2 if fro > 0 else np.nan)
+    return pd.Series(shares, index=table.index, name="sigma_share")
+
+
+def spectra_by_module(cfg: Config) -> pd.DataFrame:
+    """Claim 3 per module kind and stage: the median σ share of the change (sigma_share), the median largest
+    |Δσ| relative to σ₁, and the mean principal angle of the top-k left singular subspaces."""
+    out = artifacts.spectra_dir(cfg)
+    frames = []
+    for stage, before, after in _paper_pairs(cfg):
+        table, arrays = spectra.load_pair(out, before, after)
+        frames.append(table.assign(stage=stage, sigma_share=sigma_share(table, arrays)))
+    both = pd.concat(frames)
+    return (both.groupby(["stage", "module"], sort=False)
+            .agg(matrices=("name", "size"), sigma_share=("sigma_share", "median"),
+                 rel_dsigma_absmax=("rel_dsigma_absmax", "median"), angle_u_mean_deg=("angle_u_mean_deg", "mean"))
+            .reset_index())
+
+
+def sigma_and_rotation(cfg: Config) -> list[dict]:
+    """Claims 3 and 4, per stage, from 05_spectra's tables and arrays."""
+    out, rows = artifacts.spectra_dir(cfg), []
+    for stage, before, after in _paper_pairs(cfg):
+        table, arrays = spectra.load_pair(out, before, after)
+        share = sigma_share(table, arrays).dropna()
+        q1, med, q3 = share.quantile([0.25, 0.5, 0.75]) if len(share) else (np.nan,) * 3
+        rows.append(_row(3, f"{stage}: {before} → {after}", "σ barely moves while the singular directions rotate",
+                         f"σ accounts for {med:.1%} of ‖ΔW‖F² (median of {len(share)} matrices, quartiles "
+                         f"{q1:.1%}-{q3:.1%}); largest |Δσ|/σ₁ {table['rel_dsigma_absmax'].median():.2g} (median); "
+                         f"mean principal angle {table['angle_u_mean_deg'].mean():.1f}°",
+                         (HOLDS if q3 < 0.1 else FAILS if med >= 0.1 else UNSURE) if len(share) else UNSURE,
+                         "holds when σ accounts for under 10% of the change in 3 matrices of 4 (upper quartile); "
+                         "not when in half of them or more"))
+        rows.append(_edge_rotation(stage, before, after, table, arrays))
+    return rows
+
+
+def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arrays: dict) -> dict:
+    """Claim 4: the rotation of each singular vector (rot_u, the angle between uᵢ before and after) in the
+    top and bottom EDGE of the indices against the bulk between, per matrix, bootstrapped over matrices.
+    Only matrices analysed at full rank (k = rank) have a true bottom of the spectrum."""
+    edges = []
+    for name in table.loc[table["k"] == table["rank"], "name"]:
+        rot = np.degrees(arrays[name]["rot_u"].astype(float))
+        n = max(int(round(EDGE * len(rot))), 1)
+        if len(rot) < 3 * n:
+            continue
+        bulk = rot[n:-n].mean()
+        edges.append((rot[:n].mean() - bulk, rot[-n:].mean() - bulk))
+    case = f"{stage}: {before} → {after}"
+    paper = "rotation concentrates on the largest and smallest singular values; the bulk barely turns"
+    rule = (f"holds when both the top and the bottom {EDGE:.0%} of indices turn more than the bulk (each "
+            f"interval above 0, bootstrap over matrices analysed at full rank)")
+    if not edges:
+        return _row(4, case, paper, "no matrix analysed at full rank (raise spectra.k)", UNSURE, rule)
+    d = np.array(edges)
+    idx = evaluate.bootstrap_indices(len(d))
+    boot_top, boot_bottom = d[idx, 0].mean(1), d[idx, 1].mean(1)
+    top, bottom = evaluate.interval("top", boot_top), evaluate.interval("bottom", boot_bottom)
+    verdicts = {_verdict(top["top_ci_low"], top["top_ci_high"], 0.0),
+                _verdict(bottom["bottom_ci_low"], bottom["bottom_ci_high"], 0.0)}
+    verdict = HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNSURE
+    return _row(4, case, paper, f"top {EDGE:.0%} turn {d[:, 0].mean():+.1f}° [{top['top_ci_low']:+.1f}, "
+                f"{top['top_ci_high']:+.1f}] and bottom {EDGE:.0%} {d[:, 1].mean():+.1f}° "
+                f"[{bottom['bottom_ci_low']:+.1f}, {bottom['bottom_ci_high']:+.1f}] more than the bulk "
+                f"({len(d)} matrices)", verdict, rule)
+
+
+def restore_recovery(cfg: Config) -> list[dict]:
+    """Claim 5, one row per restore variant and kind, at the claim's points (restore.claim_points)."""
+    path = artifacts.restore_dir(cfg) / "variants.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: run notebook 06_restore for preset {cfg.preset!r} first")
+    variants = pd.read_csv(path)
+    points = variants[variants["claim_point"] & (variants["rule"] == "ood")]
+    rows = []
+    for _, r in points.iterrows():
+        low, high = r["share_ci_low"], r["share_ci_high"]
+        if not (np.isfinite(low) and np.isfinite(high)) or high - low > 0.5:
+            verdict = UNSURE
+        else:
+            verdict = FAILS if high < 0.7 or low > 0.8 else HOLDS
+        what = "the top 20% of ranks" if r["kind"] == "ranks" else "the first 25% of layers"
+        rows.append(_row(5, f"{r['variant']}, {r['kind']} {r['setting']}",
+                         f"restoring {what} recovers 70-80% of the OOD success lost in SFT",
+                         f"OOD {_pct(r['success_rate'])}; share of the drop recovered "
+                         f"{_pct(r['share_recovered'], low, high)}", verdict,
+                         "holds when the share's interval meets 70-80%; does not when it misses it; "
+                         "inconclusive when undefined or wider than 50 points"))
+    return rows
+
+
+def causal_test(cfg: Config) -> list[dict]:
+    """Claim 6: the RL model with the SFT model's directions imposed (07_causal) against the RL model, OOD."""
+    path = artifacts.eval_dir(cfg) / "causal_results.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: run notebook 07_causal for preset {cfg.preset!r} first")
+    _, named = _results(cfg)
+    imposed = str(pd.read_parquet(path)["label"].iloc[0])
+    hits = {label: evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / label), "ood")
+            for label in (named.rl, imposed)}
+    rl, other = hits[named.rl], hits[imposed]
+    idx = evaluate.bootstrap_indices(len(rl))
+    change = evaluate.interval("change", other[idx].mean(1) - rl[idx].mean(1))
+    fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)
+    return [_row(6, imposed, "imposing SFT's singular directions on the RL model lowers OOD success",
+                 f"RL {named.rl}: OOD {_pct(rl.mean())}; with SFT's directions {_pct(other.mean())}; change "
+                 f"{_pct(other.mean() - rl.mean(), change['change_ci_low'], change['change_ci_high'])}",
+                 fall, "holds when the change's interval lies below 0")]
+
+
+def table(cfg: Config) -> pd.DataFrame:
+    """Every claim's rows, in the paper's order; a stage not yet run is one row saying which notebook."""
+    rows = []
+    for part in (sft_peak_and_rl_recovery, sigma_and_rotation, restore_recovery, causal_test):
+        try:
+            rows += part(cfg)
+        except (FileNotFoundError, spectra.SpectraError) as err:
+            rows.append(_row(0, part.__name__, "", f"not measured: {err}", UNSURE, ""))
+    return pd.DataFrame(rows).sort_values("claim", kind="stable", ignore_index=True)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in frame.itertuples(index=False)])
+
+
+def report(cfg: Config) -> str:
+    """The claims table and claim 3 per module kind, in Markdown (docs/results.md's numbers)."""
+    text = f"Claims of the paper, preset {cfg.preset!r} ({cfg.model.name}):\n\n" + markdown(table(cfg))
+    try:
+        detail = spectra_by_module(cfg).round(4)
+    except (FileNotFoundError, spectra.SpectraError):
+        return text
+    return text + "\n\nClaim 3 per module kind (medians; angle: mean, degrees):\n\n" + markdown(detail)
+
+
+def save(cfg: Config) -> Path:
+    """report(cfg) into figures/<preset>/claims.md, beside the figures it sums up."""
+    path = artifacts.figures_dir(cfg) / "claims.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with artifacts.atomic_file(path) as tmp:
+        tmp.write_text(report(cfg) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m paper_lib.claims", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", help="preset name or a .yaml path")
+    args = parser.parse_args(argv)
+    return launch.run_main(lambda: report(config.load(args.preset)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
