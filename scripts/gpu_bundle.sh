@@ -5,6 +5,9 @@
 #   scripts/gpu_bundle.sh            # download, build deepspeed's wheel, split the smol wheel, pack
 #   scripts/gpu_bundle.sh --check    # only print the plan (sizes per call) of an existing .whl/
 #
+# BUNDLE_PYTHON_VERSION (default 3.12, the machine's) and BUNDLE_DEST (default .whl) fetch the same list
+# for another Python into another folder: scripts/rehearse_device.sh uses 3.11 to rehearse the install.
+#
 # The machine (docs/gpu_run.md, /work/.library/device/KINDS.md) has python3 3.12 with torch,
 # transformers 5.17, accelerate, pandas, pyarrow, matplotlib, seaborn, tensorboard and more, but no
 # trl, datasets, gguf, papermill, jupytext, ipykernel or deepspeed, and no network. Versions are those
@@ -14,7 +17,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PAPER_PYTHON:-$root/.venv/bin/python}"
-dest="$root/.whl"
+dest="${BUNDLE_DEST:-$root/.whl}"
+pyver="${BUNDLE_PYTHON_VERSION:-3.12}"
 limit_mib=64
 margin_mib=4  # headroom for files the working tree gains before the call
 
@@ -24,10 +28,14 @@ PACKAGES=(
   transformers trl datasets dill multiprocess gguf tzdata
   papermill jupytext nbformat nbclient fastjsonschema jsonschema jsonschema-specifications referencing rpds-py
   jupyter-client jupyter-core traitlets platformdirs pyzmq tornado entrypoints tenacity mdit-py-plugins
-  ipykernel ipython ipython-pygments-lexers comm debugpy jedi parso matplotlib-inline pexpect ptyprocess
+  ipykernel ipython ipython-pygments-lexers comm matplotlib-inline pexpect ptyprocess
   prompt-toolkit wcwidth stack-data executing asttokens pure-eval nest-asyncio2
   pydantic pydantic-core annotated-types typing-inspection hjson==3.1.0
 )
+# Needs left out on purpose: JupyterLab and ipywidgets (./lab.sh only; tqdm falls back to text bars),
+# ipykernel's debugpy and IPython's jedi (with parso: 7.7 MiB that only a debugger and completions import;
+# without them the bundle takes 2 calls, not 3). scripts/rehearse_device.sh runs the notebooks without them.
+LEFT_OUT=(jupyterlab ipywidgets debugpy jedi)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64)
@@ -38,13 +46,16 @@ version() { "$py" -c "import importlib.metadata as m, sys; print(m.version(sys.a
 
 fetch() {
   mkdir -p "$dest/all"
+  # a wheel left by an earlier list or version would travel too (and two versions stop the install);
+  # only DeepSpeed's, slow to build, is kept
+  find "$dest/all" -name '*.whl' ! -name "deepspeed-${DEEPSPEED#*==}-*" -delete
   local specs=()
   for name in "${PACKAGES[@]}"; do
     case "$name" in *==*) specs+=("$name") ;; *) specs+=("$name==$(version "$name")") ;; esac
   done
-  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
     "${PLATFORMS[@]}" -d "$dest/all" "${specs[@]}" "$SMOL" 2> >(grep -v "is ignored: it is neither" >&2)
-  if ! ls "$dest"/all/deepspeed-*.whl >/dev/null 2>&1; then
+  if ! ls "$dest"/all/deepspeed-"${DEEPSPEED#*==}"-*.whl >/dev/null 2>&1; then
     # DS_BUILD_OPS=0 (the default): no CUDA kernels are compiled here; DeepSpeed JIT-builds them there
     DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dest/all" "$DEEPSPEED"
   fi
@@ -81,6 +92,8 @@ for i, (_, members) in enumerate(calls, 1):
     for f in members:
         os.link(f, f"{dest}/call{i}/{os.path.basename(f)}")
 PY
+  # what the machine must already have, checked in call 1, before anything is installed
+  "$py" scripts/bundle_requires.py write "$dest/all" "$dest/call1/requires.txt" "${LEFT_OUT[@]}"
 }
 
 plan() {
@@ -89,7 +102,7 @@ plan() {
   local ok=1 dir mib
   for dir in "$dest"/call*; do
     mib=$(du -cbL "$dir" | tail -n 1 | awk '{printf "%.1f", $1 / 1048576}')
-    echo "  carry .whl/$(basename "$dir"): ${mib} MiB in $(ls "$dir" | wc -l) files (+ tree = $(awk -v a="$mib" -v b="$tree" 'BEGIN{print a+b}') MiB)"
+    echo "  carry ${dir#"$root"/}: ${mib} MiB in $(ls "$dir" | wc -l) files (+ tree = $(awk -v a="$mib" -v b="$tree" 'BEGIN{print a+b}') MiB)"
     awk -v a="$mib" -v b="$tree" -v l="$limit_mib" 'BEGIN{exit !(a + b > l)}' && ok=0
   done
   [ "$ok" = 1 ] && echo "every call fits" || { echo "a call exceeds the limit" >&2; return 1; }
