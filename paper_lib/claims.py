@@ -218,9 +218,33 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in frame.itertuples(index=False)])
 
 
+def headline_row(cfg: Config, who: str = "ours") -> str:
+    """The README's headline row for this run: OOD success of Inter_SFT, full SFT and RL (Wilson intervals,
+    as 04_eval reported them), the relative drop and the share recovered (paired bootstrap)."""
+    results, named = _results(cfg)
+    ood = results[results["rule"] == "ood"].set_index("label")
+    rec = evaluate.headline(cfg, named).loc["ood"]
+
+    def rate(label):
+        if label is None:
+            return "no RL"
+        r = ood.loc[label]
+        return f"{label}: {_pct(r['success_rate'], r['ci_low'], r['ci_high'])}"
+
+    cells = [cfg.model.name, who, rate(named.inter_sft), rate(named.full_sft), rate(named.rl),
+             _pct(rec["relative_drop"], rec["relative_drop_ci_low"], rec["relative_drop_ci_high"]),
+             _pct(rec["share_recovered"], rec["share_ci_low"], rec["share_ci_high"]) if named.rl else "no RL"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def report(cfg: Config) -> str:
-    """The claims table and claim 3 per module kind, in Markdown (docs/results.md's numbers)."""
-    text = f"Claims of the paper, preset {cfg.preset!r} ({cfg.model.name}):\n\n" + markdown(table(cfg))
+    """The README's headline row, the claims table and claim 3 per module kind, in Markdown."""
+    text = f"Claims of the paper, preset {cfg.preset!r} ({cfg.model.name}):\n\n"
+    try:
+        text += "README headline row:\n\n" + headline_row(cfg) + "\n\n"
+    except FileNotFoundError:
+        pass
+    text += markdown(table(cfg))
     try:
         detail = spectra_by_module(cfg).round(4)
     except (FileNotFoundError, spectra.SpectraError):

@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from paper_lib import artifacts, claims, config
+from paper_lib import artifacts, claims, config, evaluate
 
 
 def _write_eval(cfg, rates: dict[str, tuple[str, int, float, float]], hands: int = 200) -> None:
@@ -16,7 +16,8 @@ def _write_eval(cfg, rates: dict[str, tuple[str, int, float, float]], hands: int
         out = artifacts.eval_dir(cfg) / label
         out.mkdir(parents=True)
         pd.DataFrame(episodes).to_json(out / "episodes.jsonl", orient="records", lines=True)
-        rows += [{"label": label, "stage": stage, "step": step, "rule": rule, "success_rate": rate}
+        rows += [{"label": label, "stage": stage, "step": step, "rule": rule, "success_rate": rate,
+                  **dict(zip(("ci_low", "ci_high"), evaluate.wilson_interval(round(rate * hands), hands)))}
                  for rule, rate in (("id", id_rate), ("ood", ood_rate))]
     pd.DataFrame(rows).to_parquet(artifacts.eval_dir(cfg) / "results.parquet")
 
@@ -35,6 +36,9 @@ def test_an_early_peak_a_drop_and_a_recovery_hold_and_a_flat_run_does_not(run):
     assert one["verdict"] == claims.HOLDS and "sft-0020" in one["measured"] and "drop 20.0%" in one["measured"]
     assert two["verdict"] == claims.HOLDS and "85.0%" in two["measured"]  # (37 - 20) / (40 - 20)
     assert "ID change from full SFT -2.0%" in two["measured"]
+    row = claims.headline_row(run).split(" | ")
+    assert row[2].startswith("sft-0020: 40.0% [") and row[3].startswith("sft-0080: 20.0% [")
+    assert row[5].startswith("50.0% [") and row[6].startswith("85.0% [")  # relative drop, share recovered
 
 
 def test_a_peak_at_full_sft_is_no_early_peak(run):
