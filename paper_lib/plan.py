@@ -108,6 +108,13 @@ def checkpoint_bytes(params: int, dtype_bytes: int) -> tuple[float, float]:
     return params * dtype_bytes, params * dtype_bytes + 12 * params
 
 
+def saved_bytes(cfg: Config, zero_stage: int) -> int:
+    """Bytes a parameter in a saved checkpoint. Under DeepSpeed the 16-bit weights are saved (ZeRO-3's
+    zero3_save_16bit_model, ZeRO-2's bf16 engine); without it SFT and PPO train and save the float32 master
+    weights (sft.build_trainer, ppo._load_policy), whatever model.dtype says."""
+    return 2 if zero_stage > 0 and cfg.model.dtype != "float32" else 4
+
+
 def sft_steps(cfg: Config) -> int:
     s = cfg.sft
     if s.max_steps > 0:
@@ -119,18 +126,18 @@ def sft_steps(cfg: Config) -> int:
 def plan(cfg: Config) -> dict:
     shape = shape_of(cfg)
     params = params_of(shape)
-    dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
-    weights_only, latest = checkpoint_bytes(params, dtype_bytes)
     stages = {}
     steps = sft_steps(cfg)
     n_sft = steps // cfg.sft.save_steps + (1 if steps % cfg.sft.save_steps else 0)
     zs, off, _ = zero_settings(cfg.sft.accelerate_config)
+    weights_only, latest = checkpoint_bytes(params, saved_bytes(cfg, zs))
     stages["sft"] = {"checkpoints": n_sft, "disk": (n_sft - 1) * weights_only + latest,
                      "memory": gpu_memory(params, shape, zs, off, cfg.sft.num_processes, cfg.sft.per_device_batch_size,
                                           cfg.sft.max_length, cfg.sft.gradient_checkpointing),
                      "zero": (zs, off), "setting": "sft.save_steps"}
     n_rl = cfg.rl.num_updates // cfg.rl.save_every + (1 if cfg.rl.num_updates % cfg.rl.save_every else 0)
     zr, offr, _ = zero_settings(cfg.rl.accelerate_config)
+    weights_only, latest = checkpoint_bytes(params, saved_bytes(cfg, zr))
     head = 4 * shape.hidden
     stages["rl"] = {"checkpoints": n_rl, "disk": (n_rl - 1) * (weights_only + head) + latest + head,
                     "memory": gpu_memory(params, shape, zr, offr, cfg.rl.num_processes, 1, cfg.rl.max_new_tokens + 512,

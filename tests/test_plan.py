@@ -62,3 +62,14 @@ def test_plan_counts_the_checkpoints_the_sweep_evaluates():
                                  "eval.sft_every": 6, "sft.inter_sft_step": 3, "sft.full_sft_step": 10,
                                  "rl.num_updates": 4, "rl.save_every": 2})
     assert plan.plan(cfg)["eval"]["checkpoints"] == 1 + 3 + 2  # base, SFT 3/6/10, RL 2/4
+
+
+def test_checkpoints_are_sized_as_the_stages_save_them(monkeypatch):
+    """Without DeepSpeed (smol) SFT saves its float32 master weights although model.dtype is bfloat16;
+    under ZeRO-3 (qwen7b) the 16-bit weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for preset, bytes_per_param, saved in (("smol", 4, 10), ("qwen7b", 2, 80)):
+        p = plan.plan(config.load(preset))
+        weights, latest = plan.checkpoint_bytes(p["params"], bytes_per_param)
+        assert p["stages"]["sft"]["checkpoints"] == saved
+        assert p["stages"]["sft"]["disk"] == (saved - 1) * weights + latest
