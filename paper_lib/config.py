@@ -23,6 +23,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = PROJECT_ROOT / "configs" / "presets"
+ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"  # sft/rl.accelerate_config name a file here
 
 
 class ConfigError(ValueError):
@@ -169,8 +170,7 @@ NON_NEGATIVE = {
     "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
     "data.loss_set_size", "eval.sft_every",
 }
-FILE_CHOICES = {"sft.accelerate_config": PROJECT_ROOT / "configs" / "accelerate",
-                "rl.accelerate_config": PROJECT_ROOT / "configs" / "accelerate"}
+FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}
 
 
 @dataclass(frozen=True)

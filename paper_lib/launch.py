@@ -28,10 +28,9 @@ import yaml
 
 from . import artifacts
 from . import config as config_lib
-from .config import PROJECT_ROOT, Config, ConfigError
+from .config import ACCELERATE_DIR, PROJECT_ROOT, Config, ConfigError
 
 log = logging.getLogger(__name__)
-ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"
 
 
 class StageError(RuntimeError):
@@ -191,13 +190,10 @@ def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] =
     with the settings in which cfg differs from its preset, then `extra`; behind `accelerate launch
     --config_file configs/accelerate/<section.accelerate_config>.yaml --num_processes <section.num_processes>`
     unless (use_accelerate=None) that is one process with no distributed backend. A preset that is not
-    under configs/presets travels whole, as a preset file beside the stage's log."""
+    under configs/presets travels whole, as a preset file beside the stage's log. (config.load has checked
+    that the accelerate config exists.)"""
     settings = getattr(cfg, section)
     acc_path = ACCELERATE_DIR / f"{settings.accelerate_config}.yaml"
-    if not acc_path.is_file():
-        choices = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"accelerate config {acc_path} does not exist: {section}.accelerate_config="
-                                f"{settings.accelerate_config!r} must be one of {choices} (files in {ACCELERATE_DIR})")
     args = ["-m", f"paper_lib.{module}"]
     if cfg.preset in config_lib.available_presets():
         args += ["--preset", cfg.preset]

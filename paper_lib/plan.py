@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import artifacts, config
-from .config import PROJECT_ROOT, Config
+from .config import Config
 
 GB = 1e9
 GPU_GB = 80  # the H100 80GB the hub presets are written for
@@ -86,7 +86,7 @@ def params_of(s: Shape) -> int:
 
 def zero_settings(accelerate_config: str) -> tuple[int, bool, int]:
     """(ZeRO stage (0 = none), optimizer offloaded, processes) from configs/accelerate/<name>.yaml."""
-    raw = yaml.safe_load((PROJECT_ROOT / "configs" / "accelerate" / f"{accelerate_config}.yaml").read_text()) or {}
+    raw = yaml.safe_load((config.ACCELERATE_DIR / f"{accelerate_config}.yaml").read_text()) or {}
     ds = raw.get("deepspeed_config") or {}
     return int(ds.get("zero_stage", 0)), ds.get("offload_optimizer_device", "none") not in ("none", None), \
         int(raw.get("num_processes", 1))
