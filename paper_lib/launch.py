@@ -103,9 +103,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 def run_main(work: Callable[[], str]) -> int:
     """The convention of every `python -m paper_lib.X`: run `work`, print the line it returns and exit 0;
-    under several processes only rank 0 prints it, so the line appears once in the log. An error of the user's settings, input or files (ValueError: ConfigError, WeightsError, ArtifactError...;
-    OSError: a missing or unwritable file, ModelUnavailableError) is one line on stderr and exit 2, no
-    traceback; anything else is a bug and keeps its traceback."""
+    under several processes only rank 0 prints it, so the line appears once in the log. An error of the
+    user's settings, input or files (ValueError: ConfigError, WeightsError, ArtifactError...; OSError: a
+    missing or unwritable file, ModelUnavailableError) is one line on stderr and exit 2, no traceback;
+    anything else is a bug and keeps its traceback."""
     try:
         message = work()
     except (ValueError, OSError) as err:

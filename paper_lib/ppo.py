@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from . import artifacts, config, launch, models
+from . import artifacts, launch, models
 from .actor_critic import (ActorCritic, Rollouts, Step, ValueHead, gae, hidden_size, k3_kl, pad_rows, ppo_loss,
                            save_value_head, score)
 from .config import Config
@@ -360,8 +360,11 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
 def launch_command(cfg: Config, force: bool = False, init: str | os.PathLike | None = None) -> list[str]:
     """The command that runs the RL stage (launch.stage_command): `python -m paper_lib.ppo --preset P
     --override k=v ...`, behind accelerate launch with configs/accelerate/<rl.accelerate_config>.yaml."""
-    extra = (["--force"] if force else []) + (["--init-checkpoint", str(init)] if init is not None else [])
-    return launch.stage_command(cfg, "ppo", "rl", extra)
+    return launch.stage_command(cfg, "ppo", "rl", _flags(force, init))
+
+
+def _flags(force: bool, init: str | os.PathLike | None) -> list[str]:
+    return (["--force"] if force else []) + (["--init-checkpoint", str(init)] if init is not None else [])
 
 
 def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None, stream: bool = True) -> Path:
@@ -374,8 +377,7 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
     if not force and artifacts.up_to_date(out, run_spec(cfg, start), REDO_RL):
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
         return out
-    extra = (["--force"] if force else []) + (["--init-checkpoint", str(init)] if init is not None else [])
-    launch.run_stage(cfg, "ppo", "rl", extra, stream=stream)
+    launch.run_stage(cfg, "ppo", "rl", _flags(force, init), stream=stream)
     return out
 
 
@@ -390,12 +392,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> str:
         cfg = launch.stage_config(args)
-        if cfg.rl.algo == "grpo":
+        if cfg.rl.algo == "grpo":  # else "ppo": config.load admits only the two
             from .grpo import train_grpo  # TRL's trainer, imported only when asked for
 
             return f"RL checkpoints in {train_grpo(cfg, force=args.force, init=args.init_checkpoint)}"
-        if cfg.rl.algo != "ppo":
-            raise config.ConfigError(f"rl.algo must be ppo or grpo, got {cfg.rl.algo!r}")
         out = train(cfg, force=args.force, init=args.init_checkpoint, envs=args.envs,
                     micro_batch_size=args.micro_batch_size)
         return f"RL checkpoints in {out}"

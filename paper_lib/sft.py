@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from . import artifacts, launch, models
 from . import data as data_lib
 from .config import Config
@@ -159,8 +158,7 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
     out = artifacts.sft_dir(cfg)
     data_lib.build(cfg)  # here, once, rather than racing in several ranks
     spec = manifest_spec(cfg)  # builds the tiny base model here too
-    if not force and artifacts.up_to_date(out, spec, f"redo SFT with force=True (`python -m paper_lib.sft "
-                                                     f"--preset {cfg.preset} --force`)"):
+    if not force and artifacts.up_to_date(out, spec, _redo(cfg)):
         log.info("SFT in %s is up to date (manifest matches); pass force=True to redo it", out)
         return out
     launch.run_stage(cfg, "sft", "sft", ["--force"] if force else [], stream=stream)
@@ -173,7 +171,8 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
 # -------------------------------------------------------------------------------------------- training
 def sft_args(cfg: Config, resume: bool = False) -> Any:
     """TRL's SFTConfig for cfg.sft. bf16 only where the device supports it (fp32 on CPU); gradient
-    checkpointing (sft.gradient_checkpointing) on GPU only; evaluation and logging every eval_steps; every checkpoint kept."""
+    checkpointing (sft.gradient_checkpointing) on GPU only; evaluation and logging every eval_steps; every
+    checkpoint kept."""
     import torch
     from trl import SFTConfig
 
@@ -253,8 +252,7 @@ def train(cfg: Config, force: bool = False) -> Path:
     with state.main_process_first():  # data and the tiny base model are built once
         data_lib.build(cfg)
         spec = manifest_spec(cfg)
-    if not force and artifacts.up_to_date(out, spec, f"redo SFT with force=True (`python -m paper_lib.sft "
-                                                     f"--preset {cfg.preset} --force`)"):
+    if not force and artifacts.up_to_date(out, spec, _redo(cfg)):
         log.info("SFT in %s is up to date (manifest matches); pass --force to redo it", out)
         return out
     if state.num_processes != cfg.sft.num_processes:
@@ -290,6 +288,11 @@ def train(cfg: Config, force: bool = False) -> Path:
         log.info("SFT done: %d checkpoints in %s, final step %d", len(done), out, final)
     state.wait_for_everyone()
     return out
+
+
+def _redo(cfg: Config) -> str:
+    """How to remake a finished SFT run whose checkpoint is damaged (artifacts.up_to_date's message)."""
+    return f"redo SFT with force=True (`python -m paper_lib.sft --preset {cfg.preset} --force`)"
 
 
 def _per_process_batch(cfg: Config) -> int:
