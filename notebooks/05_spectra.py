@@ -40,8 +40,7 @@ from IPython.display import display
 from paper_lib import artifacts, config, evaluate, plots, spectra
 
 cfg = config.load(preset, **overrides)
-table = pd.read_parquet(artifacts.eval_dir(cfg) / "results.parquet")  # written by 04_eval
-named = evaluate.named_checkpoints(cfg, table)
+table, named = evaluate.load_results(cfg)  # written by 04_eval
 base, inter, full, rl = named.base, named.inter_sft, named.full_sft, named.rl
 paper_pairs = [(base, full)] + ([(full, rl)] if rl else [])  # Figures 3 and 4
 extra_pairs = [(base, inter)] + ([(base, rl)] if rl else [])

@@ -41,8 +41,7 @@ from IPython.display import display
 from paper_lib import artifacts, config, evaluate, plots, restore
 
 cfg = config.load(preset, **overrides)
-table = pd.read_parquet(artifacts.eval_dir(cfg) / "results.parquet")  # written by 04_eval
-named = evaluate.named_checkpoints(cfg, table)
+table, named = evaluate.load_results(cfg)  # written by 04_eval
 print(evaluate.INTER_SFT_RULE)
 print(f"target {named.full_sft} (full SFT); sources: base, Inter_SFT = {named.inter_sft}")
 results = restore.run_sweeps(cfg, named, force=force)

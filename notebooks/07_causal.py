@@ -37,8 +37,7 @@ from paper_lib import artifacts, config, evaluate, gauge, plots, restore
 from paper_lib.restore import Plan
 
 cfg = config.load(preset, **overrides)
-table = pd.read_parquet(artifacts.eval_dir(cfg) / "results.parquet")  # written by 04_eval
-named = evaluate.named_checkpoints(cfg, table)
+table, named = evaluate.load_results(cfg)  # written by 04_eval
 assert named.rl, "no RL checkpoint: run 03_ppo (and 04_eval) first"
 by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
 rl, full = by_label[named.rl], by_label[named.full_sft]

@@ -41,17 +41,9 @@ def _row(claim: int, case: str, paper: str, measured: str, verdict: str, rule: s
     return {"claim": claim, "case": case, "paper": paper, "measured": measured, "verdict": verdict, "rule": rule}
 
 
-def _results(cfg: Config) -> tuple[pd.DataFrame, evaluate.Named]:
-    path = artifacts.eval_dir(cfg) / "results.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path}: run notebooks 01-04 for preset {cfg.preset!r} first")
-    table = pd.read_parquet(path)
-    return table, evaluate.named_checkpoints(cfg, table)
-
-
 def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
     """Claims 1 and 2, from the evaluation's headline quantities (Inter_SFT, full SFT, RL; paired bootstrap)."""
-    table, named = _results(cfg)
+    table, named = evaluate.load_results(cfg)
     heads = evaluate.headline(cfg, named)
     ood, iid = heads.loc["ood"], heads.loc["id"]
     step = dict(zip(table["label"], table["step"]))
@@ -77,7 +69,7 @@ def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
 
 def _paper_pairs(cfg: Config) -> list[tuple[str, str, str]]:
     """Figures 3-4's pairs, as 05_spectra analysed them: SFT from base, RL from the full-SFT checkpoint."""
-    _, named = _results(cfg)
+    _, named = evaluate.load_results(cfg)
     pairs = [("SFT", named.base, named.full_sft)]
     return pairs + ([("RL", named.full_sft, named.rl)] if named.rl else [])
 
@@ -186,7 +178,7 @@ def causal_test(cfg: Config) -> list[dict]:
     path = artifacts.eval_dir(cfg) / "causal_results.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 07_causal for preset {cfg.preset!r} first")
-    _, named = _results(cfg)
+    _, named = evaluate.load_results(cfg)
     imposed = str(pd.read_parquet(path)["label"].iloc[0])
     hits = {label: evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / label), "ood")
             for label in (named.rl, imposed)}
@@ -221,7 +213,7 @@ def markdown(frame: pd.DataFrame) -> str:
 def headline_row(cfg: Config, who: str = "ours") -> str:
     """The README's headline row for this run: OOD success of Inter_SFT, full SFT and RL (Wilson intervals,
     as 04_eval reported them), the relative drop and the share recovered (paired bootstrap)."""
-    results, named = _results(cfg)
+    results, named = evaluate.load_results(cfg)
     ood = results[results["rule"] == "ood"].set_index("label")
     rec = evaluate.headline(cfg, named).loc["ood"]
 

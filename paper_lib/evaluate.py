@@ -209,6 +209,16 @@ def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
                  str(rl.iloc[-1]) if len(rl) else None)
 
 
+def load_results(cfg: Config) -> tuple[pd.DataFrame, Named]:
+    """04_eval's success table (runs/<preset>/eval/results.parquet) and the named checkpoints chosen from it,
+    as the later notebooks and paper_lib.claims read them."""
+    path = artifacts.eval_dir(cfg) / "results.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: run notebooks 01-04 for preset {cfg.preset!r} first")
+    table = pd.read_parquet(path)
+    return table, named_checkpoints(cfg, table)
+
+
 def hand_hits(episodes: pd.DataFrame, rule: str) -> np.ndarray:
     """Success per test hand of one rule, sorted by hand, averaged over repeated passes (0/1 under greedy
     decoding): the unit that paired bootstraps resample."""
