@@ -64,7 +64,8 @@ def main() -> None:
         f"Taken under load (load average {load:.1f}); one run." if load > 1.0 else "Taken on an idle machine; one run."])
     print(body)
     if args.write_docs:
-        write_section("bench_eval" if cfg.preset == "tiny" else f"bench_eval_{cfg.preset}", body)
+        name = "bench_eval" if cfg.preset == "tiny" else f"bench_eval_{cfg.preset}"
+        write_section(name + ("_gpu" if torch.cuda.is_available() else ""), body)  # beside the CPU's, not over it
 
 
 if __name__ == "__main__":

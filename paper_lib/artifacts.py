@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,10 +222,24 @@ def manifest_matches(out_dir: str | os.PathLike, spec: dict[str, Any]) -> bool:
 
 
 def write_manifest(out_dir: str | os.PathLike, spec: dict[str, Any], **provenance: Any) -> None:
+    """The finished stage's record: spec, plus a provenance (git, time, device, and what the stage adds, such
+    as its seconds) that stage_key leaves out, so a rerun on other hardware does not invalidate readers."""
     record = {**json.loads(json.dumps(spec, sort_keys=True, default=str)), "provenance": {
-        "git": git_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance}}
+        "git": git_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device_in_use(),
+        **provenance}}
     with atomic_file(Path(out_dir) / MANIFEST) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def device_in_use(device: str | None = None) -> str:
+    """What a stage computed on, in words: the GPU's name where torch has CUDA (or `device` says "cuda"),
+    else the CPU's cores. A stage that never imported torch ran on the CPU."""
+    torch = sys.modules.get("torch")
+    on_gpu = torch is not None and torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if on_gpu:
+        return torch.cuda.get_device_name()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux, macOS
+    return f"CPU ({cores} cores)"
 
 
 @contextlib.contextmanager

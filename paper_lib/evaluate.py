@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,13 +119,15 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     splits = data.load(cfg)
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     log.info("evaluating %s (%s) on %d process(es)", checkpoint.label, checkpoint.path, state.num_processes)
+    started = time.time()
     records = _play(cfg, checkpoint.path, hands, state)
     if state.is_main_process:  # every process played its share of hands; one writes
         with artifacts.atomic_dir(out) as tmp:
             with open(tmp / "episodes.jsonl", "w") as fh:
                 for r in sorted(records, key=lambda r: (r["repeat"], r["rule"], r["hand"])):
                     fh.write(json.dumps(r) + "\n")
-            artifacts.write_manifest(tmp, spec)
+            artifacts.write_manifest(tmp, spec, seconds=round(time.time() - started, 2), episodes=len(records),
+                                     attempts=sum(r["attempts"] for r in records))
     state.wait_for_everyone()
     return episodes_table(out)
 

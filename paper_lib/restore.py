@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -281,9 +282,12 @@ def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, so
     spec = {"stage": "restore", "target": artifacts.fingerprint(target.path), "source": artifacts.fingerprint(source.path),
             "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore")}
     if force or not artifacts.up_to_date(out, spec, f"pass force=True to rebuild {out}"):
+        started = time.time()
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
                        cache_dir=weights.svd_cache(cfg), replace=True)
-        artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label)
+        artifacts.write_manifest(out, spec, target_label=target.label, source_label=source.label,
+                                 seconds=round(time.time() - started, 2),
+                                 device=artifacts.device_in_use(weights.resolve_device(cfg.spectra.device).type))
     return artifacts.Checkpoint(name, "restore", 0, out)
 
 

@@ -216,6 +216,7 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
         report_to="none",  # LossTableCallback writes the curves to CSV and TensorBoard
         seed=s.seed,
         disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",  # trained tokens, for the throughput in the manifest
     )
 
 
@@ -270,7 +271,8 @@ def train(cfg: Config, force: bool = False) -> Path:
 
     started = time.time()
     trainer = build_trainer(cfg, resume=resume_from is not None)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    before = _trainer_state(resume_from)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state.wait_for_everyone()
     if state.is_main_process:
         done = checkpoints(cfg)
@@ -284,10 +286,28 @@ def train(cfg: Config, force: bool = False) -> Path:
                            f"{done[-1].name if done else 'none'}{hint}")
         artifacts.write_manifest(out, spec, final_step=final, checkpoints=[p.name for p in done],
                                  resumed_from=resume_from.name if resume_from else None,
-                                 seconds=round(time.time() - started, 1), processes=state.num_processes)
+                                 seconds=round(time.time() - started, 1), processes=state.num_processes,
+                                 **throughput(before, trainer.state, result.metrics["train_runtime"]))
         log.info("SFT done: %d checkpoints in %s, final step %d", len(done), out, final)
     state.wait_for_everyone()
     return out
+
+
+def _trainer_state(checkpoint: Path | None) -> dict:
+    """The trainer state a resumed run starts from (an empty one for a fresh run)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+
+
+def throughput(before: dict, after: Any, runtime: float) -> dict:
+    """What this process's training did, for docs/benchmarks.md (benchmarks/bench_run.py): the non-padding
+    tokens it trained on (all processes) and its seconds of training, the Trainer's runtime less the loss
+    evaluations of Figure 2 logged meanwhile (checkpoint saves stay in). `before` is the trainer state a
+    resumed run started from, `after` the Trainer's state at the end."""
+    new_logs = after.log_history[len(before.get("log_history", [])):]
+    evaluating = sum(v for entry in new_logs for k, v in entry.items()
+                     if k.startswith("eval_") and k.endswith("_runtime"))
+    return {"train_tokens": int(after.num_input_tokens_seen - before.get("num_input_tokens_seen", 0)),
+            "train_seconds": round(runtime - evaluating, 2)}
 
 
 def _redo(cfg: Config) -> str:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import time
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -422,9 +423,11 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
             "code": artifacts.code_hash("spectra")}
     if not force and artifacts.manifest_matches(out, spec):
         return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
+    started = time.time()
     table = analyze_pairs(checkpoints, pairs, out, k=cfg.spectra.k, device=cfg.spectra.device,
                           dtype=cfg.spectra.dtype, cache_dir=weights.svd_cache(cfg))
-    artifacts.write_manifest(out, spec)
+    artifacts.write_manifest(out, spec, seconds=round(time.time() - started, 2),
+                             device=artifacts.device_in_use(weights.resolve_device(cfg.spectra.device).type))
     return table
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from paper_lib import cards, evaluate
+from paper_lib import artifacts, cards, evaluate
 from paper_lib.artifacts import Checkpoint
 
 HANDS = [cards.Hand(("A", "3", "K", "10"), "id"), cards.Hand(("3", "3", "8", "8"), "id"),
@@ -171,6 +171,10 @@ def test_model_decoding_samples_and_reproduces_itself_with_the_same_seed(tiny_ba
     assert sorted(set(repeated["repeat"])) == [0, 1] and len(repeated) == 2 * len(first)
     rows = evaluate.summarize(ckpt, repeated)
     assert all(r["repeats"] == 2 and r["repeat_min"] <= r["success_rate"] <= r["repeat_max"] for r in rows)
+    # the manifest times the work, for the episodes/s of docs/benchmarks.md (benchmarks/bench_run.py)
+    done = artifacts.read_manifest(artifacts.eval_dir(config.load("tiny")) / "mine")["provenance"]
+    assert done["episodes"] == len(repeated) and done["attempts"] == repeated["attempts"].sum()
+    assert done["seconds"] > 0 and done["device"].startswith("CPU (")
 
 
 @pytest.mark.parametrize("every, expected", [(0, [20, 40, 60, 80, 100, 120, 140]), (40, [40, 60, 80, 120, 140]),

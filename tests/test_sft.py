@@ -72,6 +72,17 @@ def test_run_writes_loadable_checkpoints_at_the_save_steps(tiny_run, monkeypatch
     assert manifest["provenance"]["final_step"] == 8 and manifest["provenance"]["resumed_from"] is None
 
 
+def test_manifest_records_the_tokens_trained_and_the_seconds_training(tiny_run, monkeypatch):
+    runs, cfg, out = tiny_run
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
+    with one_thread():
+        examples = sft.build_trainer(cfg).train_dataset  # one epoch, tokenized as the run saw it, no padding
+    done = artifacts.read_manifest(out)["provenance"]
+    assert done["train_tokens"] == sum(len(ids) for ids in examples["input_ids"])
+    assert 0 < done["train_seconds"] < done["seconds"]  # the loss evaluations and the setup are left out
+    assert done["device"].startswith("CPU (")
+
+
 def test_loss_table_has_three_curves_and_the_loss_falls(tiny_run, monkeypatch):
     runs, cfg, out = tiny_run
     monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
@@ -148,7 +159,11 @@ def test_resumes_after_sigkill(tmp_path):
     assert steps == [4, 8, 12, 16, 20]
     assert json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
     assert (last / "trainer_state.json").stat().st_mtime_ns == stamp, "the checkpoint resumed from is not redone"
-    assert artifacts.read_manifest(out)["provenance"]["resumed_from"] == last.name
+    done = artifacts.read_manifest(out)["provenance"]
+    assert done["resumed_from"] == last.name
+    seen = json.loads((last / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    total = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    assert 0 < seen < total and done["train_tokens"] == total - seen  # what this process trained, not the total
     assert f"resuming from {last}" in sft.log_tail(cfg, 10_000)
     table = sft.loss_table(cfg)
     assert not table.duplicated(["step", "curve"]).any()
