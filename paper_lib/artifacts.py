@@ -358,9 +358,13 @@ def validate_checkpoint(path: str | os.PathLike, rebuild: str = "") -> Path:
     files that exist, every *.safetensors header is readable and the file size agrees with it. Raises
     ArtifactError naming the bad file (and `rebuild`, the command that remakes it)."""
     path = Path(path)
-    hint = f"; rebuild it with: {rebuild}" if rebuild else "; replace it with an intact copy"
+    rebuild_hint = f"; rebuild it with: {rebuild}" if rebuild else ""
+    hint = rebuild_hint or "; replace it with an intact copy"
+    # a typo, a file or the wrong folder is not damage: no intact copy to fetch, the path is wrong
+    wrong_path = rebuild_hint or "; pass the directory that save_pretrained wrote (config.json and the weights)"
     if not path.is_dir():
-        raise ArtifactError(f"checkpoint {path} is not a directory{hint}")
+        problem = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        raise ArtifactError(f"{path} {problem}{wrong_path}")
     shards = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -372,7 +376,8 @@ def validate_checkpoint(path: str | os.PathLike, rebuild: str = "") -> Path:
         if missing:
             raise ArtifactError(f"{path} lacks the shard(s) {missing[:3]} its index names{hint}")
     if not shards and not any(path.glob("*.bin")):
-        raise ArtifactError(f"no weight files (*.safetensors) in {path}{hint}")
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise ArtifactError(f"no weight files (*.safetensors) in {path} (it holds {found}){wrong_path}")
     for shard in shards:
         problem = safetensors_problem(shard)
         if problem:

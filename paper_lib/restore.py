@@ -124,8 +124,6 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     if (plan.top is not None and plan.top < 0) or plan.tail < 0:
         raise ValueError(f"--top and --tail must be >= 0, got {plan.top}, {plan.tail}")
     _check_out(Path(out), [Path(target), Path(source)], replace)
-    for path in (target, source):
-        artifacts.validate_checkpoint(path)
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
     to_key = {name: key for key, name in tgt.names.items()}
     selected = [k for k in tgt.names if plan.applies(k)]

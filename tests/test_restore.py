@@ -162,3 +162,12 @@ def test_variants_cross_sources_and_keeps():
     assert names == ["base.target-sigma", "base.source", "inter_sft.target-sigma", "inter_sft.source"]
     with pytest.raises(ValueError, match="restore.sources"):
         restore.variants(config.load("tiny", restore__sources=["sft"]))
+
+
+def test_missing_target_names_the_side_and_the_fix(tmp_path, capsys):
+    tiny_qwen(tmp_path / "src", 1)
+    assert restore.main(["--target", str(tmp_path / "nope"), "--source", str(tmp_path / "src"), "--top", "2",
+                         "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint 'target': " in err and "nope does not exist; pass the directory that save_pretrained" in err
+
