@@ -295,6 +295,20 @@ class ArtifactError(ValueError):
 _OWN_MARKERS = (MANIFEST, "run_spec.json", "restore_manifest.json")  # files only the project's stages write
 
 
+def check_out_apart(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+    """Refuse an output directory that is a file, or is, lies inside or contains an input checkpoint:
+    writing there would change the input, and replacing it would delete it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {out} is a file; choose a new directory")
+    real = out.resolve()
+    for path in inputs:
+        p = Path(path).resolve()
+        if p == real or p in real.parents or real in p.parents:
+            raise ArtifactError(f"--out {out} is, lies inside or contains the input {path}; choose a new "
+                                f"directory")
+
+
 def is_own_output(path: str | os.PathLike) -> bool:
     """True when `path` is absent, an empty directory, or a directory one of the project's stages wrote
     (recognised by its manifest): only such a path may be replaced or moved aside."""

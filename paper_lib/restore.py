@@ -175,13 +175,9 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
 
 
 def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
-    """Refuse an output directory that is, or contains, an input, or holds anything but a previous
-    restore output (which needs replace=True): restore never deletes what it did not write."""
-    real = out.resolve()
-    for path in inputs:
-        p = path.resolve()
-        if p == real or real in p.parents:
-            raise artifacts.ArtifactError(f"--out {out} is or contains the input {path}; choose a new directory")
+    """Refuse an output directory that is, lies inside or contains an input, or holds anything but a
+    previous restore output (which needs replace=True): restore never deletes what it did not write."""
+    artifacts.check_out_apart(out, inputs)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not (out / "restore_manifest.json").is_file():

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from paper_lib import restore, weights
+from paper_lib import artifacts, restore, weights
 from paper_lib.restore import Plan, restore_directions
 
 
@@ -170,4 +170,14 @@ def test_missing_target_names_the_side_and_the_fix(tmp_path, capsys):
                          "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "checkpoint 'target': " in err and "nope does not exist; pass the directory that save_pretrained" in err
+
+
+def test_out_inside_an_input_is_refused_and_the_input_untouched(tmp_path):
+    tiny_qwen(tmp_path / "tgt", 0)
+    tiny_qwen(tmp_path / "src", 1)
+    before = sorted(p.name for p in (tmp_path / "tgt").iterdir())
+    with pytest.raises(artifacts.ArtifactError, match="lies inside or contains the input"):
+        restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "tgt" / "restored", Plan(top=2),
+                               progress=False)
+    assert sorted(p.name for p in (tmp_path / "tgt").iterdir()) == before
 

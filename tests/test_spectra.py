@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from paper_lib import spectra, weights  # noqa: E402
+from paper_lib import artifacts, spectra, weights  # noqa: E402
 from paper_lib.spectra import SpectraError, analyze_pairs, load_pair, principal_angles, rotation_angles  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -310,6 +310,19 @@ def test_cli_summary_and_exit_code(qwen_pair, tmp_path, capsys):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_is_never_inside_an_input(qwen_pair, tmp_path):
+    """Tables written into a checkpoint's directory would change the user's checkpoint."""
+    base, tuned = qwen_pair
+    before = sorted(p.name for p in tuned.iterdir())
+    for out in (tuned, tuned / "spectra", tuned.parent):
+        with pytest.raises(artifacts.ArtifactError, match=r"is, lies inside or contains the input .*(base|tuned); choose"):
+            analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], out, progress=False)
+    assert sorted(p.name for p in tuned.iterdir()) == before
+    (tmp_path / "file").write_text("")
+    with pytest.raises(artifacts.ArtifactError, match="is a file; choose a new directory"):
+        analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path / "file", progress=False)
 
 
 def test_mistral_names_match_and_gpt2_names_are_a_clear_error(tmp_path):
