@@ -310,6 +310,20 @@ class ArtifactError(ValueError):
 _OWN_MARKERS = (MANIFEST, "run_spec.json", "restore_manifest.json")  # files only the project's stages write
 
 
+def check_out_apart(out: str | os.PathLike, inputs: list[str | os.PathLike]) -> None:
+    """Refuse an output directory that is a file, or is, lies inside or contains an input checkpoint:
+    writing there would change the input, and replacing it would delete it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"--out {out} is a file; choose a new directory")
+    real = out.resolve()
+    for path in inputs:
+        p = Path(path).resolve()
+        if p == real or p in real.parents or real in p.parents:
+            raise ArtifactError(f"--out {out} is, lies inside or contains the input {path}; choose a new "
+                                f"directory")
+
+
 def is_own_output(path: str | os.PathLike) -> bool:
     """True when `path` is absent, an empty directory, or a directory one of the project's stages wrote
     (recognised by its manifest): only such a path may be replaced or moved aside."""
@@ -373,9 +387,13 @@ def validate_checkpoint(path: str | os.PathLike, rebuild: str = "") -> Path:
     files that exist, every *.safetensors header is readable and the file size agrees with it. Raises
     ArtifactError naming the bad file (and `rebuild`, the command that remakes it)."""
     path = Path(path)
-    hint = f"; rebuild it with: {rebuild}" if rebuild else "; replace it with an intact copy"
+    rebuild_hint = f"; rebuild it with: {rebuild}" if rebuild else ""
+    hint = rebuild_hint or "; replace it with an intact copy"
+    # a typo, a file or the wrong folder is not damage: no intact copy to fetch, the path is wrong
+    wrong_path = rebuild_hint or "; pass the directory that save_pretrained wrote (config.json and the weights)"
     if not path.is_dir():
-        raise ArtifactError(f"checkpoint {path} is not a directory{hint}")
+        problem = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        raise ArtifactError(f"{path} {problem}{wrong_path}")
     shards = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -387,7 +405,8 @@ def validate_checkpoint(path: str | os.PathLike, rebuild: str = "") -> Path:
         if missing:
             raise ArtifactError(f"{path} lacks the shard(s) {missing[:3]} its index names{hint}")
     if not shards and not any(path.glob("*.bin")):
-        raise ArtifactError(f"no weight files (*.safetensors) in {path}{hint}")
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise ArtifactError(f"no weight files (*.safetensors) in {path} (it holds {found}){wrong_path}")
     for shard in shards:
         problem = safetensors_problem(shard)
         if problem:

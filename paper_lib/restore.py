@@ -125,9 +125,14 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     if (plan.top is not None and plan.top < 0) or plan.tail < 0:
         raise ValueError(f"--top and --tail must be >= 0, got {plan.top}, {plan.tail}")
     _check_out(Path(out), [Path(target), Path(source)], replace)
-    for path in (target, source):
-        artifacts.validate_checkpoint(path)
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
+    num_layers, src_layers = model_dims(tgt.path)[0], model_dims(src.path)[0]
+    if src_layers != num_layers:  # same-shaped layers of two depths: not one model, though every shape fits
+        raise weights.WeightsError(f"target {tgt.path} has {num_layers} layers, source {src.path} "
+                                   f"{src_layers}; restore between checkpoints of one model")
+    if plan.layers is not None and plan.layers[1] >= num_layers:
+        raise weights.WeightsError(f"--layers {plan.layers[0]}-{plan.layers[1]} goes past the last layer of "
+                                   f"{tgt.path}, which has layers 0-{num_layers - 1}; choose layers within them")
     to_key = {name: key for key, name in tgt.names.items()}
     selected = [k for k in tgt.names if plan.applies(k)]
     missing = [k for k in selected if k not in src.names or src.shapes[k] != tgt.shapes[k]]
@@ -169,6 +174,8 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     (tmp / "restore_manifest.json").write_text(json.dumps({
         "target": str(tgt.path), "source": str(src.path), "plan": asdict(plan), "dtype": dtype,
         "restored": record}, indent=2))
+    if plan.top == 0 and plan.tail == 0:
+        log.warning("--top 0 restores no rank: %s is a copy of the target", out)
     clamped = sorted({(r["top"], r["rank"]) for r in record if plan.top is not None and r["top"] < plan.top})
     if clamped:
         log.warning("--top %d exceeds the rank of some matrices; clamped to their rank: %s", plan.top,
@@ -178,13 +185,9 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
 
 
 def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
-    """Refuse an output directory that is, or contains, an input, or holds anything but a previous
-    restore output (which needs replace=True): restore never deletes what it did not write."""
-    real = out.resolve()
-    for path in inputs:
-        p = path.resolve()
-        if p == real or real in p.parents:
-            raise artifacts.ArtifactError(f"--out {out} is or contains the input {path}; choose a new directory")
+    """Refuse an output directory that is, lies inside or contains an input, or holds anything but a
+    previous restore output (which needs replace=True): restore never deletes what it did not write."""
+    artifacts.check_out_apart(out, inputs)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not (out / "restore_manifest.json").is_file():
@@ -304,9 +307,12 @@ def model_dims(checkpoint: str | Path) -> tuple[int, int]:
 def _parse_layers(text: str) -> tuple[int, int]:
     first, _, last = text.partition("-")
     try:
-        return int(first), int(last or first)
+        layers = int(first), int(last or first)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"layers look like 0-9 or 5, got {text!r}") from None
+        layers = None
+    if layers is None or not 0 <= layers[0] <= layers[1]:
+        raise argparse.ArgumentTypeError(f"layers look like 0-9 or 5 (first <= last), got {text!r}")
+    return layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", help="SVD cache directory shared with python -m paper_lib.spectra --cache")
     parser.add_argument("--force", action="store_true", help="replace --out when it holds a previous restore output")
     args = parser.parse_args(argv)
+    if args.tail and args.top is None:  # --layers and --all restore every rank: a tail would be ignored
+        parser.error("--tail goes with --top K only")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = Plan(layers=args.layers, top=args.top, tail=args.tail, keep=args.keep)
     return launch.run_main(lambda: "wrote " + str(write_restored(

@@ -330,6 +330,7 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
                            f"(they become file names)")
     ckpts = {c: weights.LazyWeights(c, checkpoints[c]) for c in used}
     keys = _select_keys(ckpts, names)
+    artifacts.check_out_apart(out_dir, [checkpoints[c] for c in used])  # tables and scratch go in out_dir
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[tuple[str, str], list[dict]] = {p: [] for p in pairs}

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from paper_lib import restore, weights
+from paper_lib import artifacts, restore, weights
 from paper_lib.restore import Plan, restore_directions
 
 
@@ -162,3 +162,59 @@ def test_variants_cross_sources_and_keeps():
     assert names == ["base.target-sigma", "base.source", "inter_sft.target-sigma", "inter_sft.source"]
     with pytest.raises(ValueError, match="restore.sources"):
         restore.variants(config.load("tiny", restore__sources=["sft"]))
+
+
+def test_missing_target_names_the_side_and_the_fix(tmp_path, capsys):
+    tiny_qwen(tmp_path / "src", 1)
+    assert restore.main(["--target", str(tmp_path / "nope"), "--source", str(tmp_path / "src"), "--top", "2",
+                         "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint 'target': " in err and "nope does not exist; pass the directory that save_pretrained" in err
+
+
+def test_out_inside_an_input_is_refused_and_the_input_untouched(tmp_path):
+    tiny_qwen(tmp_path / "tgt", 0)
+    tiny_qwen(tmp_path / "src", 1)
+    before = sorted(p.name for p in (tmp_path / "tgt").iterdir())
+    with pytest.raises(artifacts.ArtifactError, match="lies inside or contains the input"):
+        restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "tgt" / "restored", Plan(top=2),
+                               progress=False)
+    assert sorted(p.name for p in (tmp_path / "tgt").iterdir()) == before
+
+
+def test_layers_beyond_the_model_and_sources_of_another_depth_fail_clearly(tmp_path):
+    tiny_qwen(tmp_path / "tgt", 0)  # layers 0-2
+    tiny_qwen(tmp_path / "src", 1)
+    with pytest.raises(weights.WeightsError, match="--layers 1-9 goes past the last layer .* layers 0-2"):
+        restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "out", Plan(layers=(1, 9)),
+                               progress=False)
+    torch.manual_seed(0)  # every matrix has the target's shape, but there are 5 layers
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=5,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+                     ).save_pretrained(tmp_path / "deep")
+    with pytest.raises(weights.WeightsError, match="has 3 layers, source .*deep 5; restore between checkpoints "
+                                                   "of one model"):
+        restore.write_restored(tmp_path / "tgt", tmp_path / "deep", tmp_path / "out", Plan(top=2), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layers", "3-1"], "first <= last"),
+    (["--layers", "a-b"], "layers look like 0-9"),
+    (["--layers", "0-1", "--tail", "2"], "--tail goes with --top K only"),
+])
+def test_cli_refuses_malformed_layers_and_a_tail_it_would_ignore(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        restore.main(["--target", str(tmp_path / "t"), "--source", str(tmp_path / "s"), "--out",
+                      str(tmp_path / "o"), *argv])
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_top_zero_warns_that_the_output_is_a_copy_of_the_target(tmp_path, caplog):
+    tiny_qwen(tmp_path / "tgt", 0)
+    tiny_qwen(tmp_path / "src", 1)
+    with caplog.at_level("WARNING", logger="paper_lib.restore"):
+        out = restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "out", Plan(top=0), progress=False)
+    assert "--top 0 restores no rank" in caplog.text
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "tgt" / "model.safetensors"))
+    assert all(torch.equal(a[n], b[n]) for n in b)

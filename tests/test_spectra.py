@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from paper_lib import spectra, weights  # noqa: E402
+from paper_lib import artifacts, spectra, weights  # noqa: E402
 from paper_lib.spectra import SpectraError, analyze_pairs, load_pair, principal_angles, rotation_angles  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -279,8 +279,17 @@ def test_missing_tensor_is_a_clear_error(qwen_pair, tmp_path):
 
 def test_missing_directory_and_no_safetensors(tmp_path, qwen_pair):
     base, _ = qwen_pair
-    with pytest.raises(weights.WeightsError, match="no such directory"):
+    with pytest.raises(weights.WeightsError, match=r"checkpoint 'a': .*nope does not exist; pass the directory"):
         analyze_pairs({"a": tmp_path / "nope", "b": base}, [("a", "b")], tmp_path / "out", progress=False)
+    # a shard passed for its directory, and a folder that is no checkpoint: the path is wrong, not damaged
+    shard = sorted(base.glob("*.safetensors"))[0]
+    with pytest.raises(weights.WeightsError, match=rf"{shard.name} is a file, not a checkpoint directory; pass the "
+                                                   r"directory that save_pretrained wrote"):
+        analyze_pairs({"a": shard, "b": base}, [("a", "b")], tmp_path / "out", progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("")
+    with pytest.raises(weights.WeightsError, match=r"no weight files .*\['readme\.txt'\]\); pass the directory"):
+        analyze_pairs({"a": base, "b": tmp_path / "notes"}, [("a", "b")], tmp_path / "out", progress=False)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(weights.WeightsError, match=r"holds no \*\.safetensors.*pytorch_model\.bin"):
@@ -300,7 +309,38 @@ def test_cli_summary_and_exit_code(qwen_pair, tmp_path, capsys):
                            "--out", str(tmp_path / "cli2")], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
-    assert "no such directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_is_never_inside_an_input(qwen_pair, tmp_path):
+    """Tables written into a checkpoint's directory would change the user's checkpoint."""
+    base, tuned = qwen_pair
+    before = sorted(p.name for p in tuned.iterdir())
+    for out in (tuned, tuned / "spectra", tuned.parent):
+        with pytest.raises(artifacts.ArtifactError, match=r"is, lies inside or contains the input .*(base|tuned); choose"):
+            analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], out, progress=False)
+    assert sorted(p.name for p in tuned.iterdir()) == before
+    (tmp_path / "file").write_text("")
+    with pytest.raises(artifacts.ArtifactError, match="is a file; choose a new directory"):
+        analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path / "file", progress=False)
+
+
+def test_mistral_names_match_and_gpt2_names_are_a_clear_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+                       ).save_pretrained(tmp_path / "mistral")
+    perturbed_copy(tmp_path / "mistral", tmp_path / "mistral_tuned")
+    table = analyze_pairs({"base": tmp_path / "mistral", "tuned": tmp_path / "mistral_tuned"}, [("base", "tuned")],
+                          tmp_path / "out", k=4, progress=False)
+    assert set(zip(table["layer"], table["module"])) == ({(layer, m) for layer in range(2) for m in MODULES}
+                                                         | {(-1, "embed_tokens"), (-1, "lm_head")})
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+                    ).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(weights.WeightsError, match=r"c_attn.*only Llama-style names are supported .*Mistral"):
+        weights.LazyWeights("base", tmp_path / "gpt2")
 
 
 def test_frobenius_norm_accumulates_in_float64(tmp_path):
