@@ -126,7 +126,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
         raise ValueError(f"--top and --tail must be >= 0, got {plan.top}, {plan.tail}")
     _check_out(Path(out), [Path(target), Path(source)], replace)
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
-    num_layers, src_layers = model_dims(tgt.path)[0], model_dims(src.path)[0]
+    num_layers, src_layers = _dims(tgt)[0], _dims(src)[0]
     if src_layers != num_layers:  # same-shaped layers of two depths: not one model, though every shape fits
         raise weights.WeightsError(f"target {tgt.path} has {num_layers} layers, source {src.path} "
                                    f"{src_layers}; restore between checkpoints of one model")
@@ -297,11 +297,17 @@ def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, so
 def model_dims(checkpoint: str | Path) -> tuple[int, int]:
     """(number of layers, hidden size) of a checkpoint, read from its weight names and shapes; the hidden
     size bounds the rank of q/o/gate/up/down, so "20% of the ranks" means 20% of it."""
-    ckpt = weights.LazyWeights("model", checkpoint)
+    return _dims(weights.LazyWeights("model", checkpoint))
+
+
+def _dims(ckpt: weights.LazyWeights) -> tuple[int, int]:
     parsed = [(weights.parse_name(key), shape) for key, shape in ckpt.shapes.items()]
     layers = {p[1] for p, _ in parsed if p and p[1] >= 0}
-    hidden = max(min(shape) for p, shape in parsed if p and p[3] in ("q_proj", "o_proj"))
-    return max(layers) + 1, hidden
+    hidden = [min(shape) for p, shape in parsed if p and p[3] in ("q_proj", "o_proj")]
+    if not layers or not hidden:
+        raise weights.WeightsError(f"checkpoint {ckpt.label!r} ({ckpt.path}) has no attention layers "
+                                   f"(layers.N.self_attn.q_proj.weight ...): nothing to restore by layer or rank")
+    return max(layers) + 1, max(hidden)
 
 
 def _parse_layers(text: str) -> tuple[int, int]:

@@ -198,6 +198,15 @@ def test_layers_beyond_the_model_and_sources_of_another_depth_fail_clearly(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_without_attention_layers_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "embed_only").mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 16)}, str(tmp_path / "embed_only" / "model.safetensors"))
+    with pytest.raises(weights.WeightsError, match="'model' .* has no attention layers"):
+        restore.model_dims(tmp_path / "embed_only")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--layers", "3-1"], "first <= last"),
     (["--layers", "a-b"], "layers look like 0-9"),
