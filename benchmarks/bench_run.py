@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 from _common import write_section
 
-from paper_lib import artifacts, config
+from paper_lib import artifacts, config, plan
 
 # Dense bf16 peak TFLOP/s by the GPU's name (datasheets, SXM parts; no sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -102,8 +102,8 @@ def sft_row(done: pd.Series, parameters: int | None, peak: float | None) -> dict
 
 
 def ppo_row(metrics: pd.DataFrame) -> dict:
-    """Means over the updates after the first (the first pays for warm-up), or over the only one."""
-    m = metrics.iloc[1:] if len(metrics) > 1 else metrics
+    """Means over the updates after the first (plan.steady: the first pays for warm-up)."""
+    m = plan.steady(metrics)
     rollout, total = m["rollout_seconds"].mean(), m["seconds"].mean()
     return {"updates": len(metrics), "averaged": len(m), "attempts": m["attempts"].mean(),
             "rollout_tokens_per_s": m["response_tokens"].sum() / m["rollout_seconds"].sum(),

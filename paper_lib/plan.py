@@ -1,5 +1,7 @@
 """A plan before a big run: per stage, checkpoints and their disk, GPU memory per device under the chosen
-ZeRO stage, the generations evaluation will run, and the free disk under runs/. No GPU, no network.
+ZeRO stage, the generations evaluation will run, the free disk under runs/, and the time, where an earlier
+run of the preset here measured it (its manifests record each stage's seconds and device, scaled to this
+plan's steps, batch, updates and checkpoints). No GPU, no network.
 
     python -m paper_lib.plan qwen7b        (what `./run_all.sh qwen7b --dry-run` prints)
 
@@ -13,6 +15,7 @@ layer under gradient checkpointing. Rough by design: it says whether a run fits,
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -146,12 +149,63 @@ def plan(cfg: Config) -> dict:
     hands = 2 * cfg.data.test_size  # ID and OOD
     sft_saved = {*range(cfg.sft.save_steps, steps + 1, cfg.sft.save_steps), steps}
     evaluated = 1 + len(artifacts.evaluated_sft_steps(cfg, sft_saved)) + n_rl  # base, swept SFT, every RL
-    return {"preset": cfg.preset, "model": cfg.model.name, "params": params, "stages": stages,
+    return {"preset": cfg.preset, "model": cfg.model.name, "params": params, "stages": stages, "sft_steps": steps,
             "eval": {"checkpoints": evaluated, "hands": hands, "generations": evaluated * hands * cfg.eval.max_attempts},
             "disk": sum(s["disk"] for s in stages.values())}
 
 
-def render(p: dict, free: float) -> str:
+def steady(rows: list) -> list:
+    """The RL updates whose seconds say what an update costs: all but the first (which pays for warm-up)."""
+    return rows[1:] if len(rows) > 1 else rows
+
+
+def measured_times(cfg: Config, p: dict) -> dict[str, str]:
+    """Per stage, this plan's seconds scaled from the last run of the preset here, and what they rest on:
+    SFT by seconds per trained example, RL by seconds per update (and per attempt of it), evaluation by
+    seconds per checkpoint (and per hand). A stage that never ran here has no entry."""
+    times = {}
+    sft = artifacts.read_manifest(artifacts.sft_dir(cfg)) or {}
+    done = sft.get("provenance", {})
+    if done.get("seconds") and sft.get("base_model", {}).get("name") == cfg.model.name:
+        ran = sft["sft"]
+        start = int(done["resumed_from"].rsplit("-", 1)[1]) if done.get("resumed_from") else 0
+        examples = (done["final_step"] - start) * ran["per_device_batch_size"] * ran["gradient_accumulation_steps"] \
+            * done.get("processes", ran["num_processes"])
+        wanted = p["sft_steps"] * cfg.sft.per_device_batch_size * cfg.sft.gradient_accumulation_steps \
+            * cfg.sft.num_processes
+        times["sft"] = _measured(done["seconds"] * wanted / examples,
+                                 f"{done['final_step'] - start} steps in {done['seconds']:.0f} s", done)
+    metrics = artifacts.rl_dir(cfg) / "metrics.csv"
+    rl = artifacts.read_manifest(artifacts.rl_dir(cfg)) or {}
+    if metrics.is_file() and rl.get("rl"):
+        with open(metrics) as fh:
+            rows = steady(list(csv.DictReader(fh)))
+        if rows:
+            per_update = sum(float(r["seconds"]) for r in rows) / len(rows)
+            scale = cfg.rl.steps_per_update / rl["rl"]["steps_per_update"]
+            times["rl"] = _measured(per_update * scale * cfg.rl.num_updates,
+                                    f"{per_update:.1f} s an update of {rl['rl']['steps_per_update']} attempts",
+                                    rl.get("provenance", {}))
+    evals = [m for m in map(artifacts.read_manifest, sorted(artifacts.eval_dir(cfg).glob("*/")))
+             if m and m.get("provenance", {}).get("seconds") and m.get("data")]
+    if evals:
+        per_hand = sorted(m["provenance"]["seconds"] / (2 * m["data"]["test_size"]) for m in evals)
+        median = per_hand[len(per_hand) // 2]
+        times["eval"] = _measured(median * p["eval"]["hands"] * p["eval"]["checkpoints"],
+                                  f"a median {median * p['eval']['hands']:.1f} s a checkpoint over {len(evals)}",
+                                  evals[-1]["provenance"])
+    return times
+
+
+def _measured(seconds: float, basis: str, provenance: dict) -> str:
+    where = f", on {provenance['device']}" if provenance.get("device") else ""
+    when = f", {provenance['finished'][:10]}" if provenance.get("finished") else ""
+    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return f"~{took}, scaled from the last run here ({basis}{where}{when})"
+
+
+def render(p: dict, free: float, times: dict[str, str] | None = None) -> str:
+    times = times or {}
     lines = [f"plan for preset '{p['preset']}': {p['model']}, {p['params'] / 1e9:.3g} B parameters"]
     for name, s in p["stages"].items():
         mem = s["memory"]
@@ -163,11 +217,11 @@ def render(p: dict, free: float) -> str:
                      + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in mem.items()) + f"; total {total / GB:.3g} GB"
                      + (f"  WARNING: over {GPU_GB} GB: set {name}.gradient_checkpointing or a smaller per-device batch"
                         if total > GPU_GB * GB else ""))
-        lines.append("    time: no measurement")
+        lines.append(f"    time: {times.get(name, 'no measurement (no earlier run of this preset here)')}")
     e = p["eval"]
     lines.append(f"  eval: {e['checkpoints']} checkpoints x {e['hands']} hands x up to "
                  f"{e['generations'] // max(e['checkpoints'] * e['hands'], 1)} attempts = up to {e['generations']} generations"
-                 "; time: no measurement")
+                 f"; time: {times.get('eval', 'no measurement')}")
     lines.append(f"  total disk: {p['disk'] / GB:.3g} GB; free under runs/: {free / GB:.3g} GB")
     if free < p["disk"]:
         lines.append(f"  WARNING: not enough free disk under runs/ ({free / GB:.3g} < {p['disk'] / GB:.3g} GB): raise "
@@ -187,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("preset")
     args = parser.parse_args(argv)
     try:
-        print(render(plan(config.load(args.preset)), free_disk()))
+        cfg = config.load(args.preset)
+        p = plan(cfg)
+        print(render(p, free_disk(), measured_times(cfg, p)))
     except config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -122,8 +122,10 @@ def _select_keys(ckpts: dict[str, weights.LazyWeights], names: Iterable[str] | s
             missing = sorted(set(a.names) - set(b.names))
             if missing:
                 shown = ", ".join(a.names[k] for k in missing[:6]) + (" ..." if len(missing) > 6 else "")
+                tied = missing == [weights.HEAD] and weights.EMBED in b.names  # its lm_head is embed_tokens
+                hint = f" ({b.label!r} ties lm_head to embed_tokens; --names '^(?!.*lm_head)' compares the rest)"
                 problems.append(f"{len(missing)} tensor(s) of {a.label!r} are missing from {b.label!r} "
-                                f"({b.path}): {shown}")
+                                f"({b.path}): {shown}" + (hint if tied else ""))
     common = [k for k in first.names if all(k in ck.names for ck in rest)]
     mismatched = [k for k in common if len({ck.shapes[k] for ck in ckpts.values()}) > 1]
     for k in mismatched[:6]:

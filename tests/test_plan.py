@@ -73,3 +73,40 @@ def test_checkpoints_are_sized_as_the_stages_save_them(monkeypatch):
         weights, latest = plan.checkpoint_bytes(p["params"], bytes_per_param)
         assert p["stages"]["sft"]["checkpoints"] == saved
         assert p["stages"]["sft"]["disk"] == (saved - 1) * weights + latest
+
+
+def test_time_is_scaled_from_the_last_run_here(tmp_path, monkeypatch):
+    """The stages' own records (manifest seconds, rl/metrics.csv) scaled to this plan by hand: SFT per
+    trained example (a resumed run counts only the steps it trained), RL per update of so many attempts
+    without the first update, evaluation per hand with the median checkpoint."""
+    import csv
+
+    from paper_lib import artifacts
+
+    cfg = config.load("tiny", **{"data.sft_size": 200, "data.test_size": 25, "sft.per_device_batch_size": 10,
+                                 "rl.steps_per_update": 16, "rl.num_updates": 10})
+    assert "no measurement" in plan.render(plan.plan(cfg), free=1e12, times=plan.measured_times(cfg, plan.plan(cfg)))
+    for d in (artifacts.sft_dir(cfg), artifacts.rl_dir(cfg)):
+        d.mkdir(parents=True)
+    batch = {"per_device_batch_size": 5, "gradient_accumulation_steps": 2, "num_processes": 1}
+    artifacts.write_manifest(artifacts.sft_dir(cfg), {"stage": "sft", "sft": batch, "base_model": {"name": "tiny"}},
+                             seconds=40.0, final_step=20, resumed_from="checkpoint-10", processes=1, device="GPU X")
+    artifacts.write_manifest(artifacts.rl_dir(cfg), {"stage": "rl", "rl": {"steps_per_update": 8}})
+    with open(artifacts.rl_dir(cfg) / "metrics.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["update", "seconds"], [1, 30.0], [2, 2.0], [3, 4.0]])
+    for label, seconds in (("a", 2.0), ("b", 4.0), ("c", 40.0)):  # 0.1, 0.2 and 2 s a hand of 20
+        (artifacts.eval_dir(cfg) / label).mkdir(parents=True)
+        artifacts.write_manifest(artifacts.eval_dir(cfg) / label, {"stage": "eval", "data": {"test_size": 10}},
+                                 seconds=seconds)
+    p = plan.plan(cfg)
+    times = plan.measured_times(cfg, p)
+    # 10 steps x 10 examples in 40 s; this plan: 20 steps x 10
+    assert times["sft"].startswith("~80 s, scaled from the last run here (10 steps in 40 s, on GPU X, ")
+    # (2 + 4) / 2 s an update of 8 attempts; this plan: 10 updates of 16
+    assert times["rl"].startswith("~60 s, scaled from the last run here (3.0 s an update of 8 attempts")
+    # 0.2 s a hand x 50 hands a checkpoint
+    assert times["eval"].startswith(f"~{10 * p['eval']['checkpoints']:.0f} s, scaled from the last run here "
+                                    "(a median 10.0 s a checkpoint over 3")
+    assert times["sft"] in plan.render(p, free=1e12, times=times)
+    other = config.load("tiny", **{"model.name": "smol"})  # same runs/tiny, another model
+    assert "sft" not in plan.measured_times(other, plan.plan(other))  # another model's SFT says nothing

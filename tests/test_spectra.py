@@ -277,6 +277,16 @@ def test_missing_tensor_is_a_clear_error(qwen_pair, tmp_path):
     assert set(table["layer"]) == {0}
 
 
+def test_a_tied_checkpoint_against_an_untied_one_says_so_and_how_to_go_on(qwen_pair, tmp_path):
+    base, _ = qwen_pair  # untied
+    tied = perturbed_copy(base, tmp_path / "tied", drop="lm_head.weight")
+    with pytest.raises(SpectraError, match=r"'tied' ties lm_head to embed_tokens; --names '\^\(\?!\.\*lm_head\)'"):
+        analyze_pairs({"base": base, "tied": tied}, [("base", "tied")], tmp_path / "out", progress=False)
+    table = analyze_pairs({"base": base, "tied": tied}, [("base", "tied")], tmp_path / "out",
+                          names="^(?!.*lm_head)", progress=False)  # the hint, as given, works
+    assert "lm_head" not in set(table["module"]) and "embed_tokens" in set(table["module"])
+
+
 def test_missing_directory_and_no_safetensors(tmp_path, qwen_pair):
     base, _ = qwen_pair
     with pytest.raises(weights.WeightsError, match=r"checkpoint 'a': .*nope does not exist; pass the directory"):
