@@ -131,6 +131,11 @@ def time_spectra(pair: list[str], targets: list[str], k: int) -> list[dict]:
     return rows
 
 
+def shown(path: Path) -> str:
+    """A path as a reader would type it: relative to the project where it lies inside."""
+    return str(path.relative_to(config.PROJECT_ROOT)) if path.is_relative_to(config.PROJECT_ROOT) else str(path)
+
+
 def fmt(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "—"
@@ -144,10 +149,12 @@ def report(cfg: config.Config, peak_given: float | None, spectra_rows: list[dict
         sys.exit(f"bench_run: nothing to read in {run}; run `./run_all.sh {cfg.preset}` first")
     fresh = done[timed_here(done, nbs)]
     device = fresh["device"].mode().iloc[0] if fresh["device"].notna().any() else "unknown"
+    code = fresh["git"].mode().iloc[0] if "git" in fresh and fresh["git"].notna().any() else "unknown"
     peak, parameters = peak_tflops(device, peak_given), base_parameters(run)
     lines = [f"## The {cfg.preset} run, from its own records", "",
-             f"`{command}` on {datetime.date.today().isoformat()}, reading `runs/{cfg.preset}/`; the run computed on "
-             f"{device}."]
+             f"`{command}` on {datetime.date.today().isoformat()}, reading `{shown(run)}`: a run of code {code} on "
+             + (f"{device}." if device != "unknown"
+                else "a device it did not record (made before manifests noted it).")]
     if not nbs.empty:
         span, total = nbs["end"].max() - nbs["start"].min(), nbs["seconds"].sum()
         when = lambda t: f"{datetime.datetime.fromtimestamp(t, datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"  # noqa: E731
@@ -203,8 +210,8 @@ def report(cfg: config.Config, peak_given: float | None, spectra_rows: list[dict
                         ("restore", "Restored checkpoints written")):
         rows = fresh[fresh["stage"].eq(stage) & fresh["seconds"].notna()]
         if not rows.empty:
-            lines += ["", f"{what}: {len(rows)} × median {statistics.median(rows['seconds']):.1f} s, "
-                      f"{rows['seconds'].sum():.1f} s in all, on {rows['device'].iloc[0]}."]
+            each = "" if len(rows) == 1 else f"{len(rows)} × median {statistics.median(rows['seconds']):.1f} s, "
+            lines += ["", f"{what}: {each}{rows['seconds'].sum():.1f} s in all, on {rows['device'].iloc[0]}."]
     if spectra_rows:
         lines += ["", "One spectra pair afresh (no SVD cache), by device:", "",
                   "| on | device | matrices | seconds |", "|---|---|---:|---:|"]

@@ -84,7 +84,7 @@ def test_bench_run_reports_a_run_from_its_own_records(tmp_path, tiny_base):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert f"the run computed on {gpu}" in out
+    assert f"a run of code {artifacts.git_version()} on {gpu}." in out
     assert "| 8 | 1 | 60,000 | 2.0 | 3.0 | 30,000 | 0.00 | 50.0% |" in out
     assert "| 8 | 50 | 1.00 | 2.00 | 3.00 |" in out  # the first update, the slow one, is left out
     assert "| sft-0008 | 468 | 936 | 12.0 | 39.0 |" in out and "| old |" not in out
