@@ -5,7 +5,7 @@ and the executed notebooks of ./run_all.sh). Only the work done within the run's
 reused from an earlier run is listed as reused.
 
     python benchmarks/bench_run.py --preset smol [--write-docs] [--peak-tflops 989]
-    python benchmarks/bench_run.py --preset smol --spectra-pair runs/smol/models/base runs/smol/sft/checkpoint-400 \\
+    python benchmarks/bench_run.py --preset smol --spectra-pair runs/smol/models/base runs/smol/sft/checkpoint-300 \\
         --spectra-on cuda,cuda:gesvdj,cpu       # also time one spectra pair afresh on each device[:svd driver]
 
 MFU is 6·N FLOPs per trained token (N: every parameter of the base model; attention's own FLOPs left out, so a
