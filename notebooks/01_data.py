@@ -72,7 +72,8 @@ display(stats.round(3))
 
 # %%
 fig = plots.solutions_per_hand(tests)
-plots.save_figure(fig, "data_solutions_per_hand", cfg, notebook="01_data", sources=[artifacts.data_dir(cfg)]);
+plots.save_figure(fig, "data_solutions_per_hand", cfg, notebook="01_data", sources=[artifacts.data_dir(cfg)],
+                  data=tests.assign(cards=tests["cards"].map(" ".join)));
 
 # %% [markdown]
 # ## Checks

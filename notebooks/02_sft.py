@@ -65,7 +65,7 @@ table = sft.loss_table(cfg)
 display(table.pivot(index="step", columns="curve", values="loss").round(3))
 marks = {"Inter_SFT": cfg.sft.inter_sft_step, "full SFT": cfg.sft.full_sft_step}
 fig = plots.sft_loss(table, marks=marks)
-plots.save_figure(fig, "fig2_sft_loss", cfg, notebook="02_sft", sources=[out / sft.LOSS_TABLE]);
+plots.save_figure(fig, "fig2_sft_loss", cfg, notebook="02_sft", sources=[out / sft.LOSS_TABLE], data=table);
 
 # %% [markdown]
 # ## Checks

@@ -53,7 +53,7 @@ display(metrics.round(4))
 
 # %%
 fig = plots.ppo_metrics(metrics)
-plots.save_figure(fig, "rl_training", cfg, notebook="03_ppo", sources=[out / "metrics.csv"]);
+plots.save_figure(fig, "rl_training", cfg, notebook="03_ppo", sources=[out / "metrics.csv"], data=metrics);
 
 # %% [markdown]
 # ## Checks

@@ -85,7 +85,7 @@ display(summary.style.format("{:.3g}"))
 
 # %%
 fig = plots.layer_module_heatmap(spec_table[spec_table["pair"] == f"base__{full}"], f"base → {full}")
-plots.save_figure(fig, "spectra_heatmap", cfg, notebook="05_spectra", sources=[out]);
+plots.save_figure(fig, "spectra_heatmap", cfg, notebook="05_spectra", sources=[out], data=spec_table);  # every pair
 
 # %% [markdown]
 # ## Energy and size of the change

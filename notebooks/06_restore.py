@@ -54,18 +54,20 @@ references = pd.concat([
 # ## Figure 5: restoring layer ranges
 
 # %%
-fig = plots.restore_success(results[results["kind"] == "layers"], references, "restored layers",
+layers = results[results["kind"] == "layers"]
+fig = plots.restore_success(layers, references, "restored layers",
                             f"Directions restored into {named.full_sft}, by layer range")
-plots.save_figure(fig, "fig5_restore_layers", cfg, notebook="06_restore",
+plots.save_figure(fig, "fig5_restore_layers", cfg, notebook="06_restore", data=layers,
                   sources=[artifacts.restore_dir(cfg) / "variants.csv"]);
 
 # %% [markdown]
 # ## Figure 6: restoring the top-k ranks
 
 # %%
-fig = plots.restore_success(results[results["kind"] == "ranks"], references, "restored ranks (top k)",
+ranks = results[results["kind"] == "ranks"]
+fig = plots.restore_success(ranks, references, "restored ranks (top k)",
                             f"Directions restored into {named.full_sft}, top-k ranks of every matrix")
-plots.save_figure(fig, "fig6_restore_ranks", cfg, notebook="06_restore",
+plots.save_figure(fig, "fig6_restore_ranks", cfg, notebook="06_restore", data=ranks,
                   sources=[artifacts.restore_dir(cfg) / "variants.csv"]);
 
 # %% [markdown]

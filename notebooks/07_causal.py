@@ -53,7 +53,7 @@ display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.for
 
 # %%
 fig = plots.causal(both)
-plots.save_figure(fig, "fig7_causal", cfg, notebook="07_causal",
+plots.save_figure(fig, "fig7_causal", cfg, notebook="07_causal", data=both,
                   sources=[artifacts.eval_dir(cfg) / "results.parquet", artifacts.eval_dir(cfg) / "causal_results.parquet"]);
 
 # %% [markdown]

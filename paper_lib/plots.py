@@ -26,14 +26,19 @@ def style() -> None:
 
 
 def save_figure(fig: plt.Figure, name: str, cfg: Config, notebook: str,
-                sources: list[str] | None = None, **extra: Any) -> Path:
+                sources: list[str] | None = None, data: pd.DataFrame | None = None, **extra: Any) -> Path:
     """Write figures/<preset>/<name>.png, .pdf and .json (notebook, preset, config hash, code version,
-    the tables it was drawn from); returns the png path."""
+    the tables it was drawn from) and, given `data`, the tidy table the figure shows as <name>.csv, small
+    enough to commit beside it; returns the png path."""
     out = artifacts.figures_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"
     fig.savefig(png, dpi=150, bbox_inches="tight")
     fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
+    if data is not None:
+        with artifacts.atomic_file(out / f"{name}.csv") as tmp:
+            data.to_csv(tmp, index=False)
+        extra = {"data": f"{name}.csv", **extra}
     sidecar = {
         "figure": name,
         "notebook": notebook,
