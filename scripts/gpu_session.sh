@@ -133,6 +133,7 @@ cmd_start() {
 
 cmd_collect() {
   [ -f "$S/preset" ] || die "no run was started here ($S/preset is missing): start it first"
+  use_env
   follow "${1:-$(( $(cat "$S/deadline") - $(date +%s) ))}"
   [ -f "$S/driver.rc" ] || { say "the run is not finished: packing what it has"; pack partial; }
   to_out
@@ -165,7 +166,9 @@ extra() {  # $1: estimate (s), $2: name, then the command; run under the deadlin
   if ! fits "$estimate"; then echo "[drive $(date -u +%T)] skipped $name (~${estimate}s does not fit)"; return 0; fi
   local left=$(( $(cat "$S/deadline") - $(date +%s) - PACK_S ))
   echo "[drive $(date -u +%T)] $name (~${estimate}s, at most ${left}s)"
-  timeout "$left" "$@" >> "$S/extras.log" 2>&1 || echo "[drive $(date -u +%T)] $name ended with $? (extras.log)"
+  local rc=0
+  timeout "$left" "$@" >> "$S/extras.log" 2>&1 || rc=$?
+  [ "$rc" = 0 ] || echo "[drive $(date -u +%T)] $name ended with $rc (extras.log)"
   pack final
 }
 
@@ -180,8 +183,9 @@ cmd_drive() {
   ./run_all.sh "$preset" ${GPU_RUN_ARGS:-} > "$S/run_all.log" 2>&1 || rc=$?
   echo "$rc" > "$S/run.rc"; date -u +%FT%TZ > "$S/run.end"
   echo "[drive $(date -u +%T)] run_all.sh ended with $rc"
-  "$PY" benchmarks/bench_run.py --preset "$preset" --write-docs > "$S/bench_run.log" 2>&1 \
-    || echo "[drive $(date -u +%T)] bench_run ended with $? (bench_run.log)"
+  local bench=0
+  "$PY" benchmarks/bench_run.py --preset "$preset" --write-docs > "$S/bench_run.log" 2>&1 || bench=$?
+  [ "$bench" = 0 ] || echo "[drive $(date -u +%T)] bench_run ended with $bench (bench_run.log)"
   pack final
   local run="$S/runs/$preset" full=""
   [ "$rc" = 0 ] && full="$("$PY" -c "import sys; from paper_lib import config, sft; print(sft.checkpoint(config.load(sys.argv[1]), 'full_sft'))" "$preset" 2>/dev/null)" || true

