@@ -19,7 +19,8 @@
 #
 # Everything the session writes lives in $GPU_SESSION_DIR (default /tmp/gpu_session), outside the repo copy,
 # which the device tool re-syncs at every call: runs/, figures/, the benchmarks page and the logs.
-# GPU_RUN_BUDGET_S (default 600) is the wall time from `start` by which the final archive must exist;
+# GPU_RUN_BUDGET_S (default 600) is the wall time from `start` by which the final archive must exist (the
+# conversion and the run's set-up count in it);
 # GPU_RUN_ARGS are passed to run_all.sh (e.g. --only 1, for a test).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -115,6 +116,8 @@ follow() {  # $1: seconds at most, never past the deadline; returns when the dri
 cmd_start() {
   local preset="${1:?start PRESET FOLLOW_S}" follow_s="${2:?start PRESET FOLLOW_S}"
   [ "$(done_or_running)" != running ] || die "a driver is already running ($S/driver.pid); use collect"
+  # the deadline counts from here: the set-up below (the GGUF conversion) is the run's time too
+  echo $(( $(date +%s) + ${GPU_RUN_BUDGET_S:-600} )) > "$S/deadline"
   join_smol
   use_env
   SECONDS=0
@@ -122,7 +125,6 @@ cmd_start() {
   say "base model of $preset ready in ${SECONDS}s (outside the timed run)"
   rm -f "$S/driver.rc"
   echo "$preset" > "$S/preset"
-  echo $(( $(date +%s) + ${GPU_RUN_BUDGET_S:-600} )) > "$S/deadline"
   setsid "$root/scripts/gpu_session.sh" drive "$preset" > "$S/driver.log" 2>&1 < /dev/null &
   echo $! > "$S/driver.pid"
   say "driver started (pid $(cat "$S/driver.pid")); deadline $(date -u -d @"$(cat "$S/deadline")" +%T)"
