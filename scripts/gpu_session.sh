@@ -117,6 +117,7 @@ cmd_start() {
   local preset="${1:?start PRESET FOLLOW_S}" follow_s="${2:?start PRESET FOLLOW_S}"
   [ "$(done_or_running)" != running ] || die "a driver is already running ($S/driver.pid); use collect"
   # the deadline counts from here: the set-up below (the GGUF conversion) is the run's time too
+  mkdir -p "$S"
   echo $(( $(date +%s) + ${GPU_RUN_BUDGET_S:-600} )) > "$S/deadline"
   join_smol
   use_env
