@@ -53,7 +53,7 @@ def stages(run: Path) -> pd.DataFrame:
     """Every finished stage under the run (one row per manifest) with what its provenance records."""
     rows = []
     for path in sorted(run.rglob(artifacts.MANIFEST)):
-        if ".stale-" in str(path) or "svd_cache" in path.parts:
+        if any(artifacts.is_leftover(part) for part in path.parts) or "svd_cache" in path.parts:
             continue
         found = artifacts.read_manifest(path.parent) or {}
         done = found.get("provenance", {})

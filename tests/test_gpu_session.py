@@ -43,6 +43,7 @@ def test_pack_brings_back_tables_and_manifests_never_weights(tmp_path):
             touch(ckpt / "trainer_state.json"), touch(run / "data" / "id_test" / "state.json"),
             touch(run / "svd_cache" / "a" / "manifest.json"), touch(run / "eval.stale-2026" / "x.csv"),
             touch(run / "restore" / "top.partial" / "manifest.json"), touch(run / "eval" / "t.csv.tmp-12"),
+            touch(run / "eval" / ".sft-0025.partial-4242" / "manifest.json"),  # atomic_dir's scratch
             touch(run / "rl" / "rl-0004" / "trainer_state" / "state.json"), touch(s / "whl" / "a.whl")]
     written = pack_results.pack(s, "smol", tmp_path / "out")
     assert written == [tmp_path / "out" / "results.tar.gz"]
