@@ -15,7 +15,9 @@
 #
 # **Causal test.** If RL's OOD gain lives in its singular *directions*, then giving the RL model the
 # SFT model's directions, while it keeps its own singular values, should remove the gain. Source = full
-# SFT, target = RL, every rank of every matrix. The paper: Llama OOD 16.2% → 10.6%, Qwen 19.8% → 19.0%.
+# SFT, target = RL, every rank of every matrix (the paper's text); `restore.causal_top_ks` adds the top-k
+# restores of the authors' script, which replaces a matrix whole where k reaches its rank (PAPER_SPEC §6).
+# The paper: Llama OOD 16.2% → 10.6%, Qwen 19.8% → 19.0%.
 #
 # **Gauge.** Why can directions move so freely? In a chain out = x W1 W2, the rotation W1 → W1 R,
 # W2 → Rᵀ W2 changes neither the function nor any σ nor the weight norm. At equal parameter step, a
@@ -34,17 +36,20 @@ import torch
 from IPython.display import display
 
 from paper_lib import artifacts, config, evaluate, gauge, plots, restore
-from paper_lib.restore import Plan
 
 cfg = config.load(preset, **overrides)
 table, named = evaluate.load_results(cfg)  # written by 04_eval
 assert named.rl, "no RL checkpoint: run 03_ppo (and 04_eval) first"
 by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
 rl, full = by_label[named.rl], by_label[named.full_sft]
-imposed = restore.restored_checkpoint(cfg, f"causal-{rl.label}-with-{full.label}-directions", rl, full, Plan(), force)
-causal = evaluate.sweep(cfg, force=force, checkpoints=[imposed], table_name="causal_results")
-both = pd.concat([table[table["label"] == rl.label].assign(variant=f"RL ({rl.label})"),
-                  causal.assign(variant=f"RL with {full.label}'s directions")])
+plans = restore.causal_plans(cfg)  # {"every rank": ..., "top k": ...}
+imposed = {name: restore.restored_checkpoint(
+    cfg, f"causal-{rl.label}-with-{full.label}-directions" + ("" if plan.top is None else f"-top-{plan.top:04d}"),
+    rl, full, plan, force) for name, plan in plans.items()}
+causal = evaluate.sweep(cfg, force=force, checkpoints=list(imposed.values()), table_name="causal_results")
+both = pd.concat([table[table["label"] == rl.label].assign(variant=f"RL ({rl.label})")]
+                 + [causal[causal["label"] == c.label].assign(variant=f"RL with {full.label}'s directions ({name})")
+                    for name, c in imposed.items()])
 display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.format(
     {"success_rate": "{:.1%}", "ci_low": "{:.1%}", "ci_high": "{:.1%}"}))
 

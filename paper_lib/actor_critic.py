@@ -56,7 +56,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
 def thought_weights(tokenizer: Any, response_ids: list[int], coef: float) -> list[float]:
     """Weight of each response token in the action's log-probability: coef for the tokens wholly before the
     last `"formula"` key, 1 from the token that holds its opening quote on (upstream). Without the key the
-    whole answer is thought."""
+    whole answer is thought (upstream counted its last few tokens at 1)."""
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
     key = text.rfind(THOUGHT_KEY)
     if key < 0:

@@ -179,17 +179,18 @@ def causal_test(cfg: Config) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 07_causal for preset {cfg.preset!r} first")
     _, named = evaluate.load_results(cfg)
-    imposed = str(pd.read_parquet(path)["label"].iloc[0])
-    hits = {label: evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / label), "ood")
-            for label in (named.rl, imposed)}
-    rl, other = hits[named.rl], hits[imposed]
+    rl = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / named.rl), "ood")
     idx = evaluate.bootstrap_indices(len(rl))
-    change = evaluate.interval("change", other[idx].mean(1) - rl[idx].mean(1))
-    fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)
-    return [_row(6, imposed, "imposing SFT's singular directions on the RL model lowers OOD success",
-                 f"RL {named.rl}: OOD {_pct(rl.mean())}; with SFT's directions {_pct(other.mean())}; change "
-                 f"{_pct(other.mean() - rl.mean(), change['change_ci_low'], change['change_ci_high'])}",
-                 fall, "holds when the change's interval lies below 0")]
+    rows = []
+    for imposed in dict.fromkeys(pd.read_parquet(path)["label"].astype(str)):  # every rank, then each top k
+        other = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / imposed), "ood")
+        change = evaluate.interval("change", other[idx].mean(1) - rl[idx].mean(1))
+        fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)
+        rows.append(_row(6, imposed, "imposing SFT's singular directions on the RL model lowers OOD success",
+                         f"RL {named.rl}: OOD {_pct(rl.mean())}; with SFT's directions {_pct(other.mean())}; change "
+                         f"{_pct(other.mean() - rl.mean(), change['change_ci_low'], change['change_ci_high'])}",
+                         fall, "holds when the change's interval lies below 0"))
+    return rows
 
 
 def table(cfg: Config) -> pd.DataFrame:

@@ -82,6 +82,10 @@ class SFTConfig:
     # would otherwise need ~56 GB of activations per device at batch 16 (`./run_all.sh P --dry-run`).
     gradient_checkpointing: bool = True
     accelerate_config: str = "zero3"
+    # How an example becomes text: "chat_template" (the model's own, which RL and evaluation use too) or
+    # "upstream_qwen", the authors' Qwen SFT (RL_Heals_SFT data_qwen.py): Llama-3 header strings as plain
+    # text with a literal two-character \n, no system turn, answer + "<|eot_id|>\n"; loss on the answer.
+    text_format: Literal["chat_template", "upstream_qwen"] = "chat_template"
     inter_sft_step: int = 120  # checkpoints the paper names
     full_sft_step: int = 800
     seed: int = 42
@@ -100,8 +104,13 @@ class RLConfig:
     ppo_epochs: int = 4
     max_grad_norm: float = 0.01
     temperature: float = 0.2
-    # Set, never inherited from the checkpoint's generation_config (Qwen's says 1.05); upstream's PPO
-    # sampled with temperature alone, so 1.0.
+    # Rollout sampling at `temperature`: "temperature" (top_p 1, top_k off) or "model", which adds the start
+    # checkpoint's own top_p and top_k, as upstream's generate(temperature=0.2) inherited them from the
+    # generation_config that from_pretrained loads (Qwen2.5-7B-Instruct: top_p 0.8, top_k 20). Either way
+    # the log-probabilities are those of the temperature alone, as upstream's.
+    sampling: Literal["temperature", "model"] = "temperature"
+    # Set, never inherited from the checkpoint's generation_config; qwen7b sets Qwen's own 1.05, which
+    # upstream's rollouts inherited.
     repetition_penalty: float = 1.0
     # How PARTIAL is judged: "arithmetic" (completable to the target) or "upstream" (prefix of upstream's
     # solution strings); see paper_lib/cards.py.
@@ -111,6 +120,11 @@ class RLConfig:
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update
     micro_batch_size: int = 0  # attempts per forward/backward; 0: 1 on GPU (upstream), 8 on CPU
+    # Attempts whose gradients make one optimizer step, counted across PPO epochs. 0: one step per epoch
+    # over the process's whole batch. Upstream accumulates 128 (grad_accum_steps 128 x mini_batch_size 1):
+    # Qwen's 32 attempts x 4 epochs then take one step per update (its ratio stays 1, the clip never acts),
+    # Llama's 128 x 4 one per epoch.
+    samples_per_step: int = 0
     num_updates: int = 300
     save_every: int = 20
     num_processes: int = 4
@@ -145,14 +159,18 @@ class SpectraConfig:
 @dataclass(frozen=True)
 class RestoreConfig:
     # The variants run: every source crossed with every keep. Sources: "base" (the paper's text) and
-    # "inter_sft" (the authors' scripts). keep: "target-sigma" (UV restore, the paper's text) and "source"
-    # (whole triplets, the authors' svd_recover.py).
+    # "inter_sft" (the authors' scripts). keep: "target-sigma" (UV restore, the paper's text), "source"
+    # (whole triplets, the authors' svd_recover.py) and "target-sigma-reset" (the authors' svd_recover_dir:
+    # target σ, but a matrix whose every rank is restored is the source's whole; paper_lib/restore.py).
     sources: tuple[Literal["base", "inter_sft"], ...] = ("base", "inter_sft")
-    keeps: tuple[Literal["target-sigma", "source"], ...] = ("target-sigma", "source")
+    keeps: tuple[Literal["target-sigma", "source", "target-sigma-reset"], ...] = ("target-sigma", "source")
     layer_block: int = 10  # Figure 5's blocks; the first 25% of layers is added to them
     top_ks: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # Figure 6's sweep; 20% of hidden is added
     # Also restore embed_tokens and lm_head in every layer variant, as the authors' Llama script did.
     layers_include_embeddings: bool = False
+    # The causal test (07) restores every rank (the paper's text) and, for each k here, the top k the way
+    # the authors' svd_recover_dir script did (keep "target-sigma-reset"; they ran 2560, 3072, 3584).
+    causal_top_ks: tuple[int, ...] = ()
 
 
 # Checked at load time, next to the types (a Literal field is checked by _coerce, and every float must be
@@ -164,10 +182,12 @@ POSITIVE = {
     "rl.num_processes", "rl.max_new_tokens", "rl.repetition_penalty", "eval.max_attempts", "eval.max_new_tokens",
     "eval.batch_size", "eval.repeats", "eval.repetition_penalty",
     "data.sft_size", "data.test_size", "spectra.k", "restore.layer_block", "restore.top_ks",
+    "restore.causal_top_ks",
 }
 NON_NEGATIVE = {
     "sft.warmup_ratio", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
     "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
+    "rl.samples_per_step",
     "data.loss_set_size", "eval.sft_every",
 }
 FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}

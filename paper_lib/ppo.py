@@ -19,8 +19,9 @@ The recipe, as upstream:
   policy + value_coef * value; Adam (eps) with a cosine schedule stepped once per update; grad-norm clip.
 Differences, each said where it is made: the last failed attempt of an episode is terminal (upstream
 grades a sixth, ungraded "step_limit_reached" attempt at -1 and lets GAE run on into the next episode);
-every response token counts (upstream drops the first two); one optimizer step per PPO epoch over the
-process's whole batch (upstream accumulates a fixed 128 micro-steps); the cosine runs over num_updates.
+every response token counts (upstream drops the first two); the cosine runs over num_updates.
+An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
+llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch.
 
 `rl.algo: grpo` runs TRL's GRPOTrainer instead (paper_lib/grpo.py: single turn, the verifier's reward of
 the first attempt), writing the same checkpoint layout, so the two algorithms can be compared.
@@ -108,12 +109,22 @@ class PPOTrainer:
         from accelerate import Accelerator
         from accelerate.utils import GradientAccumulationPlugin, set_seed
 
-        from .rollout import Generator
+        from .rollout import Generator, model_sampling
 
         self.cfg, self.rl, self.envs, self.micro = cfg, cfg.rl, envs, micro
         self.rounds = self.rl.steps_per_update // envs
-        self.n_micro = math.ceil(self.rl.steps_per_update / micro)
-        # one optimizer step per PPO epoch: gradients accumulate (and synchronise) over its micro-batches
+        # attempts per optimizer step (by default one PPO epoch); gradients accumulate, and synchronise,
+        # over its micro-batches. accelerate and DeepSpeed count micro-batches across epochs and updates,
+        # so a step must hold whole micro-batches and an update whole steps.
+        self.step_samples = self.rl.samples_per_step or self.rl.steps_per_update
+        per_update = self.rl.steps_per_update * self.rl.ppo_epochs
+        if self.rl.samples_per_step and (self.step_samples % micro or self.rl.steps_per_update % micro
+                                         or per_update % self.step_samples):
+            raise ValueError(f"rl.samples_per_step={self.step_samples} must be a multiple of the micro-batch "
+                             f"({micro}, which must divide rl.steps_per_update={self.rl.steps_per_update}) and "
+                             f"divide the {per_update} attempts an update trains on (steps_per_update x ppo_epochs)")
+        self.optimizer_steps = per_update // self.step_samples if self.rl.samples_per_step else self.rl.ppo_epochs
+        self.n_micro = math.ceil(self.step_samples / micro)
         self.accelerator = acc = Accelerator(cpu=launch.use_cpu(), gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
         if acc.state.deepspeed_plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm
             acc.state.deepspeed_plugin.deepspeed_config.update(
@@ -136,8 +147,11 @@ class PPOTrainer:
             self.ref = ActorCritic(ref_policy, ValueHead(hidden_size(ref_policy))).to(acc.device).eval()
             self.ref.requires_grad_(False)
         self.rollouts = Rollouts(envs, self.rl.seed + acc.process_index, cfg.eval.max_attempts, cfg.data.target, grade)
-        self.generator = Generator(self.unwrapped.policy, self.tokenizer, self.rl.max_new_tokens,
-                                   self.rl.temperature, batch_size=envs, repetition_penalty=self.rl.repetition_penalty)
+        sampling = None  # rl.sampling "temperature": T alone
+        if self.rl.sampling == "model":  # the start checkpoint's top_p and top_k at rl.temperature, as upstream
+            sampling = {**model_sampling(self.unwrapped.policy), "temperature": self.rl.temperature}
+        self.generator = Generator(self.unwrapped.policy, self.tokenizer, self.rl.max_new_tokens, self.rl.temperature,
+                                   batch_size=envs, repetition_penalty=self.rl.repetition_penalty, sampling=sampling)
         self.probe: list[Step] = []  # the first update's samples, with the start policy's log-probs
         set_seed(self.rl.seed + acc.process_index)  # different hands and samples per process (upstream: seed + rank)
 
@@ -173,7 +187,8 @@ class PPOTrainer:
         return torch.cat([self._score(self.unwrapped, chunk)[2].cpu() for chunk in self._chunks(boot)])
 
     def _optimise(self, steps: list[Step], advantages: torch.Tensor, returns: torch.Tensor) -> dict:
-        """ppo_epochs passes over the batch in shuffled micro-batches, one optimizer step per pass."""
+        """ppo_epochs passes over the batch in shuffled micro-batches; an optimizer step per pass, or per
+        rl.samples_per_step attempts."""
         acc, rl, n = self.accelerator, self.rl, len(steps)
         stats = dict(policy_loss=0.0, value_loss=0.0, clipped=0.0, samples=0.0, kl_ref=0.0, grad_norm=0.0)
         for _ in range(rl.ppo_epochs):
@@ -193,11 +208,11 @@ class PPOTrainer:
                         kl = k3_kl(ref_tok - tok, mask).sum(1) / mask.sum(1).clamp(min=1)
                         loss = loss + rl.kl_coef * kl
                         stats["kl_ref"] += kl.sum().item()
-                    # accelerate divides by n_micro, so the step's gradient is that of the batch mean
-                    acc.backward(loss.sum() * self.n_micro / n)
+                    # accelerate divides by n_micro, so the step's gradient is the mean over its attempts
+                    acc.backward(loss.sum() * self.n_micro / self.step_samples)
                     if acc.sync_gradients:
                         norm = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
-                        stats["grad_norm"] += float(norm) / rl.ppo_epochs if norm is not None else float("nan")
+                        stats["grad_norm"] += float(norm) / self.optimizer_steps if norm is not None else float("nan")
                     self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats["policy_loss"] += pl.sum().item()
@@ -217,7 +232,8 @@ class PPOTrainer:
         return total, tokens
 
     def update(self, number: int) -> dict:
-        """Collect steps_per_update attempts, take ppo_epochs optimizer steps; the metrics of all processes."""
+        """Collect steps_per_update attempts, take the optimizer steps of ppo_epochs passes; the metrics of
+        all processes."""
         rl, t0 = self.rl, time.time()
         table, finished = self.rollouts.collect(self.generator, self.rounds, rl.thought_prob_coef)
         rollout_seconds = time.time() - t0
@@ -333,8 +349,9 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
         if main:
             artifacts.keep_rows(out / METRICS, "update", start)  # rows a killed run logged after its last checkpoint are redone
         log.info("PPO on %d process(es): %d slots x %d rounds = %d attempts per process per update, micro-batch "
-                 "%d, %d updates from %s", trainer.accelerator.num_processes, envs, trainer.rounds,
-                 rl.steps_per_update, micro, rl.num_updates, init_path)
+                 "%d, %d optimizer step(s) of %d attempts per update, %d updates from %s",
+                 trainer.accelerator.num_processes, envs, trainer.rounds, rl.steps_per_update, micro,
+                 trainer.optimizer_steps, trainer.step_samples, rl.num_updates, init_path)
         launch.report_processes("ppo", trainer.accelerator, f"{rl.steps_per_update} attempts per update "
                                 f"(of {rl.steps_per_update * trainer.accelerator.num_processes} in all)")
         bar = tqdm(total=rl.num_updates, initial=start, desc="PPO updates", disable=not (main and progress))

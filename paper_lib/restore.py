@@ -5,6 +5,9 @@
 S is the restored set of ranks (the top `top`, and optionally the bottom `tail`), R the rest. With
 keep="target-sigma" (the paper's UV restore) Σ[S] is the target's, so only directions move. With
 keep="source" whole triplets are swapped, σ included: the variant of the authors' svd_recover.py.
+keep="target-sigma-reset" is the authors' svd_recover_dir scripts: the target's σ while S is part of
+the ranks, the source matrix whole once S is all of them (k >= rank: Qwen's k/v_proj, rank 512, at
+every k of their sweeps, and every matrix of their layer-wise runs, whose k is 4096).
 
 Checkpoints are written tensor by tensor into shards with the target's index, so peak memory is about a
 shard, never a model. Decompositions come from the spectra stage's on-disk cache when given.
@@ -32,7 +35,7 @@ from . import artifacts, evaluate, launch, weights
 from .config import Config
 
 log = logging.getLogger(__name__)
-KEEP = ("target-sigma", "source")
+KEEP = ("target-sigma", "source", "target-sigma-reset")
 _SIDE_FILES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # config, tokenizer, chat template
 _TRAINING_STATE = ("trainer_state.json",)
 
@@ -43,7 +46,8 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
     """W_tgt with the directions of its top `top` (and bottom `tail`) ranks taken from W_src.
 
     top = 0 and tail = 0 return W_tgt unchanged; top = rank gives U_src Σ_tgt V_srcᵀ (keep="target-sigma")
-    or W_src exactly (keep="source", as the authors' scripts return the source at full rank). Precomputed thin SVDs (U, S, Vh) may be passed to skip the decompositions.
+    or W_src exactly (keep="source" or "target-sigma-reset", as the authors' scripts return the source at
+    full rank). Precomputed thin SVDs (U, S, Vh) may be passed to skip the decompositions.
     """
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
@@ -57,11 +61,11 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
     tail = min(tail, rank - top)
     if top == 0 and tail == 0:
         return W_tgt.clone()
-    if keep == "source" and top + tail == rank:  # every triplet swapped: the source itself, exactly
+    if keep != "target-sigma" and top + tail == rank:  # every triplet swapped: the source itself, exactly
         return W_src.clone()
     Ut, St, Vht = svd_tgt if svd_tgt is not None else weights.decompose(W_tgt, dtype, device)
     Us, Ss, Vhs = svd_src if svd_src is not None else weights.decompose(W_src, dtype, device)
-    sigma = St if keep == "target-sigma" else Ss.to(St)
+    sigma = Ss.to(St) if keep == "source" else St
     Us, Vhs = Us.to(Ut), Vhs.to(Ut)
     # The restored ranks are [0, top) and [rank - tail, rank), the kept ones [top, rank - tail): slices are
     # views, and U[:, S] * σ[S] is U[:, S] diag(σ[S]) without forming the diagonal.
@@ -233,6 +237,14 @@ class Variant:
 def variants(cfg: Config) -> list[Variant]:
     """restore.sources x restore.keeps (config.load has checked both against their choices)."""
     return [Variant(source, keep) for source in cfg.restore.sources for keep in cfg.restore.keeps]
+
+
+def causal_plans(cfg: Config) -> dict[str, Plan]:
+    """The causal test's restores of the SFT model's directions into the RL model, by name: every rank of
+    every matrix with the RL model's σ (the paper's text), and for each restore.causal_top_ks the authors'
+    svd_recover_dir run (top k, keep="target-sigma-reset"; theirs used 2560, 3072 and 3584)."""
+    return {"every rank": Plan(), **{f"top {k}": Plan(top=k, keep="target-sigma-reset")
+                                     for k in cfg.restore.causal_top_ks}}
 
 
 def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.DataFrame:

@@ -20,7 +20,8 @@ What a run leaves in runs/<preset>/sft/ (`artifacts.sft_dir`):
 
 The loss is on the answer only: TRL's SFTTrainer tokenizes a conversational prompt-completion row as the
 chat-templated prompt (with the generation prompt) followed by the completion, and masks the prompt
-tokens' labels with -100. A killed run resumes from its newest complete checkpoint (Trainer's
+tokens' labels with -100; `sft.text_format: upstream_qwen` tokenizes the authors' Qwen text instead
+(`upstream_qwen_tokens`), masked the same way. A killed run resumes from its newest complete checkpoint (Trainer's
 resume_from_checkpoint: weights, optimizer, scheduler, RNG and data order), and the loss table drops
 the rows logged after that checkpoint, so it continues without duplicates. A finished run whose
 manifest matches (cfg.sft, cfg.data, the base model's identity, this module's code) is not redone;
@@ -233,14 +234,37 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
     splits = data_lib.load(cfg)
     columns = ["prompt", "completion"]
     n_loss = min(cfg.data.loss_set_size, len(splits["id_test"]))
-    eval_sets = {"id_test": splits["id_test"].select(range(n_loss)).select_columns(columns),
-                 "ood": splits["ood_loss"].select_columns(columns)}
     if model is None:
         model, tokenizer = models.load(cfg, dtype="float32", device=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=splits["sft_train"].select_columns(columns),
+    if cfg.sft.text_format == "upstream_qwen":  # tokenized here, so TRL neither templates nor adds an EOS
+        def as_text(split):
+            return split.map(lambda row: upstream_qwen_tokens(tokenizer, row["prompt"], row["completion"]),
+                             remove_columns=split.column_names)
+    else:
+        def as_text(split):
+            return split.select_columns(columns)
+    eval_sets = {"id_test": as_text(splits["id_test"].select(range(n_loss))), "ood": as_text(splits["ood_loss"])}
+    trainer = SFTTrainer(model=model, args=args, train_dataset=as_text(splits["sft_train"]),
                          eval_dataset=eval_sets, processing_class=tokenizer)
     trainer.add_callback(LossTableCallback(artifacts.sft_dir(cfg)))
     return trainer
+
+
+# The authors' Qwen SFT text (RL_Heals_SFT sft/src/training/data_qwen.py): Llama-3's header strings, which
+# Qwen's tokenizer reads as plain text, and "\\n" in an f-string, a backslash and an n, not a newline.
+UPSTREAM_QWEN_PROMPT = ("<|start_header_id|>{user}<|end_header_id|>\\n\\n{content}<|eot_id|>\\n"
+                        "<|start_header_id|>{assistant}<|end_header_id|>\\n\\n")
+UPSTREAM_QWEN_ANSWER = "{content}<|eot_id|>\\n"
+
+
+def upstream_qwen_tokens(tokenizer: Any, prompt: list[dict], completion: list[dict]) -> dict[str, list[int]]:
+    """One prompt-completion row as the authors' Qwen SFT tokenized it: prompt and answer text tokenized
+    apart, without special tokens, the loss on the answer only (TRL's completion_mask)."""
+    (user,), (answer,) = prompt, completion
+    prompt_ids = tokenizer(UPSTREAM_QWEN_PROMPT.format(user=user["role"], content=user["content"],
+                                                       assistant=answer["role"]), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(UPSTREAM_QWEN_ANSWER.format(content=answer["content"]), add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
 
 
 def train(cfg: Config, force: bool = False) -> Path:

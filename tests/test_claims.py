@@ -49,12 +49,15 @@ def test_a_peak_at_full_sft_is_no_early_peak(run):
 
 
 def test_the_causal_test_reads_the_paired_change(run):
+    """One row per causal restore (every rank, then each restore.causal_top_ks), each against the RL model."""
     _write_eval(run, {"base": ("base", 0, 0.5, 0.1), "sft-0080": ("sft", 80, 0.9, 0.1),
-                      "rl-0010": ("rl", 10, 0.9, 0.30), "causal-x": ("restore", 0, 0.9, 0.15)})
-    pd.DataFrame([{"label": "causal-x", "rule": "ood"}]).to_parquet(
-        artifacts.eval_dir(run) / "causal_results.parquet")
-    (row,) = claims.causal_test(run)
-    assert row["verdict"] == claims.HOLDS and "change -15.0%" in row["measured"]
+                      "rl-0010": ("rl", 10, 0.9, 0.30), "causal-x": ("restore", 0, 0.9, 0.15),
+                      "causal-x-top-0008": ("restore", 0, 0.9, 0.30)})
+    pd.DataFrame([{"label": label, "rule": rule} for label in ("causal-x", "causal-x-top-0008")
+                  for rule in ("id", "ood")]).to_parquet(artifacts.eval_dir(run) / "causal_results.parquet")
+    every, top = claims.causal_test(run)
+    assert every["verdict"] == claims.HOLDS and "change -15.0%" in every["measured"]
+    assert top["verdict"] != claims.HOLDS and "change 0.0%" in top["measured"]
 
 
 def _svd_pair(rescale: float, turn: float, n: int = 24, seed: int = 0):

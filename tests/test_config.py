@@ -26,6 +26,10 @@ def test_paper_settings_in_the_large_presets():
     assert (rl.gamma, rl.gae_lambda, rl.clip_eps, rl.value_coef, rl.ppo_epochs, rl.max_grad_norm) == (
         0.9, 0.95, 0.1, 0.5, 4, 0.01)
     assert (rl.temperature, rl.max_new_tokens, rl.thought_prob_coef, rl.kl_coef) == (0.2, 512, 0.5, 0.0)
+    # upstream's rollouts: T 0.2 over the checkpoint's own top_p/top_k and Qwen's 1.05; 128 attempts a step
+    assert (rl.sampling, rl.repetition_penalty, rl.samples_per_step) == ("model", 1.05, 128)
+    assert config.load("llama11b").rl.samples_per_step == 128
+    assert config.load("qwen7b").sft.text_format == "upstream_qwen"  # the authors' data_qwen.py text
 
 
 def test_overrides_in_every_form():

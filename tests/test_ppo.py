@@ -226,6 +226,46 @@ def test_gradient_checkpointing_gives_the_same_update(sft_ready):
         assert rows[1][column] == pytest.approx(rows[0][column], rel=1e-5, abs=1e-7), column
 
 
+def test_samples_per_step_accumulates_across_epochs(sft_ready):
+    """rl.samples_per_step = steps x epochs (upstream's 128 on Qwen): one optimizer step per update on the
+    mean gradient of every pass, so two passes over 4 attempts step exactly as one pass does; the ratio
+    stays 1 and nothing is clipped. The default steps once per epoch, which here moves further."""
+    base = dict(rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8, rl__learning_rate=1e-3,
+                rl__min_learning_rate=1e-3)
+    runs = {}
+    for name, extra in {"one pass": dict(rl__ppo_epochs=1), "accumulated": dict(rl__ppo_epochs=2, rl__samples_per_step=8),
+                        "per epoch": dict(rl__ppo_epochs=2)}.items():
+        out = ppo.train(config.load("tiny", **base, **extra), force=True, micro_batch_size=2, progress=False)
+        model, _ = models.load(config.load("tiny"), checkpoint=out / "checkpoint-1")
+        runs[name] = ({k: v.clone() for k, v in model.state_dict().items()}, pd.read_csv(out / "metrics.csv").iloc[0])
+    start, _ = models.load(config.load("tiny"), checkpoint=sft_ready)
+    moved = lambda name: sum((runs[name][0][k] - v).norm() ** 2 for k, v in start.state_dict().items()) ** 0.5
+    apart = sum((runs["accumulated"][0][k] - v).norm() ** 2 for k, v in runs["one pass"][0].items()) ** 0.5
+    assert apart < 1e-3 * moved("one pass")  # float rounding of the sums, which Adam's first step magnifies
+    assert runs["accumulated"][1]["clip_fraction"] == 0
+    assert moved("per epoch") > 1.3 * moved("accumulated") > 0
+
+
+def test_samples_per_step_must_tile_the_update(sft_ready):
+    cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__samples_per_step=3)
+    with pytest.raises(ValueError, match="rl.samples_per_step=3 must be a multiple of the micro-batch"):
+        ppo.train(cfg, force=True, micro_batch_size=2, progress=False)
+
+
+@pytest.mark.parametrize("sampling", ["temperature", "model"])
+def test_rollouts_sample_as_configured(sft_ready, sampling):
+    """rl.sampling "model" adds the start checkpoint's top_p and top_k at rl.temperature, as upstream's
+    generate(temperature=0.2) inherited them; "temperature" samples at T alone."""
+    from transformers import GenerationConfig
+    gen = GenerationConfig.from_pretrained(sft_ready)
+    gen.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20)
+    gen.save_pretrained(sft_ready)
+    cfg = config.load("tiny", rl__sampling=sampling, rl__repetition_penalty=1.05)
+    trainer = ppo.PPOTrainer(cfg, sft_ready, starts_with_space, envs=2, micro=2)
+    expected = {"top_p": 0.8, "top_k": 20} if sampling == "model" else {"top_p": 1.0, "top_k": 0}
+    assert trainer.generator.sampling == {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.05, **expected}
+
+
 def test_metrics_row_turns_the_sums_of_every_process_into_ratios():
     sums = {"reward": -6.0, "steps": 8, "episodes": 2, "successes": 1, "episode_reward": 4.0,
             "episode_attempts": 6, "policy_loss": 0.8, "value_loss": 4.0, "clipped": 2, "samples": 8,

@@ -126,6 +126,25 @@ def test_full_rank_with_keep_source_is_exactly_the_source():
     assert not torch.equal(restore_directions(W_tgt, W_src, top=7, keep="source", dtype="float64"), W_src)
 
 
+def test_target_sigma_reset_keeps_sigma_until_every_rank_then_is_the_source():
+    """The authors' svd_recover_dir: the target's σ while k < rank, the source whole once k >= rank."""
+    W_tgt, W_src = pair()
+    for top, tail in ((3, 0), (3, 2), (7, 0)):
+        assert torch.equal(restore_directions(W_tgt, W_src, top=top, tail=tail, keep="target-sigma-reset", dtype="float64"),
+                           restore_directions(W_tgt, W_src, top=top, tail=tail, dtype="float64"))
+    for top, tail in ((8, 0), (99, 0), (5, 3)):
+        assert torch.equal(restore_directions(W_tgt, W_src, top=top, tail=tail, keep="target-sigma-reset"), W_src)
+
+
+def test_causal_plans_add_the_authors_top_k_to_every_rank():
+    from paper_lib import config
+
+    plans = restore.causal_plans(config.load("qwen7b"))
+    assert list(plans) == ["every rank", "top 2560", "top 3072", "top 3584"]
+    assert plans["every rank"] == Plan() and plans["top 3072"] == Plan(top=3072, keep="target-sigma-reset")
+    assert list(restore.causal_plans(config.load("smol"))) == ["every rank"]
+
+
 @pytest.mark.parametrize("preset, layers, hidden, first_quarter, top20", [
     ("qwen7b", 28, 3584, (0, 6), 717),  # Qwen2.5-7B: layers 0-6, 717 ranks (PAPER_SPEC 6)
     ("llama11b", 40, 4096, (0, 9), 819),  # Llama-3.2-11B's 40 text layers, hidden 4096

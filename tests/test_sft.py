@@ -134,6 +134,30 @@ def test_prompt_tokens_are_masked_in_a_collated_batch():
         assert answer.endswith("<|im_end|>\n") and answer.removesuffix("<|im_end|>\n") in answers
 
 
+def test_upstream_qwen_text_format_trains_on_the_authors_strings():
+    """sft.text_format upstream_qwen: the authors' Qwen SFT text, Llama-3 headers as plain text and a
+    literal backslash-n, no chat template, no EOS added; the loss on the answer and its "<|eot_id|>\\n"."""
+    cfg = config.load("tiny", **SMALL, sft__text_format="upstream_qwen")
+    with one_thread():
+        trainer = sft.build_trainer(cfg)
+    tok = trainer.processing_class
+    row = data.load(cfg)["sft_train"][0]
+    prompt, answer = row["prompt"][0]["content"], row["completion"][0]["content"]
+    expected = (f"<|start_header_id|>user<|end_header_id|>\\n\\n{prompt}<|eot_id|>\\n"
+                f"<|start_header_id|>assistant<|end_header_id|>\\n\\n")
+    first = trainer.train_dataset[0]  # TRL folds the completion mask into the labels
+    ids, labels = first["input_ids"], first["labels"]
+    start = next(i for i, label in enumerate(labels) if label != -100)
+    assert tok.decode(ids[:start]) == expected and "\n" not in expected.replace(prompt, "")
+    assert tok.decode(ids[start:]) == answer + "<|eot_id|>\\n" and labels[start:] == ids[start:]
+    assert "<|im_start|>" not in tok.decode(ids)
+    batch = next(iter(trainer.get_train_dataloader()))  # the collator turns the mask into labels
+    for ids, labels, attention in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        trained = labels != -100
+        assert tok.decode(ids[trained]).endswith("<|eot_id|>\\n")
+        assert tok.decode(ids[~trained & (attention == 1)]).startswith("<|start_header_id|>user<|end_header_id|>")
+
+
 def test_resumes_after_sigkill(tmp_path):
     cfg = config.load("tiny", **{**SMALL, "data.sft_size": 160, "sft.save_steps": 4})  # 20 steps
     out = artifacts.sft_dir(cfg)
