@@ -1,5 +1,5 @@
 """A plan before a big run: per stage, checkpoints and their disk, GPU memory per device under the chosen
-ZeRO stage, the generations evaluation will run, the free disk under runs/, and the time, where an earlier
+ZeRO stage, the restored checkpoints of 06 and 07, the generations evaluation will run, the free disk under runs/, and the time, where an earlier
 run of the preset here measured it (its manifests record each stage's seconds and device, scaled to this
 plan's steps, batch, updates and checkpoints). No GPU, no network.
 
@@ -146,12 +146,25 @@ def plan(cfg: Config) -> dict:
                     "memory": gpu_memory(params, shape, zr, offr, cfg.rl.num_processes, 1, cfg.rl.max_new_tokens + 512,
                                          cfg.rl.gradient_checkpointing),
                     "zero": (zr, offr), "setting": "rl.save_every"}
+    restored = restored_checkpoints(cfg, shape)
     hands = 2 * cfg.data.test_size  # ID and OOD
     sft_saved = {*range(cfg.sft.save_steps, steps + 1, cfg.sft.save_steps), steps}
-    evaluated = 1 + len(artifacts.evaluated_sft_steps(cfg, sft_saved)) + n_rl  # base, swept SFT, every RL
+    # base, swept SFT, every RL, and every restored checkpoint
+    evaluated = 1 + len(artifacts.evaluated_sft_steps(cfg, sft_saved)) + n_rl + restored
+    restore_disk = restored * checkpoint_bytes(params, saved_bytes(cfg, zs))[0]  # the full-SFT target's dtype
     return {"preset": cfg.preset, "model": cfg.model.name, "params": params, "stages": stages, "sft_steps": steps,
+            "restore": {"checkpoints": restored, "disk": restore_disk},
             "eval": {"checkpoints": evaluated, "hands": hands, "generations": evaluated * hands * cfg.eval.max_attempts},
-            "disk": sum(s["disk"] for s in stages.values())}
+            "disk": sum(s["disk"] for s in stages.values()) + restore_disk}
+
+
+def restored_checkpoints(cfg: Config, shape: Shape) -> int:
+    """Checkpoints notebooks 06 and 07 write and evaluate: every restore variant's layer ranges and top-k
+    ranks (the claim's points included), and the causal test's restores."""
+    from . import restore  # the sweep arithmetic only; a local import keeps torch out of the module's load
+
+    layer_ranges, top_ks = restore.sweeps(cfg, shape.layers, shape.hidden)
+    return len(restore.variants(cfg)) * (len(layer_ranges) + len(top_ks)) + len(restore.causal_plans(cfg))
 
 
 def steady(rows: list) -> list:
@@ -218,6 +231,9 @@ def render(p: dict, free: float, times: dict[str, str] | None = None) -> str:
                      + (f"  WARNING: over {GPU_GB} GB: set {name}.gradient_checkpointing or a smaller per-device batch"
                         if total > GPU_GB * GB else ""))
         lines.append(f"    time: {times.get(name, 'no measurement (no earlier run of this preset here)')}")
+    r = p["restore"]
+    lines.append(f"  restore: {r['checkpoints']} restored checkpoints (06 and 07), {r['disk'] / GB:.3g} GB on disk "
+                 "(set by restore.sources, restore.keeps, restore.top_ks, restore.causal_top_ks)")
     e = p["eval"]
     lines.append(f"  eval: {e['checkpoints']} checkpoints x {e['hands']} hands x up to "
                  f"{e['generations'] // max(e['checkpoints'] * e['hands'], 1)} attempts = up to {e['generations']} generations"
@@ -225,7 +241,8 @@ def render(p: dict, free: float, times: dict[str, str] | None = None) -> str:
     lines.append(f"  total disk: {p['disk'] / GB:.3g} GB; free under runs/: {free / GB:.3g} GB")
     if free < p["disk"]:
         lines.append(f"  WARNING: not enough free disk under runs/ ({free / GB:.3g} < {p['disk'] / GB:.3g} GB): raise "
-                     "sft.save_steps or rl.save_every in the preset, or point PAPER_RUNS_DIR at a larger disk")
+                     "sft.save_steps or rl.save_every, or trim the restore sweeps, in the preset, or point PAPER_RUNS_DIR "
+                     "at a larger disk")
     return "\n".join(lines)
 
 

@@ -61,7 +61,19 @@ def test_plan_counts_the_checkpoints_the_sweep_evaluates():
     cfg = config.load("tiny", **{"data.sft_size": 100, "sft.per_device_batch_size": 10, "sft.save_steps": 3,
                                  "eval.sft_every": 6, "sft.inter_sft_step": 3, "sft.full_sft_step": 10,
                                  "rl.num_updates": 4, "rl.save_every": 2})
-    assert plan.plan(cfg)["eval"]["checkpoints"] == 1 + 3 + 2  # base, SFT 3/6/10, RL 2/4
+    p = plan.plan(cfg)
+    assert p["eval"]["checkpoints"] == 1 + 3 + 2 + p["restore"]["checkpoints"]  # base, SFT 3/6/10, RL 2/4, restores
+
+
+def test_plan_counts_the_restored_checkpoints_and_their_disk():
+    # qwen7b: 4 variants x (layers 0-9, 10-19, 20-27, 0-6 + 7 top-ks and 717) + causal (every rank + 3 top-ks)
+    p = plan.plan(config.load("qwen7b"))
+    assert p["restore"]["checkpoints"] == 4 * (4 + 8) + 4
+    assert p["restore"]["disk"] == 52 * 2 * p["params"]  # bf16, as the full-SFT checkpoint under ZeRO-3
+    assert plan.plan(config.load("qwen7b", restore__sources=["base"], restore__keeps=["target-sigma"],
+                                 restore__causal_top_ks=[]))["restore"]["checkpoints"] == 12 + 1
+    # tiny: 4 variants x (layers 0-0, 1-1 + 8, 13, 32, 64) + causal (every rank + 32)
+    assert plan.plan(config.load("tiny"))["restore"]["checkpoints"] == 4 * 6 + 2
 
 
 def test_checkpoints_are_sized_as_the_stages_save_them(monkeypatch):
@@ -84,7 +96,8 @@ def test_time_is_scaled_from_the_last_run_here(tmp_path, monkeypatch):
     from paper_lib import artifacts
 
     cfg = config.load("tiny", **{"data.sft_size": 200, "data.test_size": 25, "sft.per_device_batch_size": 10,
-                                 "rl.steps_per_update": 16, "rl.num_updates": 10})
+                                 "rl.steps_per_update": 16, "rl.num_updates": 10, "restore.sources": ["base"],
+                                 "restore.keeps": ["target-sigma"], "restore.top_ks": [13], "restore.causal_top_ks": []})
     assert "no measurement" in plan.render(plan.plan(cfg), free=1e12, times=plan.measured_times(cfg, plan.plan(cfg)))
     for d in (artifacts.sft_dir(cfg), artifacts.rl_dir(cfg)):
         d.mkdir(parents=True)
