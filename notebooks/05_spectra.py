@@ -24,8 +24,9 @@
 # SFT and RL curves nearly on top of each other.
 #
 # As in the paper's captions, each stage is measured from the checkpoint it started at: SFT as base → full
-# SFT, RL as full SFT → RL. Base → RL (the two stages together) and base → Inter_SFT are extra tables,
-# clearly labelled, not Figure 3. Tensors stream from the shards one at a time; the decompositions are
+# SFT, RL as full SFT → RL. Base → RL (the two stages together), base → Inter_SFT and Inter_SFT → full
+# SFT (the pair of the authors' angle script, analysis/raw_metrics_angle.py) are extra tables, clearly
+# labelled, not Figure 3. Tensors stream from the shards one at a time; the decompositions are
 # cached for 06_restore.
 
 # %% tags=["parameters"]
@@ -43,11 +44,13 @@ cfg = config.load(preset, **overrides)
 table, named = evaluate.load_results(cfg)  # written by 04_eval
 base, inter, full, rl = named.base, named.inter_sft, named.full_sft, named.rl
 paper_pairs = [(base, full)] + ([(full, rl)] if rl else [])  # Figures 3 and 4
-extra_pairs = [(base, inter)] + ([(base, rl)] if rl else [])
-pairs = list(dict.fromkeys(paper_pairs + extra_pairs))  # Inter_SFT may be the full-SFT checkpoint on a short run
+extra_pairs = [(base, inter), (inter, full)] + ([(base, rl)] if rl else [])
+# Inter_SFT may be the full-SFT checkpoint on a short run: no pair of a checkpoint with itself
+pairs = [pair for pair in dict.fromkeys(paper_pairs + extra_pairs) if pair[0] != pair[1]]
 by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
 checkpoints = {label: by_label[label].path for pair in pairs for label in pair}
-print("Figures 3-4:", ", ".join(f"{a} → {b}" for a, b in paper_pairs), "| extra:", ", ".join(f"{a} → {b}" for a, b in extra_pairs))
+print("Figures 3-4:", ", ".join(f"{a} → {b}" for a, b in paper_pairs),
+      "| extra:", ", ".join(f"{a} → {b}" for a, b in pairs if (a, b) not in paper_pairs))
 spec_table = spectra.run_stage(cfg, checkpoints, pairs, force=force)
 out = artifacts.spectra_dir(cfg)
 
@@ -69,9 +72,10 @@ fig = plots.principal_angle_spectrum(shown, module="up_proj")
 plots.save_figure(fig, "fig4_principal_angles", cfg, notebook="05_spectra", sources=[out]);
 
 # %% [markdown]
-# ## Extra, not Figure 3: base → RL, both stages together
+# ## Extra, not Figure 3: base → RL, both stages together, and the authors' Inter_SFT → full SFT
 # Per module kind, the largest |Δσ| relative to σ₁ and the mean principal angle, for each pair. Base → RL
-# adds SFT's change to RL's, so it is not what the paper's Figure 3 shows for RL.
+# adds SFT's change to RL's, so it is not what the paper's Figure 3 shows for RL. Inter_SFT → full SFT is
+# what the authors' angle script compared (their checkpoint-140 against 1100).
 
 # %%
 summary = (spec_table.groupby(["pair", "module"])
