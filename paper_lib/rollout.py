@@ -24,11 +24,12 @@ class Generation:
 
 def model_sampling(model) -> dict:
     """The sampling settings of a checkpoint's own generation_config (upstream's evaluator used these:
-    Qwen2.5-7B-Instruct samples at T 0.7, top_p 0.8, top_k 20). repetition_penalty is left out: it is
-    always set by the caller."""
+    Qwen2.5-7B-Instruct samples at T 0.7, top_p 0.8, top_k 20). A setting the file leaves out takes
+    transformers 4.x's default, under which upstream ran: T 1, top_p 1, top_k 50 (Llama-3.2-Vision sets
+    no top_k; transformers 5.x would leave it off). repetition_penalty is left out: the caller sets it."""
     gen = model.generation_config
     return {"do_sample": True, "temperature": gen.temperature if gen.temperature is not None else 1.0,
-            "top_p": gen.top_p if gen.top_p is not None else 1.0, "top_k": gen.top_k if gen.top_k is not None else 0}
+            "top_p": gen.top_p if gen.top_p is not None else 1.0, "top_k": gen.top_k if gen.top_k is not None else 50}
 
 
 class Generator:

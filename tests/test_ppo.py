@@ -266,6 +266,20 @@ def test_rollouts_sample_as_configured(sft_ready, sampling):
     assert trainer.generator.sampling == {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.05, **expected}
 
 
+def test_model_sampling_fills_what_a_checkpoint_leaves_out_as_upstreams_transformers_did():
+    """Llama-3.2-Vision's generation_config names T and top_p only; transformers 4.x, which upstream ran,
+    then sampled with top_k 50."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from paper_lib.rollout import model_sampling
+    llama = SimpleNamespace(generation_config=GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9))
+    assert model_sampling(llama) == {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 50}
+    bare = SimpleNamespace(generation_config=GenerationConfig())
+    assert model_sampling(bare) == {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
 def test_metrics_row_turns_the_sums_of_every_process_into_ratios():
     sums = {"reward": -6.0, "steps": 8, "episodes": 2, "successes": 1, "episode_reward": 4.0,
             "episode_attempts": 6, "policy_loss": 0.8, "value_loss": 4.0, "clipped": 2, "samples": 8,
