@@ -296,11 +296,13 @@ def start_episode(hand: Hand, target: int = TARGET) -> Episode:
 
 
 def step_episode(episode: Episode, text: str, target: int = TARGET,
-                 grade: Callable[[Hand, str], Verdict] | None = None) -> Attempt:
+                 grade: Callable[[Hand, str], Verdict] | None = None, partial_credit: str = "arithmetic") -> Attempt:
     """Grade one answer and extend the conversation: the answer, then on failure the feedback turn.
-    `grade(hand, text) -> Verdict` replaces the verifier (RL tests train on an easier reward)."""
+    `grade(hand, text) -> Verdict` replaces the verifier (RL tests train on an easier reward); otherwise
+    verify_formula judges, PARTIAL by `partial_credit`."""
     formula = parse_formula(text)
-    verdict = grade(episode.hand, text) if grade else verify_formula(formula, episode.hand.numbers, target)
+    verdict = (grade(episode.hand, text) if grade
+               else verify_formula(formula, episode.hand.numbers, target, partial_credit))
     attempt = Attempt(text, formula, verdict)
     episode.attempts.append(attempt)
     episode.messages.append({"role": "assistant", "content": text})
@@ -314,9 +316,10 @@ def is_finished(episode: Episode, max_attempts: int = 5) -> bool:
 
 
 def run_episodes(generate: Generate, hands: Iterable[Hand], max_attempts: int = 5,
-                 target: int = TARGET) -> list[Episode]:
+                 target: int = TARGET, partial_credit: str = "arithmetic") -> list[Episode]:
     """Play every hand by the multi-turn protocol, batching all unfinished episodes into each call of
-    `generate(conversations) -> texts` (the conversations end with a user turn)."""
+    `generate(conversations) -> texts` (the conversations end with a user turn). `partial_credit` is the
+    PARTIAL rule of the feedback turns (verify_formula)."""
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
     episodes = [start_episode(h, target) for h in hands]
@@ -328,7 +331,7 @@ def run_episodes(generate: Generate, hands: Iterable[Hand], max_attempts: int = 
         if len(texts) != len(active):
             raise ValueError(f"generate returned {len(texts)} texts for {len(active)} conversations")
         for episode, text in zip(active, texts):
-            step_episode(episode, text, target)
+            step_episode(episode, text, target, partial_credit=partial_credit)
     return episodes
 
 

@@ -143,6 +143,9 @@ class EvalConfig:
     repeats: int = 1
     seed: int = 0
     repetition_penalty: float = 1.0  # set explicitly in both modes, never inherited
+    # The PARTIAL rule of the feedback turns between attempts, as rl.partial_credit (paper_lib/cards.py).
+    # Success counts CORRECT only, but the feedback shapes the next attempt; "upstream" is its evaluator's.
+    partial_credit: Literal["arithmetic", "upstream"] = "arithmetic"
     batch_size: int = 64
     # Which SFT checkpoints the sweep (Figure 1) evaluates: those whose step is a multiple of sft_every
     # (0: every saved one), plus sft.inter_sft_step, sft.full_sft_step and the last. A preset's time budget.

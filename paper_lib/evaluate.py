@@ -60,9 +60,9 @@ def select_sft(cfg: Config, found: list[Checkpoint]) -> list[Checkpoint]:
 
 
 def play_hands(generate: cards.Generate, jobs: list[tuple[str, int, cards.Hand]], max_attempts: int,
-               target: int = cards.TARGET, repeat: int = 0) -> list[dict]:
+               target: int = cards.TARGET, repeat: int = 0, partial_credit: str = "arithmetic") -> list[dict]:
     """Play (rule, index, hand) jobs with `generate`; one record per episode."""
-    episodes = cards.run_episodes(generate, [hand for _, _, hand in jobs], max_attempts, target)
+    episodes = cards.run_episodes(generate, [hand for _, _, hand in jobs], max_attempts, target, partial_credit)
     return [_record(rule, i, e, repeat) for (rule, i, _), e in zip(jobs, episodes)]
 
 
@@ -88,7 +88,8 @@ def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Han
     for repeat in range(cfg.eval.repeats if cfg.eval.decoding == "model" else 1):  # greedy: one pass says all
         set_seed(cfg.eval.seed + repeat)
         with state.split_between_processes(jobs) as mine:
-            records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat)
+            records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat,
+                                  cfg.eval.partial_credit)
             launch.report_processes("eval", state, f"{len(mine)} of {len(jobs)} hands")
     return gather_object(records) if state.num_processes > 1 else records
 

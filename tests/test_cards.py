@@ -329,6 +329,23 @@ def test_partial_credit_is_judged_by_the_arithmetic():
     assert cards.verify_formula("10+10+10-6-", hand).status != "PARTIAL"
 
 
+def test_episodes_give_the_feedback_of_the_chosen_partial_rule():
+    """eval.partial_credit reaches the feedback turns: `(10-6+10+10` is PARTIAL by the arithmetic, and
+    no solution by upstream's solver strings, so the next attempt reads another sentence."""
+    from paper_lib import evaluate
+
+    hand = Hand(("10", "J", "10", "6"), "id")
+    answer = cards.answer_text(hand, "(10-6+10+10")
+    feedback = {}
+    for rule in cards.PARTIAL_CREDIT:
+        generate, calls = scripted(answer, answer)
+        (record,) = evaluate.play_hands(generate, [("id", 0, hand)], max_attempts=2, partial_credit=rule)
+        feedback[rule] = calls[1][0][2]["content"]
+        assert record["transcript"][0]["status"] == {"arithmetic": "PARTIAL", "upstream": "NO_SOLUTION"}[rule]
+    assert feedback["arithmetic"] == "You failed this trial because partial solution."
+    assert feedback["upstream"] != feedback["arithmetic"] and "does not match any solution" in feedback["upstream"]
+
+
 def test_upstream_partial_credit_follows_its_solver_strings():
     hand = [10, 10, 10, 6]
     solutions = cards.upstream_solutions((6, 10, 10, 10))
