@@ -244,12 +244,12 @@ def device_in_use(device: str | None = None) -> str:
     return f"CPU ({cores} cores)"
 
 
-
 def is_leftover(name: str) -> bool:
     """Whether a file or folder name is one this project gives to what is not a finished result: a run
     moved aside (<name>.stale-<time>) or the scratch of an atomic write or build (<name>.tmp-<pid>,
     .<name>.partial, .<name>.partial-<pid>). Readers of a run (benchmarks, the GPU archive) skip them."""
     return ".stale-" in name or ".tmp-" in name or ".partial" in name
+
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:

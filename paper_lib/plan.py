@@ -1,7 +1,7 @@
 """A plan before a big run: per stage, checkpoints and their disk, GPU memory per device under the chosen
-ZeRO stage, the restored checkpoints of 06 and 07, the generations evaluation will run, the free disk under runs/, and the time, where an earlier
-run of the preset here measured it (its manifests record each stage's seconds and device, scaled to this
-plan's steps, batch, updates and checkpoints). No GPU, no network.
+ZeRO stage, the restored checkpoints of 06 and 07, the generations evaluation will run, the free disk
+under runs/, and the time, where an earlier run of the preset here measured it (its manifests record each
+stage's seconds and device, scaled to this plan's steps, batch, updates and checkpoints). No GPU, no network.
 
     python -m paper_lib.plan qwen7b        (what `./run_all.sh qwen7b --dry-run` prints)
 

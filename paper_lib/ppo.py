@@ -123,7 +123,7 @@ class PPOTrainer:
             raise ValueError(f"rl.samples_per_step={self.step_samples} must be a multiple of the micro-batch "
                              f"({micro}, which must divide rl.steps_per_update={self.rl.steps_per_update}) and "
                              f"divide the {per_update} attempts an update trains on (steps_per_update x ppo_epochs)")
-        self.optimizer_steps = per_update // self.step_samples if self.rl.samples_per_step else self.rl.ppo_epochs
+        self.optimizer_steps = per_update // self.step_samples  # ppo_epochs by default
         self.n_micro = math.ceil(self.step_samples / micro)
         self.accelerator = acc = Accelerator(cpu=launch.use_cpu(), gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
         if acc.state.deepspeed_plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm

@@ -21,8 +21,8 @@ What a run leaves in runs/<preset>/sft/ (`artifacts.sft_dir`):
 The loss is on the answer only: TRL's SFTTrainer tokenizes a conversational prompt-completion row as the
 chat-templated prompt (with the generation prompt) followed by the completion, and masks the prompt
 tokens' labels with -100; `sft.text_format: upstream_qwen` tokenizes the authors' Qwen text instead
-(`upstream_qwen_tokens`), masked the same way. A killed run resumes from its newest complete checkpoint (Trainer's
-resume_from_checkpoint: weights, optimizer, scheduler, RNG and data order), and the loss table drops
+(`upstream_qwen_tokens`), masked the same way. A killed run resumes from its newest complete checkpoint
+(Trainer's resume_from_checkpoint: weights, optimizer, scheduler, RNG and data order), and the loss table drops
 the rows logged after that checkpoint, so it continues without duplicates. A finished run whose
 manifest matches (cfg.sft, cfg.data, the base model's identity, this module's code) is not redone;
 `force` redoes it from scratch.
@@ -236,13 +236,14 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
     n_loss = min(cfg.data.loss_set_size, len(splits["id_test"]))
     if model is None:
         model, tokenizer = models.load(cfg, dtype="float32", device=None)
-    if cfg.sft.text_format == "upstream_qwen":  # tokenized here, so TRL neither templates nor adds an EOS
-        def as_text(split):
-            return split.map(lambda row: upstream_qwen_tokens(tokenizer, row["prompt"], row["completion"]),
-                             remove_columns=split.column_names)
-    else:
-        def as_text(split):
+
+    def as_text(split):
+        if cfg.sft.text_format == "chat_template":
             return split.select_columns(columns)
+        # upstream_qwen: tokenized here, so TRL neither templates nor adds an EOS
+        return split.map(lambda row: upstream_qwen_tokens(tokenizer, row["prompt"], row["completion"]),
+                         remove_columns=split.column_names)
+
     eval_sets = {"id_test": as_text(splits["id_test"].select(range(n_loss))), "ood": as_text(splits["ood_loss"])}
     trainer = SFTTrainer(model=model, args=args, train_dataset=as_text(splits["sft_train"]),
                          eval_dataset=eval_sets, processing_class=tokenizer)
