@@ -1,9 +1,9 @@
 """Writing a direction-restored checkpoint: our shard-by-shard writer vs loading both models whole.
 
-    python benchmarks/bench_restore.py [--layers 30] [--top 128] [--threads 1] [--write-docs]
+    python benchmarks/bench_restore.py [--layers 30] [--top 128] [--threads 1] [--vocab 49152] [--write-docs]
 
 Two SmolLM2-135M-shaped checkpoints (LlamaConfig: hidden 576, intermediate 1536, 9 heads, 3 kv heads,
-vocab 49152, tied embeddings; random weights, the target a perturbed copy of the source), saved as
+vocab 49152 unless --vocab, tied embeddings; random weights, the target a perturbed copy of the source), saved as
 safetensors shards of 100 MB. Each method runs in its own subprocess so its peak RSS is its own:
 - ours: paper_lib.restore.write_restored(target, source, out, Plan(top=K));
 - naive: from_pretrained both models, restore_directions on every matrix in memory, save_pretrained.
@@ -23,12 +23,12 @@ from pathlib import Path
 from _common import load_average, machine, write_section
 
 
-def make_checkpoints(work: Path, layers: int) -> tuple[Path, Path]:
+def make_checkpoints(work: Path, layers: int, vocab: int = 49152) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+                      num_key_value_heads=3, vocab_size=vocab, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(work / "source", max_shard_size="100MB")
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--top", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=49152, help="a small one makes a quick run (the embedding is "
+                        "the largest matrix)")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -78,7 +80,7 @@ def main() -> None:
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench_restore_") as tmp:
         work = Path(tmp)
-        target, source = make_checkpoints(work, args.layers)
+        target, source = make_checkpoints(work, args.layers, args.vocab)
         results = {}
         for kind in ("ours", "naive"):
             cmd = [sys.executable, __file__, "--top", str(args.top),
@@ -101,7 +103,8 @@ def main() -> None:
     body = "\n".join([
         "## Writing a restored checkpoint (SmolLM2-135M shape)", "",
         f"`{command}` on {time.strftime('%Y-%m-%d')}; {machine()}; torch {torch.__version__}; "
-        f"{args.layers} layers, top {args.top} ranks of every matrix restored, {args.threads} torch thread(s).", "",
+        f"{args.layers} layers, vocab {args.vocab}, top {args.top} ranks of every matrix restored, "
+        f"{args.threads} torch thread(s).", "",
         table, "",
         f"Largest difference between the two outputs: {agree:.1e}. "
         + (f"Taken under load (load average {load:.1f}); ratios are from one run." if load > 1.0

@@ -12,7 +12,7 @@ Each runs in its own subprocess; wall time is measured around the subprocess (im
 memory is the child's own VmHWM. The result table goes into docs/benchmarks.md (unless --no-docs).
 
     python benchmarks/bench_spectra.py                   # full 30 layers
-    python benchmarks/bench_spectra.py --layers 2        # quick
+    python benchmarks/bench_spectra.py --layers 2 --vocab 2048   # quick
     python benchmarks/bench_spectra.py --base runs/smol/models/base
 """
 from __future__ import annotations
@@ -41,11 +41,11 @@ ANALYSABLE = re.compile(r"(layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_
 LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def smollm2_config(layers: int):
+def smollm2_config(layers: int, vocab: int = 49152):
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                       num_key_value_heads=3, vocab_size=vocab, tie_word_embeddings=True,
                        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
 
 
@@ -82,14 +82,14 @@ def write_sharded(src: Path, dst: Path, transform, keep=lambda name: True, shard
                                                                   "weight_map": weight_map}, indent=1))
 
 
-def make_checkpoints(work: Path, base: str | None, layers: int) -> dict[str, Path]:
+def make_checkpoints(work: Path, base: str | None, layers: int, vocab: int = 49152) -> dict[str, Path]:
     import torch
 
     if base is None:
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(0)
-        LlamaForCausalLM(smollm2_config(layers)).save_pretrained(work / "init")
+        LlamaForCausalLM(smollm2_config(layers, vocab)).save_pretrained(work / "init")
         src = work / "init"
     else:
         src = Path(base)
@@ -251,6 +251,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="a real HF checkpoint (safetensors) instead of the random SmolLM2-shape init")
     parser.add_argument("--layers", type=int, default=30, help="decoder layers to keep (default 30, all)")
+    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of the random init (default 49152, "
+                        "SmolLM2's); a small one makes a quick run, since the embedding is the largest matrix")
     parser.add_argument("--k", type=int, default=768, help="top-k singular vectors for angles (default 768)")
     parser.add_argument("--threads", type=int, help="BLAS/OpenMP threads for both methods (default: the "
                         "libraries' own); 1 is far steadier on a CPU shared with other jobs")
@@ -268,7 +270,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_spectra-"))
     try:
         t0 = time.perf_counter()
-        dirs = make_checkpoints(work, args.base, args.layers)
+        dirs = make_checkpoints(work, args.base, args.layers, args.vocab)
         cfg = json.loads((dirs["base"] / "config.json").read_text())
         print(f"checkpoints written in {time.perf_counter() - t0:.0f} s under {work}", flush=True)
         out = work / "out"
