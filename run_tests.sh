@@ -20,6 +20,9 @@ for nb in notebooks/[0-9][0-9]_*.py; do
 done
 cores="$(nproc 2>/dev/null || echo 1)"
 workers="${PAPER_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
+case "$workers" in
+  ''|*[!0-9]*) echo "run_tests.sh: PAPER_TEST_WORKERS must be a whole number of workers, not '$workers'" >&2; exit 2 ;;
+esac
 if [ "$workers" -gt 1 ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / workers > 0 ? cores / workers : 1 ))}"
   parallel=(-n "$workers" --dist loadfile)
