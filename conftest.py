@@ -21,6 +21,5 @@ if LoadScopeScheduling is not None:
 
     @pytest.hookimpl(optionalhook=True)  # also under `-p no:xdist`, where xdist's hooks are not declared
     def pytest_xdist_make_scheduler(config, log):
-        if config.getoption("dist") in ("load", "loadscope", "loadfile", "loadgroup", "worksteal"):
-            return FilesWithNotebooksTogether(config, log)
-        return None  # "each" runs every test on every worker: xdist's own
+        # every mode that shares the tests out; "each" runs all of them on every worker: xdist's own
+        return None if config.getoption("dist") == "each" else FilesWithNotebooksTogether(config, log)

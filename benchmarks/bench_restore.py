@@ -20,17 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import load_average, machine, write_section
+from _common import SMOLLM2_VOCAB, add_vocab_option, load_average, machine, smollm2_config, write_section
 
 
-def make_checkpoints(work: Path, layers: int, vocab: int = 49152) -> tuple[Path, Path]:
+def make_checkpoints(work: Path, layers: int, vocab: int = SMOLLM2_VOCAB) -> tuple[Path, Path]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=vocab, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(smollm2_config(layers, vocab))
     model.save_pretrained(work / "source", max_shard_size="100MB")
     with torch.no_grad():
         for p in model.parameters():
@@ -67,8 +65,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--top", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vocab", type=int, default=49152, help="a small one makes a quick run (the embedding is "
-                        "the largest matrix)")
+    add_vocab_option(parser)
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DOCS, machine, write_section
+from _common import DOCS, SMOLLM2_VOCAB, add_vocab_option, machine, smollm2_config, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("base", "sft"), ("sft", "rl"), ("base", "rl"), ("base", "inter")]
@@ -39,14 +39,6 @@ PAIRS = [("base", "sft"), ("sft", "rl"), ("base", "rl"), ("base", "inter")]
 PERTURB = {"sft": ("base", 3e-3, 1), "rl": ("sft", 1e-3, 2), "inter": ("base", 1e-3, 3)}
 ANALYSABLE = re.compile(r"(layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj|embed_tokens|lm_head)\.weight$")
 LAYER = re.compile(r"layers\.(\d+)\.")
-
-
-def smollm2_config(layers: int, vocab: int = 49152):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                       num_key_value_heads=3, vocab_size=vocab, tie_word_embeddings=True,
-                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
 
 
 def write_sharded(src: Path, dst: Path, transform, keep=lambda name: True, shard_bytes=200 << 20) -> None:
@@ -82,7 +74,7 @@ def write_sharded(src: Path, dst: Path, transform, keep=lambda name: True, shard
                                                                   "weight_map": weight_map}, indent=1))
 
 
-def make_checkpoints(work: Path, base: str | None, layers: int, vocab: int = 49152) -> dict[str, Path]:
+def make_checkpoints(work: Path, base: str | None, layers: int, vocab: int = SMOLLM2_VOCAB) -> dict[str, Path]:
     import torch
 
     if base is None:
@@ -251,8 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="a real HF checkpoint (safetensors) instead of the random SmolLM2-shape init")
     parser.add_argument("--layers", type=int, default=30, help="decoder layers to keep (default 30, all)")
-    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary of the random init (default 49152, "
-                        "SmolLM2's); a small one makes a quick run, since the embedding is the largest matrix")
+    add_vocab_option(parser)
     parser.add_argument("--k", type=int, default=768, help="top-k singular vectors for angles (default 768)")
     parser.add_argument("--threads", type=int, help="BLAS/OpenMP threads for both methods (default: the "
                         "libraries' own); 1 is far steadier on a CPU shared with other jobs")
