@@ -153,8 +153,8 @@ def test_two_process_sft_resumes_after_sigkill_of_the_group(tmp_path):
     out = artifacts.sft_dir(cfg)
     data.build(cfg)
     sft.manifest_spec(cfg)  # the base model, built before the launch as sft.run does
-    kill_group_when(sft.launch_command(cfg), lambda: (out / "checkpoint-3" / "trainer_state.json").is_file(),
-                    tmp_path / "killed.log")
+    # a complete checkpoint, not a trainer_state.json that exists: the Trainer opens it before it writes it
+    kill_group_when(sft.launch_command(cfg), lambda: bool(sft.checkpoints(cfg)), tmp_path / "killed.log")
     assert_two_processes((tmp_path / "killed.log").read_text(), "sft")
     survived = sft.checkpoints(cfg)
     assert artifacts.read_manifest(out) is None and sft.checkpoint_step(survived[-1]) < 12, "killed mid-run"
