@@ -72,8 +72,8 @@ def test_plan_counts_the_restored_checkpoints_and_their_disk():
     assert p["restore"]["disk"] == 52 * 2 * p["params"]  # bf16, as the full-SFT checkpoint under ZeRO-3
     assert plan.plan(config.load("qwen7b", restore__sources=["base"], restore__keeps=["target-sigma"],
                                  restore__causal_top_ks=[]))["restore"]["checkpoints"] == 12 + 1
-    # tiny: 4 variants x (layers 0-0, 1-1 + 8, 13, 32, 64) + causal (every rank + 32)
-    assert plan.plan(config.load("tiny"))["restore"]["checkpoints"] == 4 * 6 + 2
+    # tiny: 4 variants x (layers 0-0, 1-1 + ranks 13, 32) + causal (every rank + 32)
+    assert plan.plan(config.load("tiny"))["restore"]["checkpoints"] == 4 * 4 + 2
 
 
 def test_checkpoints_are_sized_as_the_stages_save_them(monkeypatch):
