@@ -197,19 +197,23 @@ def test_resumes_after_sigkill(tmp_path):
     assert sorted(table.loc[table.curve == "id_train", "step"]) == list(range(2, 21, 2))
 
 
-def _fake_checkpoint(out, step, complete=True):
+def _fake_checkpoint(out, step, state="complete"):
+    """state: the text of trainer_state.json, None for no such file, or "complete" for a valid one."""
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     (path / "model.safetensors").write_bytes(b"")
-    if complete:
-        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if state is not None:
+        text = json.dumps({"global_step": step}) if state == "complete" else state
+        (path / "trainer_state.json").write_text(text)
 
 
-def test_interrupted_directory_is_trimmed_to_its_last_complete_checkpoint(tmp_path):
+# killed while saving: before trainer_state.json, or after the Trainer opened it and before it wrote
+@pytest.mark.parametrize("killed_state", [None, "", '{"global_step": 6, "log_hist'])
+def test_interrupted_directory_is_trimmed_to_its_last_complete_checkpoint(tmp_path, killed_state):
     out, spec = tmp_path / "sft", {"stage": "sft", "sft": {"learning_rate": 1}}
     _fake_checkpoint(out, 3)
-    _fake_checkpoint(out, 6, complete=False)  # killed while saving
+    _fake_checkpoint(out, 6, state=killed_state)
     (out / artifacts.RUN_SPEC).write_text(json.dumps(spec))
     rows = "".join(f"{s},{c},1.0\n" for s in range(0, 7) for c in ("id_test", "ood"))
     (out / sft.LOSS_TABLE).write_text("step,curve,loss\n" + rows)
