@@ -76,6 +76,15 @@ def restore_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "restore"
 
 
+def trainer_state(checkpoint: Path) -> dict | None:
+    """A Trainer checkpoint's trainer_state.json, or None if it is missing or cut short. The Trainer writes
+    it last, but opens it before it writes it, so a kill at that moment leaves an empty file."""
+    try:
+        return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def numbered_checkpoints(directory: Path) -> dict[int, Path]:
     """{step: path} of the loadable `checkpoint-<step>` directories (config.json and weights present)."""
     found = {}

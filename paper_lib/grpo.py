@@ -57,7 +57,7 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
         save_strategy="steps", save_steps=rl.save_every, logging_steps=1, seed=rl.seed, report_to="none",
         bf16=torch.cuda.is_available() and cfg.model.dtype == "bfloat16")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tokenizer)
-    resumable = [p for p in checkpoints(cfg).values() if (p / "trainer_state.json").is_file()]
+    resumable = [p for p in checkpoints(cfg).values() if artifacts.trainer_state(p) is not None]
     trainer.train(resume_from_checkpoint=str(resumable[-1]) if resumable else None)
     if rl.num_updates not in checkpoints(cfg):
         trainer.save_model(str(out / f"checkpoint-{rl.num_updates}"))

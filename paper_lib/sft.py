@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -88,11 +87,8 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 def _is_complete(path: Path) -> bool:
     """The Trainer writes trainer_state.json last, after the weights and the optimizer state."""
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+    return (artifacts.trainer_state(path) is not None and (path / "config.json").is_file()
+            and any(path.glob("*.safetensors")))
 
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
@@ -320,7 +316,7 @@ def train(cfg: Config, force: bool = False) -> Path:
 
 def _trainer_state(checkpoint: Path | None) -> dict:
     """The trainer state a resumed run starts from (an empty one for a fresh run)."""
-    return json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+    return artifacts.trainer_state(checkpoint) if checkpoint else {}
 
 
 def throughput(before: dict, after: Any, runtime: float) -> dict:
