@@ -486,6 +486,9 @@ def keep_rows(path: str | os.PathLike, column: str, last: int) -> None:
     if not path.is_file():
         return
     with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r[column]) <= last]
-    path.unlink()
-    append_rows(path, rows)
+        reader = csv.DictReader(fh)
+        rows = [r for r in reader if int(r[column]) <= last]
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:  # a kill here leaves the old table whole
+        writer = csv.DictWriter(fh, fieldnames=reader.fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)

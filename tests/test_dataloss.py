@@ -296,3 +296,19 @@ def test_replace_dir_swaps_in_the_finished_directory_and_drops_the_old_one(tmp_p
     artifacts.replace_dir(finished, final)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
     assert [p.name for p in final.iterdir()] == ["model.safetensors"]
+
+
+def test_keep_rows_drops_later_rows_and_a_failed_rewrite_keeps_the_table(tmp_path, monkeypatch):
+    """What a killed run logged after its last checkpoint goes; the rewrite replaces the table in one step."""
+    table = tmp_path / "metrics.csv"
+    artifacts.append_rows(table, [{"update": u, "reward": u / 10} for u in range(1, 6)])
+    artifacts.keep_rows(table, "update", 3)
+    assert table.read_text().splitlines() == ["update,reward", "1,0.1", "2,0.2", "3,0.3"]
+
+    def killed(self, rows):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(artifacts.csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.keep_rows(table, "update", 1)
+    assert table.read_text().splitlines() == ["update,reward", "1,0.1", "2,0.2", "3,0.3"]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
