@@ -471,7 +471,7 @@ def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     path = Path(path)
     if not rows:
         return
-    new = not path.is_file()
+    new = not path.is_file() or path.stat().st_size == 0  # empty: a run killed before its first rows landed
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         if new:
@@ -488,7 +488,10 @@ def keep_rows(path: str | os.PathLike, column: str, last: int) -> None:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         rows = [r for r in reader if int(r[column]) <= last]
+        fields = reader.fieldnames
+    if fields is None:  # an empty table: nothing to drop, and append_rows gives it its header
+        return
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:  # a kill here leaves the old table whole
-        writer = csv.DictWriter(fh, fieldnames=reader.fieldnames)
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -312,3 +312,12 @@ def test_keep_rows_drops_later_rows_and_a_failed_rewrite_keeps_the_table(tmp_pat
         artifacts.keep_rows(table, "update", 1)
     assert table.read_text().splitlines() == ["update,reward", "1,0.1", "2,0.2", "3,0.3"]
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_an_empty_table_left_by_a_kill_is_kept_and_gets_its_header(tmp_path):
+    """open() creates the file before the first rows are flushed, so a kill can leave it empty."""
+    table = tmp_path / "loss_table.csv"
+    table.write_text("")
+    artifacts.keep_rows(table, "step", 3)
+    artifacts.append_rows(table, [{"step": 1, "loss": 0.5}])
+    assert table.read_text().splitlines() == ["step,loss", "1,0.5"]
