@@ -85,12 +85,17 @@ def trainer_state(checkpoint: Path) -> dict | None:
         return None
 
 
+def has_weights(path: Path) -> bool:
+    """A loadable Hugging Face model directory: config.json and safetensors weights."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
 def numbered_checkpoints(directory: Path) -> dict[int, Path]:
     """{step: path} of the loadable `checkpoint-<step>` directories (config.json and weights present)."""
     found = {}
     for path in Path(directory).glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        if step.isdigit() and has_weights(path):
             found[int(step)] = path
     return dict(sorted(found.items()))
 

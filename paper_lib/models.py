@@ -352,10 +352,6 @@ def _offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
 def _unavailable(cfg: Config, reason: str) -> ModelUnavailableError:
     name, preset = cfg.model.name, cfg.preset
     local = f"/path/to/{name.rstrip('/').split('/')[-1]}"
@@ -388,7 +384,7 @@ def _resolve_external(cfg: Config) -> Path:
     cache = _hub_cache_dir()
     try:
         found = Path(snapshot_download(name, cache_dir=cache, local_files_only=True, allow_patterns=_HUB_PATTERNS))
-        if _is_complete(found):
+        if artifacts.has_weights(found):
             return found
         reason = f"the cached snapshot {found} is incomplete (no config.json or *.safetensors)"
     except Exception as err:  # not cached: LocalEntryNotFoundError, or a broken cache
@@ -400,6 +396,6 @@ def _resolve_external(cfg: Config) -> Path:
         found = Path(snapshot_download(name, cache_dir=cache, allow_patterns=_HUB_PATTERNS, etag_timeout=10))
     except Exception as err:
         raise _unavailable(cfg, f"{reason}, and the download failed: {type(err).__name__}: {err}") from err
-    if not _is_complete(found):
+    if not artifacts.has_weights(found):
         raise _unavailable(cfg, f"the downloaded snapshot {found} has no config.json or *.safetensors")
     return found

@@ -87,8 +87,7 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 def _is_complete(path: Path) -> bool:
     """The Trainer writes trainer_state.json last, after the weights and the optimizer state."""
-    return (artifacts.trainer_state(path) is not None and (path / "config.json").is_file()
-            and any(path.glob("*.safetensors")))
+    return artifacts.trainer_state(path) is not None and artifacts.has_weights(path)
 
 
 def _checkpoint_dirs(out: Path) -> list[Path]:
