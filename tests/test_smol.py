@@ -78,14 +78,22 @@ def sft_done(smol):
 
 
 # ------------------------------------------------------------------------ conversion, template, tokens
-def test_gguf_conversion_gives_a_dense_llama_that_knows_things(smol):
+def test_gguf_conversion_gives_a_dense_llama_that_knows_things(in_runs, monkeypatch):
+    smol = in_runs
+    assert smol.base == artifacts.base_model_dir(smol.cfg)
     cfg_json = json.loads((smol.base / "config.json").read_text())
     assert cfg_json["model_type"] == "llama" and "quantization_config" not in cfg_json
     assert (cfg_json["num_hidden_layers"], cfg_json["hidden_size"]) == (30, 576)
+    assert cfg_json["architectures"] == ["LlamaForCausalLM"] and type(smol.model).__name__ == "LlamaForCausalLM"
     manifest = artifacts.read_manifest(smol.base)
     assert manifest["stage"] == "base_model" and manifest["gguf"] == artifacts.file_hash(models.smol_gguf_path())
     assert next(smol.model.parameters()).dtype == torch.float32
     assert smol.model.config._attn_implementation == "sdpa"  # what generation uses on GPU too
+    # converted once: a second call finds the converted model and never rewrites it
+    weights = {p: p.stat().st_mtime_ns for p in smol.base.glob("*.safetensors")}
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted a second time"))
+    assert models.base_model_path(smol.cfg) == smol.base
+    assert weights and {p: p.stat().st_mtime_ns for p in smol.base.glob("*.safetensors")} == weights
     # A wrong dequantization or q/k un-permutation still loads, but no longer knows this.
     generate = Generator(smol.model, smol.tokenizer, max_new_tokens=24)
     answer = generate([[{"role": "user", "content": "What is the capital of France?"}]])[0]
@@ -107,7 +115,8 @@ def test_chat_template_and_special_tokens(smol):
     assert ids[0] == im_start and ids[1] != im_start, "no BOS added in front of the template's own"
     assert tok.decode(ids) == text
     answer = cards.answer_text(hand, "(13-7)*(3+1)")
-    assert tok.decode(tok.encode(answer, add_special_tokens=False)) == answer
+    for text in (prompt, answer):  # the tokenizer gives back the game's text exactly
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     verdict = cards.grade_answer(answer, hand.numbers)
     assert verdict.correct and cards.parse_formula(answer) == "(13-7)*(3+1)"
 
