@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # Reproduce the paper headless: run the numbered notebooks in order for one preset.
 #
-#   ./run_all.sh <preset> [--from NN] [--only NN] [--dry-run]
+#   ./run_all.sh <preset> [--from NN] [--only NN] [--keep-going] [--dry-run]
 #
 # Each notebooks/NN_*.py (jupytext) is executed by papermill with `-p preset <preset>`; the executed
 # copies land in runs/<preset>/notebooks/, figures in figures/<preset>/. Stages skip work whose
 # manifest already matches, so a re-run after an interruption picks up where it stopped.
-# The first failing notebook stops the run with a non-zero exit that names it and its executed copy.
+# The first failing notebook stops the run with a non-zero exit that names it and its executed copy;
+# --keep-going runs the rest too (what does not need the failed one's output still gets made) and
+# names every failure at the end.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$root"
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "run_all: $*" >&2; exit 2; }
 
-preset="" from="" only="" dry_run=0
+preset="" from="" only="" dry_run=0 keep_going=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) [ $# -ge 2 ] || die "--from needs a notebook number"; from="$2"; shift 2 ;;
     --only) [ $# -ge 2 ] || die "--only needs a notebook number"; only="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --keep-going) keep_going=1; shift ;;
     -h|--help) usage; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [ -z "$preset" ] || die "one preset only (got '$preset' and '$1')"; preset="$1"; shift ;;
@@ -63,7 +66,7 @@ py="$(EXTRAS=$extras scripts/ensure_env.sh | tail -n 1)"
 # a bad setting is one line here, before any kernel starts
 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$py" scripts/run_notebook.py --check "$preset" || exit 2
 mkdir -p "$out_dir"
-started=$(date +%s)
+started=$(date +%s) failed=()
 for nb in "${selected[@]}"; do
   name="$(basename "$nb" .py)"
   echo "==> $name (preset $preset)"
@@ -73,9 +76,15 @@ for nb in "${selected[@]}"; do
         "$out_dir/$name.source.ipynb" "$out_dir/$name.ipynb" "$root"; then
     echo "run_all: notebook $name FAILED for preset '$preset'." >&2
     echo "run_all: its executed copy, with the error, is $out_dir/$name.ipynb" >&2
-    exit 1
+    [ "$keep_going" = 1 ] || exit 1
+    failed+=("$name")
   fi
   rm -f "$out_dir/$name.source.ipynb"
 done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "run_all: ${#failed[@]} of ${#selected[@]} notebook(s) FAILED for preset '$preset': ${failed[*]};" \
+       "their executed copies, with the errors, are in $out_dir" >&2
+  exit 1
+fi
 echo "run_all: ${#selected[@]} notebook(s) done for preset '$preset' in $(( $(date +%s) - started ))s;" \
      "executed copies in $out_dir, figures in ${PAPER_FIGURES_DIR:-figures}/$preset/"

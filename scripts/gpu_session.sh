@@ -182,8 +182,9 @@ cmd_drive() {
   date -u +%FT%TZ > "$S/run.start"
   echo "[drive $(date -u +%T)] ./run_all.sh $preset"
   local rc=0
+  # --keep-going: one failing notebook must not cost the session the figures of those that do not need it
   # shellcheck disable=SC2086  # GPU_RUN_ARGS: words for run_all.sh
-  ./run_all.sh "$preset" ${GPU_RUN_ARGS:-} > "$S/run_all.log" 2>&1 || rc=$?
+  ./run_all.sh "$preset" --keep-going ${GPU_RUN_ARGS:-} > "$S/run_all.log" 2>&1 || rc=$?
   echo "$rc" > "$S/run.rc"; date -u +%FT%TZ > "$S/run.end"
   echo "[drive $(date -u +%T)] run_all.sh ended with $rc"
   local bench=0
@@ -191,9 +192,10 @@ cmd_drive() {
   [ "$bench" = 0 ] || echo "[drive $(date -u +%T)] bench_run ended with $bench (bench_run.log)"
   pack final
   local run="$S/runs/$preset" full=""
-  [ "$rc" = 0 ] && full="$("$PY" -c "import sys; from paper_lib import config, sft; print(sft.checkpoint(config.load(sys.argv[1]), 'full_sft'))" "$preset" 2>/dev/null)" || true
+  # the extras need only the full-SFT checkpoint, so they run after a failure elsewhere too
+  full="$("$PY" -c "import sys; from paper_lib import config, sft; print(sft.checkpoint(config.load(sys.argv[1]), 'full_sft'))" "$preset" 2>/dev/null)" || true
   if [ -z "$full" ]; then
-    echo "[drive $(date -u +%T)] no extras (the run failed, or made no SFT checkpoint)"
+    echo "[drive $(date -u +%T)] no extras (the run made no full-SFT checkpoint)"
   else
     extra 75 "spectra of one pair afresh: GPU (both SVD drivers) and CPU" \
       "$PY" benchmarks/bench_run.py --preset "$preset" --write-docs --spectra-pair "$run/models/base" "$full" \

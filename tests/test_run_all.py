@@ -63,6 +63,11 @@ def test_a_failing_notebook_stops_the_run_and_is_named(tmp_path):
     assert again.returncode == 0, again.stderr
     assert marker.read_text() == "ran"
     assert "injected-parameters" in (executed / "03_after.ipynb").read_text()  # papermill's -p preset
+    # --keep-going runs what follows a failure too, and names every failure at the end
+    marker.unlink()
+    going = run("tiny", "--keep-going", env_extra={"PAPER_NOTEBOOKS_DIR": str(nbs), "PAPER_RUNS_DIR": str(runs)})
+    assert going.returncode == 1 and marker.read_text() == "ran"
+    assert "1 of 3 notebook(s) FAILED for preset 'tiny': 02_broken;" in going.stderr
 
 
 def test_a_preset_is_a_name_and_a_config_error_is_one_line(tmp_path):
