@@ -79,23 +79,22 @@ def sft_done(smol):
 
 # ------------------------------------------------------------------------ conversion, template, tokens
 def test_gguf_conversion_gives_a_dense_llama_that_knows_things(in_runs, monkeypatch):
-    smol = in_runs
-    assert smol.base == artifacts.base_model_dir(smol.cfg)
-    cfg_json = json.loads((smol.base / "config.json").read_text())
+    assert in_runs.base == artifacts.base_model_dir(in_runs.cfg)
+    cfg_json = json.loads((in_runs.base / "config.json").read_text())
     assert cfg_json["model_type"] == "llama" and "quantization_config" not in cfg_json
     assert (cfg_json["num_hidden_layers"], cfg_json["hidden_size"]) == (30, 576)
-    assert cfg_json["architectures"] == ["LlamaForCausalLM"] and type(smol.model).__name__ == "LlamaForCausalLM"
-    manifest = artifacts.read_manifest(smol.base)
+    assert cfg_json["architectures"] == ["LlamaForCausalLM"] and type(in_runs.model).__name__ == "LlamaForCausalLM"
+    manifest = artifacts.read_manifest(in_runs.base)
     assert manifest["stage"] == "base_model" and manifest["gguf"] == artifacts.file_hash(models.smol_gguf_path())
-    assert next(smol.model.parameters()).dtype == torch.float32
-    assert smol.model.config._attn_implementation == "sdpa"  # what generation uses on GPU too
+    assert next(in_runs.model.parameters()).dtype == torch.float32
+    assert in_runs.model.config._attn_implementation == "sdpa"  # what generation uses on GPU too
     # converted once: a second call finds the converted model and never rewrites it
-    weights = {p: p.stat().st_mtime_ns for p in smol.base.glob("*.safetensors")}
+    weights = {p: p.stat().st_mtime_ns for p in in_runs.base.glob("*.safetensors")}
     monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted a second time"))
-    assert models.base_model_path(smol.cfg) == smol.base
-    assert weights and {p: p.stat().st_mtime_ns for p in smol.base.glob("*.safetensors")} == weights
+    assert models.base_model_path(in_runs.cfg) == in_runs.base
+    assert weights and {p: p.stat().st_mtime_ns for p in in_runs.base.glob("*.safetensors")} == weights
     # A wrong dequantization or q/k un-permutation still loads, but no longer knows this.
-    generate = Generator(smol.model, smol.tokenizer, max_new_tokens=24)
+    generate = Generator(in_runs.model, in_runs.tokenizer, max_new_tokens=24)
     answer = generate([[{"role": "user", "content": "What is the capital of France?"}]])[0]
     assert "Paris" in answer, answer
 
