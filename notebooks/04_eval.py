@@ -53,7 +53,9 @@ plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", sources=[artifac
 # ## The paper's quantities
 # The drop is Inter_SFT minus full SFT; the relative drop divides it by Inter_SFT (the paper: 48% for
 # Llama, 13% for Qwen); RL's share recovered is (RL − full SFT) / drop. The 95% intervals come from a
-# paired bootstrap over the test hands. How the checkpoints are chosen:
+# paired bootstrap over the test hands. Inter_SFT is the best of `inter_candidates` SFT checkpoints on
+# these very OOD hands, so the OOD drop's intervals are a band over all of them: picking the best of
+# several equal checkpoints does not make a drop. How the checkpoints are chosen:
 
 # %%
 print(evaluate.INTER_SFT_RULE)

@@ -86,6 +86,8 @@ display(summary.style.format("{:.3g}"))
 # %% [markdown]
 # ## Every layer and module
 # Mean principal angle and the largest |Δσ| relative to σ₁, per layer × module, from base to full SFT.
+# A blank angle is a module whose top-k left subspace is the whole space (k ≥ its rows, e.g. k/v_proj
+# at full rank): every angle is 0 there by construction, so the tables say NaN rather than "no rotation".
 
 # %%
 fig = plots.layer_module_heatmap(spec_table[spec_table["pair"] == f"base__{full}"], f"base → {full}")
@@ -122,5 +124,7 @@ else:
 
 # %%
 assert set(spec_table["pair"]) == {f"{a}__{b}" for a, b in pairs}
-assert (spec_table["angle_u_mean_deg"].between(0, 90)).all()
+assert spec_table["angle_u_mean_deg"].dropna().between(0, 90).all()
+assert (spec_table["angle_u_mean_deg"].isna() == (spec_table["k"] >= spec_table["rows"])).all(), \
+    "an angle is undefined exactly where the top k span the whole space"
 print("all checks passed")

@@ -74,7 +74,8 @@ plots.save_figure(fig, "fig6_restore_ranks", cfg, notebook="06_restore", data=ra
 # ## The paper's claim on this preset
 # The share of the OOD success lost between Inter_SFT and full SFT that each restored model recovers,
 # (restored − full SFT) / (Inter_SFT − full SFT), with a 95% paired-bootstrap interval. The claim's rows
-# are the first 25% of the layers and the top 20% of the ranks; it holds where the share is 70–80%.
+# are the first 25% of the layers and the top 20% of the ranks; it holds where the whole interval lies
+# above 70% (the paper's 70–80%, read as a floor).
 # The share is undefined (NaN) where SFT lost nothing.
 
 # %%

@@ -20,7 +20,8 @@
 # 3. σ barely moves while the singular directions rotate: the share of ‖ΔW‖F² that the change of σ alone
 #    accounts for (Mirsky's bound makes it at most 1; a pure rotation gives 0);
 # 4. the rotation concentrates at the top and the bottom of the spectrum;
-# 5. restoring the top 20% of ranks, or the first 25% of layers, recovers 70-80% of the OOD drop;
+# 5. restoring the top 20% of ranks, or the first 25% of layers, recovers 70-80% of the OOD drop (read as
+#    at least 70%);
 # 6. imposing SFT's directions on the RL model lowers OOD success.
 #
 # "inconclusive" means the interval straddles the threshold, or the quantity is undefined (no drop to

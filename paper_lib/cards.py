@@ -69,6 +69,12 @@ _ANSWER = """{{
 
 FEEDBACK_PREFIX = "You failed this trial because "
 
+# Passed to every chat template (SFT text, rollouts, evaluation). Llama-3.x templates write a "Today Date"
+# into their system block, today's by strftime_now unless date_string is given, so a prompt would change
+# with the day a stage ran and cached results would answer another prompt. The date is the templates' own
+# fallback; templates without a date (Qwen, SmolLM2, tiny) ignore it.
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+
 
 # ----------------------------------------------------------------------------------------------- hands
 def _check_rule(rule: str) -> str:

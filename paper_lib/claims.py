@@ -52,8 +52,11 @@ def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
         peak = FAILS  # the best OOD checkpoint is full SFT itself: no early peak
     rows = [_row(1, "OOD", "OOD success peaks early in SFT (Inter_SFT), then falls by full SFT",
                  f"Inter_SFT {named.inter_sft}: {_pct(ood['inter_rate'])}; full SFT {named.full_sft}: "
-                 f"{_pct(ood['full_rate'])}; drop {_pct(ood['drop'], ood['drop_ci_low'], ood['drop_ci_high'])}",
-                 peak, "holds when Inter_SFT precedes full SFT and the drop's interval lies above 0")]
+                 f"{_pct(ood['full_rate'])}; drop {_pct(ood['drop'], ood['drop_ci_low'], ood['drop_ci_high'])}"
+                 + (f" (Inter_SFT the best of {int(ood['inter_candidates'])} SFT checkpoints on these hands)"
+                    if ood["inter_candidates"] > 1 else ""),
+                 peak, "holds when Inter_SFT precedes full SFT and the drop's interval lies above 0; the interval "
+                       "is a bootstrap band over every candidate, so picking the best does not make a drop")]
     if named.rl is None:
         return rows
     share = _verdict(ood["share_ci_low"], ood["share_ci_high"], 0.5) if np.isfinite(ood["share_recovered"]) \
@@ -110,12 +113,21 @@ def sigma_and_rotation(cfg: Config) -> list[dict]:
         rows.append(_row(3, f"{stage}: {before} → {after}", "σ barely moves while the singular directions rotate",
                          f"σ accounts for {med:.1%} of ‖ΔW‖F² (median of {len(share)} matrices, quartiles "
                          f"{q1:.1%}-{q3:.1%}); largest |Δσ|/σ₁ {table['rel_dsigma_absmax'].median():.2g} (median); "
-                         f"mean principal angle {table['angle_u_mean_deg'].mean():.1f}°",
+                         f"mean principal angle {_angle(table)}",
                          (HOLDS if q3 < 0.1 else FAILS if med >= 0.1 else UNSURE) if len(share) else UNSURE,
                          "holds when σ accounts for under 10% of the change in 3 matrices of 4 (upper quartile); "
                          "not when in half of them or more"))
         rows.append(_edge_rotation(stage, before, after, table, arrays))
     return rows
+
+
+def _angle(table: pd.DataFrame) -> str:
+    """The mean principal angle of the top-k left subspaces, over the matrices where it is defined."""
+    defined = table["angle_u_mean_deg"].dropna()
+    if defined.empty:
+        return "undefined (every top-k left subspace is the whole space; lower spectra.k)"
+    return f"{defined.mean():.1f}° (top-k left subspaces, over the {len(defined)} of {len(table)} matrices " \
+           f"where they are not the whole space)"
 
 
 def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arrays: dict) -> dict:
@@ -159,17 +171,16 @@ def restore_recovery(cfg: Config) -> list[dict]:
     rows = []
     for _, r in points.iterrows():
         low, high = r["share_ci_low"], r["share_ci_high"]
-        if not (np.isfinite(low) and np.isfinite(high)) or high - low > 0.5:
-            verdict = UNSURE
-        else:
-            verdict = FAILS if high < 0.7 or low > 0.8 else HOLDS
+        # the paper's "70-80%" read as a floor, as its point is a cheap fix that works: recovering more
+        # is no refutation; the same interval rule as every other claim
+        verdict = _verdict(low, high, 0.7)
         what = "the top 20% of ranks" if r["kind"] == "ranks" else "the first 25% of layers"
         rows.append(_row(5, f"{r['variant']}, {r['kind']} {r['setting']}",
                          f"restoring {what} recovers 70-80% of the OOD success lost in SFT",
                          f"OOD {_pct(r['success_rate'])}; share of the drop recovered "
                          f"{_pct(r['share_recovered'], low, high)}", verdict,
-                         "holds when the share's interval meets 70-80%; does not when it misses it; "
-                         "inconclusive when undefined or wider than 50 points"))
+                         "holds when the share's interval lies above 70% (the paper's 70-80% as a floor); "
+                         "does not when it lies at or below 70%"))
     return rows
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,13 +178,18 @@ def inter_sft(table: pd.DataFrame, up_to: int | None = None) -> str:
     """Label of the Inter_SFT checkpoint: the SFT checkpoint with the best OOD success among steps <= up_to
     (the full-SFT step; all steps when None), earliest on ties. A later checkpoint that wins by noise would
     make the drop negative and the recovered share meaningless."""
+    sft = _sft_ood(table, up_to)
+    if sft.empty:
+        raise ValueError("no SFT checkpoint has been evaluated yet; run 02_sft and 04_eval first")
+    return str(sft.loc[sft["success_rate"].idxmax(), "label"])
+
+
+def _sft_ood(table: pd.DataFrame, up_to: int | None) -> pd.DataFrame:
+    """The OOD rows of the SFT checkpoints at steps <= up_to (all when None), by step: Inter_SFT's candidates."""
     sft = table[(table["stage"] == "sft") & (table["rule"] == "ood")]
     if up_to is not None:
         sft = sft[sft["step"] <= up_to]
-    if sft.empty:
-        raise ValueError("no SFT checkpoint has been evaluated yet; run 02_sft and 04_eval first")
-    sft = sft.sort_values("step", kind="stable")
-    return str(sft.loc[sft["success_rate"].idxmax(), "label"])
+    return sft.sort_values("step", kind="stable")
 
 
 def full_sft(cfg: Config, table: pd.DataFrame) -> str:
@@ -203,14 +209,17 @@ class Named:
     inter_sft: str
     full_sft: str
     rl: str | None
+    # the SFT checkpoints Inter_SFT was picked among, on the same OOD hands: recovery's drop interval allows for it
+    inter_candidates: tuple[str, ...] = ()
 
 
 def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
     """Base, Inter_SFT, full SFT and RL, each chosen by one rule (INTER_SFT_RULE), for every notebook."""
     full = full_sft(cfg, table)
+    up_to = int(table.loc[table["label"] == full, "step"].iloc[0])
     rl = table.loc[table["stage"] == "rl"].sort_values("step")["label"]
-    return Named("base", inter_sft(table, up_to=int(table.loc[table["label"] == full, "step"].iloc[0])), full,
-                 str(rl.iloc[-1]) if len(rl) else None)
+    return Named("base", inter_sft(table, up_to=up_to), full, str(rl.iloc[-1]) if len(rl) else None,
+                 tuple(_sft_ood(table, up_to)["label"].astype(str)))
 
 
 def load_results(cfg: Config) -> tuple[pd.DataFrame, Named]:
@@ -243,11 +252,30 @@ def interval(name: str, samples: np.ndarray) -> dict[str, float]:
     return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}
 
 
+def selection_interval(name: str, chosen: int, points: np.ndarray, samples: np.ndarray) -> dict[str, float]:
+    """{name_ci_low, name_ci_high} for candidate `chosen` when it was picked among all of `points` (one per
+    candidate; `samples`: candidates x draws of the same paired bootstrap) by looking at the same hands. A
+    percentile interval of the picked one alone would forget the picking: among ten equal checkpoints the
+    best beats full SFT "significantly" several times too often. This is a max-type bootstrap band instead,
+    valid for every candidate at once and so for the picked one: each bound moves by the 97.5th percentile
+    of the largest deviation over the candidates (NaN where a candidate's quantity is undefined)."""
+    deviation = samples - points[:, None]
+    deviation = deviation[:, ~np.isnan(deviation).all(0)]
+    if not deviation.size or not np.isfinite(points[chosen]):
+        return {f"{name}_ci_low": float("nan"), f"{name}_ci_high": float("nan")}
+    over = np.percentile(np.nanmax(deviation, axis=0), 97.5)
+    under = np.percentile(np.nanmax(-deviation, axis=0), 97.5)
+    return {f"{name}_ci_low": float(points[chosen] - over), f"{name}_ci_high": float(points[chosen] + under)}
+
+
 def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
-             n_boot: int = 2000, seed: int = 0) -> dict:
+             n_boot: int = 2000, seed: int = 0, selected_from: Sequence[str] = ()) -> dict:
     """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
     RL recovers, (rl - full) / (inter - full), with 95% intervals (`<name>_ci_low`, `<name>_ci_high`) from a
-    paired bootstrap over hands."""
+    paired bootstrap over hands. `selected_from`: the SFT checkpoints Inter_SFT was picked among on these
+    OOD hands (Named.inter_candidates); then the OOD drop and relative drop get selection_interval's band.
+    The share's interval stays conditional on the pick (which tends to overrate the drop, and so to lower
+    the share); on ID hands Inter_SFT was not picked, so no band is needed."""
     a, b = hand_hits(episodes[inter], rule), hand_hits(episodes[full], rule)
     c = hand_hits(episodes[rl], rule) if rl else None
     idx = bootstrap_indices(len(a), n_boot, seed)
@@ -260,6 +288,18 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
               # the paper's "relative OOD drop", (Inter_SFT - full SFT) / Inter_SFT: 48% Llama, 13% Qwen
               "relative_drop": drop / a.mean() if a.mean() > 0 else float("nan"),
               **interval("relative_drop", boot_relative)}
+    pool = [label for label in dict.fromkeys(selected_from) if label != full] if rule == "ood" else []
+    result["inter_candidates"] = len(pool) if inter in pool else 1
+    if inter in pool and len(pool) > 1:
+        rates = np.array([hand_hits(episodes[label], rule).mean() for label in pool])
+        boot_rates = np.stack([hand_hits(episodes[label], rule)[idx].mean(1) for label in pool])
+        drops, boot_drops = rates - b.mean(), boot_rates - b[idx].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(rates > 0, drops / rates, np.nan)
+            boot_relatives = np.where(boot_rates > 0, boot_drops / boot_rates, np.nan)
+        chosen = pool.index(inter)
+        result.update(selection_interval("drop", chosen, drops, boot_drops),
+                      **selection_interval("relative_drop", chosen, relative, boot_relatives))
     if c is not None:
         gain, boot_gain = c.mean() - b.mean(), c[idx].mean(1) - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -273,10 +313,12 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
 def headline(cfg: Config, named: Named) -> pd.DataFrame:
     """The paper's headline quantities per rule (OOD first): Inter_SFT, full SFT and RL success, the drop
     and the relative drop (Inter_SFT - full SFT) / Inter_SFT, and RL's share of the drop recovered, with
-    paired-bootstrap intervals. Written to runs/<preset>/eval/recovery.csv."""
-    labels = {named.inter_sft, named.full_sft, named.rl} - {None}
+    paired-bootstrap intervals (the OOD drop's allowing for Inter_SFT's pick). Written to
+    runs/<preset>/eval/recovery.csv."""
+    labels = {named.inter_sft, named.full_sft, named.rl, *named.inter_candidates} - {None}
     episodes = {label: episodes_table(artifacts.eval_dir(cfg) / label) for label in labels}
-    table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule)
+    table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule,
+                                   selected_from=named.inter_candidates)
                           for rule in ("ood", "id")]).set_index("rule")
     table.to_csv(artifacts.eval_dir(cfg) / "recovery.csv")
     return table

@@ -225,10 +225,18 @@ def principal_angle_spectrum(pairs: dict[str, tuple[pd.DataFrame, dict]], module
     of layer 0's `module`, one curve per pair (the paper: SFT and RL nearly overlap)."""
     style()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    whole = {}  # side -> k, where the top k span the whole space (spectra: the angles are NaN in the table)
     for title, (table, arrays) in pairs.items():
-        a = arrays[_layer0(table, (module,))[module]]
+        name = _layer0(table, (module,))[module]
+        row = table[table["name"] == name].iloc[0]
         for ax, side in zip(axes, ("u", "v")):
-            ax.plot(np.degrees(a[f"angles_{side}"]), label=title)
+            ax.plot(np.degrees(arrays[name][f"angles_{side}"]), label=title)
+            if not np.isfinite(row[f"angle_{side}_mean_deg"]):
+                whole[side] = row["k"]
+    for ax, side in zip(axes, ("u", "v")):
+        if side in whole:
+            ax.text(0.5, 0.5, f"the top {whole[side]} span the whole space:\nevery angle is 0 by construction",
+                    transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
     for ax, side in zip(axes, ("left (U)", "right (V)")):
         ax.set_title(f"layer 0 {module}, {side} singular subspace", fontsize=10)
         ax.set_xlabel("principal angle index")
@@ -239,15 +247,17 @@ def principal_angle_spectrum(pairs: dict[str, tuple[pd.DataFrame, dict]], module
 
 
 def layer_module_heatmap(table: pd.DataFrame, title: str) -> plt.Figure:
-    """Mean principal angle (U side, degrees) and max |Δσ| / σ₁ per layer × module of one pair."""
+    """Mean principal angle (U side, degrees) and max |Δσ| / σ₁ per layer × module of one pair; a blank
+    angle is a module whose top-k left subspace is the whole space (spectra: undefined)."""
     style()
     layers = table[table["layer"] >= 0]
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3.0, 0.28 * layers["layer"].nunique() + 1.5)))
     for ax, (value, label, fmt) in zip(axes, (("angle_u_mean_deg", "mean principal angle (°)", ".0f"),
                                               ("rel_dsigma_absmax", "max |Δσ| / σ₁", ".1e"))):
-        grid = layers.pivot_table(index="layer", columns="module", values=value, aggfunc="mean")
+        grid = layers.pivot_table(index="layer", columns="module", values=value, aggfunc="mean", dropna=False)
         grid = grid[[m for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if m in grid]]
-        sns.heatmap(grid, ax=ax, cmap="viridis", annot=len(grid) <= 12, fmt=fmt, cbar_kws={"label": label})
+        sns.heatmap(grid, ax=ax, cmap="viridis", annot=len(grid) <= 12, fmt=fmt, annot_kws={"fontsize": 7},
+                    cbar_kws={"label": label})
         ax.set_title(label, fontsize=10)
     fig.suptitle(title, y=1.02)
     fig.tight_layout()

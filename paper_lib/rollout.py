@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .cards import Conversation
+from .cards import TEMPLATE_KWARGS, Conversation
 
 
 @dataclass
@@ -54,7 +54,8 @@ class Generator:
         self.calls = 0  # generate() calls so far; one per attempt round of a batch of episodes
 
     def render(self, conversation: Conversation) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False,
+                                                  **TEMPLATE_KWARGS)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, launch, models
+from . import artifacts, cards, launch, models
 from . import data as data_lib
 from .config import Config
 
@@ -233,8 +233,9 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
         model, tokenizer = models.load(cfg, dtype="float32", device=None)
 
     def as_text(split):
-        if cfg.sft.text_format == "chat_template":
-            return split.select_columns(columns)
+        if cfg.sft.text_format == "chat_template":  # TRL passes a row's chat_template_kwargs to the template
+            return split.select_columns(columns).add_column("chat_template_kwargs",
+                                                            [cards.TEMPLATE_KWARGS] * len(split))
         # upstream_qwen: tokenized here, so TRL neither templates nor adds an EOS
         return split.map(lambda row: upstream_qwen_tokens(tokenizer, row["prompt"], row["completion"]),
                          remove_columns=split.column_names)

@@ -200,6 +200,12 @@ def _compare(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, facto
         row[f"{stem}_mean_deg"] = float(deg.mean())
         if name.startswith("angles"):
             row[f"{stem}_max_deg"] = float(deg.max())
+    # Where the top k span the whole space (k >= rows for U, as in k/v_proj at full rank; k >= cols for V)
+    # every principal angle is 0 by construction: undefined, not "no rotation", so the table says NaN and
+    # the means over matrices leave it out. The arrays keep the zeros, as the authors' script computed them.
+    for side, dim in (("u", rows), ("v", cols)):
+        if k >= dim:
+            row[f"angle_{side}_mean_deg"] = row[f"angle_{side}_max_deg"] = float("nan")
     return row, arrays
 
 

@@ -85,6 +85,12 @@ def test_sigma_share_tells_a_rescaling_from_a_rotation():
     assert 0 < mixed < 0.1  # Mirsky: never above 1
 
 
+def test_the_mean_angle_leaves_out_matrices_whose_top_k_is_the_whole_space():
+    table = pd.DataFrame({"angle_u_mean_deg": [10.0, np.nan, 30.0]})  # NaN: spectra's whole-space marker
+    assert claims._angle(table).startswith("20.0° ") and "the 2 of 3 matrices" in claims._angle(table)
+    assert claims._angle(table.assign(angle_u_mean_deg=np.nan)).startswith("undefined")
+
+
 def _rotations(edge_deg: float, bulk_deg: float, matrices: int = 12, k: int = 50):
     rng = np.random.default_rng(1)
     names = [f"m{i}" for i in range(matrices)]
@@ -105,8 +111,9 @@ def test_rotation_at_both_ends_of_the_spectrum_holds_and_a_uniform_one_does_not(
     assert row["verdict"] == claims.UNSURE and "full rank" in row["measured"]
 
 
-@pytest.mark.parametrize("low, high, verdict", [(0.72, 0.79, claims.HOLDS), (0.55, 0.75, claims.HOLDS),
-                                                (0.2, 0.6, claims.FAILS), (0.85, 0.95, claims.FAILS),
+@pytest.mark.parametrize("low, high, verdict", [(0.72, 0.79, claims.HOLDS), (0.55, 0.75, claims.UNSURE),
+                                                (0.2, 0.6, claims.FAILS), (0.85, 0.95, claims.HOLDS),
+                                                (0.25, 0.7, claims.FAILS),
                                                 (-0.5, 1.2, claims.UNSURE), (np.nan, np.nan, claims.UNSURE)])
 def test_restore_claim_rule(run, low, high, verdict):
     path = artifacts.restore_dir(run) / "variants.csv"

@@ -2,6 +2,7 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -123,9 +124,37 @@ def test_inter_sft_is_chosen_up_to_full_sft_only():
     from paper_lib import config
 
     named = evaluate.named_checkpoints(config.load("tiny", sft__full_sft_step=60), table)
-    assert named == evaluate.Named("base", "sft-0020", "sft-0060", "rl-0010")
+    assert named == evaluate.Named("base", "sft-0020", "sft-0060", "rl-0010", ("sft-0020", "sft-0040", "sft-0060"))
     # a full_sft_step that was never saved falls back to the last SFT checkpoint, as PPO's start does
     assert evaluate.named_checkpoints(config.load("tiny", sft__full_sft_step=70), table).full_sft == "sft-0080"
+
+
+def test_the_ood_drop_interval_allows_for_inter_sft_being_picked_on_the_same_hands():
+    """Ten SFT checkpoints and full SFT, all solving each of 234 hands with the same chance: there is no
+    drop, yet the best of the ten beats full SFT by luck. Its interval alone calls the drop real far more
+    often than 2.5% of the time; the band over the candidates does not."""
+    rng = np.random.default_rng(0)
+    naive = adjusted = 0
+    trials = 120
+    for _ in range(trials):
+        ease = rng.normal(size=234)  # hands differ in difficulty, alike for every checkpoint (paired)
+        hits = {f"sft-{s:04d}": _episodes(list((ease + rng.normal(size=234) > 1.3).astype(int)))
+                for s in range(10, 120, 10)}
+        labels = list(hits)
+        full = labels[-1]
+        inter = max(labels, key=lambda label: hits[label]["success"].mean())  # the pick, on the same hands
+        if inter == full:
+            continue
+        plain = evaluate.recovery(hits, inter, full, None, n_boot=400)
+        band = evaluate.recovery(hits, inter, full, None, n_boot=400, selected_from=labels)
+        assert plain["drop"] == band["drop"] and band["inter_candidates"] == 10
+        assert band["drop_ci_low"] <= band["drop"] <= band["drop_ci_high"]
+        naive += plain["drop_ci_low"] > 0
+        adjusted += band["drop_ci_low"] > 0
+    assert naive >= 0.06 * trials and adjusted <= 0.04 * trials, (naive, adjusted)
+    # ID hands did not pick Inter_SFT: no band there
+    ids = {label: frame.assign(rule="id") for label, frame in hits.items()}
+    assert evaluate.recovery(ids, inter, full, None, rule="id", selected_from=labels)["inter_candidates"] == 1
 
 
 def test_relative_drop_arithmetic_on_a_hand_made_table():

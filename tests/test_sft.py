@@ -134,6 +134,30 @@ def test_prompt_tokens_are_masked_in_a_collated_batch():
         assert answer.endswith("<|im_end|>\n") and answer.removesuffix("<|im_end|>\n") in answers
 
 
+# Llama-3.x's date logic: today's date unless the caller passes date_string
+DATED_TEMPLATE = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+                  "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
+                  "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_dated_chat_template_reads_one_fixed_date_in_sft_rollouts_and_evaluation():
+    """SFT text, rollouts and evaluation render the same prompt whatever day each ran (cards.TEMPLATE_KWARGS)."""
+    from paper_lib.rollout import Generator
+
+    cfg = config.load("tiny", **SMALL)
+    model, tok = models.load(cfg, dtype="float32")
+    tok.chat_template = DATED_TEMPLATE
+    today = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert "Today Date: 26 Jul 2024" not in today  # the template alone would take the day it runs
+    with one_thread():
+        trainer = sft.build_trainer(cfg, model=model, tokenizer=tok)
+    trained = tok.decode(trainer.train_dataset[0]["input_ids"])
+    assert "Today Date: 26 Jul 2024" in trained
+    rendered = tok.decode(Generator(model, tok, max_new_tokens=1).render([{"role": "user", "content": "x"}]))
+    assert "Today Date: 26 Jul 2024" in rendered
+
+
 def test_upstream_qwen_text_format_trains_on_the_authors_strings():
     """sft.text_format upstream_qwen: the authors' Qwen SFT text, Llama-3 headers as plain text and a
     literal backslash-n, no chat template, no EOS added; the loss on the answer and its "<|eot_id|>\\n"."""
