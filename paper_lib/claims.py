@@ -133,9 +133,9 @@ def _angle(table: pd.DataFrame) -> str:
 def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arrays: dict) -> dict:
     """Claim 4: the rotation of each singular vector (rot_u, the angle between uᵢ before and after) in the
     top and bottom EDGE of the indices against the bulk between, per matrix, bootstrapped over matrices.
-    Only matrices analysed at full rank (k = rank) have a true bottom of the spectrum."""
+    spectra measures the rotation of every singular vector, so the bottom is the true bottom."""
     edges = []
-    for name in table.loc[table["k"] == table["rank"], "name"]:
+    for name in table["name"]:
         rot = np.degrees(arrays[name]["rot_u"].astype(float))
         n = max(int(round(EDGE * len(rot))), 1)
         if len(rot) < 3 * n:
@@ -145,9 +145,9 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
     case = f"{stage}: {before} → {after}"
     paper = "rotation concentrates on the largest and smallest singular values; the bulk barely turns"
     rule = (f"holds when both the top and the bottom {EDGE:.0%} of indices turn more than the bulk (each "
-            f"interval above 0, bootstrap over matrices analysed at full rank)")
+            f"interval above 0, bootstrap over matrices)")
     if not edges:
-        return _row(4, case, paper, "no matrix analysed at full rank (raise spectra.k)", UNSURE, rule)
+        return _row(4, case, paper, "no matrix has enough singular vectors", UNSURE, rule)
     d = np.array(edges)
     idx = evaluate.bootstrap_indices(len(d))
     boot_top, boot_bottom = d[idx, 0].mean(1), d[idx, 1].mean(1)

@@ -170,12 +170,14 @@ def _compare(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, facto
     """The row of the pair table and the arrays of one matrix, for before=ckb, after=cka."""
     rows, cols = ckb.shapes[key]
     fro_before, fro_delta = _fro_blocks(ckb, cka, key, rows)
-    # V (k×cols) is small; U (rows×k, an embedding's 49152 rows) is streamed in row blocks from both files.
-    (Sb, Vhb), (Sa, Vha) = (_load_sv(factors[ck.label], k, device) for ck in (ckb, cka))
+    # Vᵀ (rank×cols) is small; U (rows×rank, an embedding's 49152 rows) is streamed in row blocks from both files.
+    # Principal angles compare the top-k subspaces (the authors' k); the per-index rotations cover every
+    # singular vector, since claim 4 asks about the bottom of the spectrum too.
+    (Sb, Vhb), (Sa, Vha) = (_load_sv(factors[ck.label], device) for ck in (ckb, cka))
     angles_u, rot_u = _streamed_u_angles(factors[ckb.label], factors[cka.label], k, rows, device)
     arrays = {
         "sigma_before": Sb, "sigma_after": Sa, "angles_u": angles_u,
-        "angles_v": principal_angles(Vhb.mT, Vha.mT, assume_orthonormal=True),
+        "angles_v": principal_angles(Vhb[:k].mT, Vha[:k].mT, assume_orthonormal=True),
         "rot_u": rot_u, "rot_v": rotation_angles(Vhb.mT, Vha.mT),
     }
     arrays = {n: a.double().cpu().numpy() for n, a in arrays.items()}
@@ -250,9 +252,10 @@ def _fro_blocks(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, ro
     return before**0.5, delta**0.5
 
 
-def _load_sv(path: Path, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_sv(path: Path, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ and the whole Vᵀ (rank × cols, small beside U) of a factor file."""
     with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("S").clone().to(device), f.get_slice("Vh")[:k].clone().to(device)
+        return f.get_tensor("S").clone().to(device), f.get_tensor("Vh").clone().to(device)
 
 
 def _read_ut_block(path: Path, k: int, a: int, b: int) -> torch.Tensor:
@@ -273,20 +276,25 @@ def _read_ut_block(path: Path, k: int, a: int, b: int) -> torch.Tensor:
 
 def _streamed_u_angles(path_b: Path, path_a: Path, k: int, rows: int, device: torch.device,
                        block: int = weights.BLOCK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """principal_angles(Ub, Ua) and rotation_angles(Ub, Ua) of the top-k left singular vectors of two factor
-    files, reading row blocks of U (columns of the stored Uᵀ) so that neither U is ever whole in memory.
+    """principal_angles(Ub, Ua) of the top-k left singular vectors of two factor files and rotation_angles
+    (Ub, Ua) of all of them, reading row blocks of U (columns of the stored Uᵀ) so that neither U is ever
+    whole in memory.
 
-    Pass 1 sums M = UbᵀUa and, per column, ⟨ub, ua⟩, ‖ub − ua‖² and ‖ub + ua‖²; pass 2 stacks the R factors
-    of the blocks of Ua − Ub M (TSQR, as _residual_svdvals).
+    Pass 1 sums M = UbᵀUa over the top k and, per column, ⟨ub, ua⟩, ‖ub − ua‖² and ‖ub + ua‖²; pass 2
+    stacks the R factors of the blocks of Ua − Ub M (TSQR, as _residual_svdvals).
     """
-    def blocks():
+    with safe_open(str(path_b), framework="pt") as f:
+        rank = f.get_slice("Ut").get_shape()[0]
+
+    def blocks(width):
         for a in range(0, rows, block):
             b = min(a + block, rows)
-            yield _read_ut_block(path_b, k, a, b).mT.to(device), _read_ut_block(path_a, k, a, b).mT.to(device)
+            yield (_read_ut_block(path_b, width, a, b).mT.to(device),
+                   _read_ut_block(path_a, width, a, b).mT.to(device))
 
     M = dot = minus = plus = 0
-    for ub, ua in blocks():
-        M = M + ub.mT @ ua
+    for ub, ua in blocks(rank):
+        M = M + ub[:, :k].mT @ ua[:, :k]
         dot = dot + (ub * ua).sum(0)
         minus, plus = minus + (ub - ua).square().sum(0), plus + (ub + ua).square().sum(0)
     # the sign of ⟨ub, ua⟩ flips ua (rotation_angles): then ‖ub − s·ua‖ and ‖ub + s·ua‖ swap
@@ -295,7 +303,7 @@ def _streamed_u_angles(path_b: Path, path_a: Path, k: int, rows: int, device: to
     if k >= rows:  # U spans the whole space: every principal angle is 0
         return M.new_zeros(k), rot
     R = None
-    for ub, ua in blocks():
+    for ub, ua in blocks(k):
         part = torch.addmm(ua, ub, M, alpha=-1)
         R = torch.linalg.qr(part if R is None else torch.cat([R, part]), mode="r").R
     return _combine_angles(torch.linalg.svdvals(M).clamp(max=1.0), torch.linalg.svdvals(R)), rot
@@ -317,7 +325,8 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
                   progress: bool = True, svd_driver: str | None = None) -> pd.DataFrame:
     """Compare every (before, after) pair of labelled checkpoints, matrix by matrix; return the tidy table.
 
-    k: top-k singular vectors for the principal and rotation angles (min(k, rank) is used per matrix).
+    k: top-k singular vectors for the principal angles (min(k, rank) is used per matrix); the per-index
+    rotation angles (rot_u, rot_v) cover every singular vector.
     names: None (every analysable weight), a list of tensor names, or a regex over names.
     Writes, under out_dir, `<before>__<after>.parquet` (one row per matrix), `<before>__<after>_arrays.npz`
     (`<name>/<array>` for the arrays in ARRAYS, angles in radians) and, where embed_tokens and lm_head
@@ -356,7 +365,7 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
                 else:
                     U, S, Vh = weights.decompose_streamed(ck, key, dtype, device, svd_driver)
                     factors[label] = Path(scratch) / f"{label}.{key}.safetensors"
-                    weights.save_factors(factors[label], U[:, :k_eff], S, Vh[:k_eff])
+                    weights.save_factors(factors[label], U, S, Vh)  # whole: rotations cover every index
                     del U, S, Vh
             for before, after in pairs:
                 row, arr = _compare(ckpts[before], ckpts[after], key, factors, k_eff, device)

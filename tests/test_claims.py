@@ -106,9 +106,11 @@ def _rotations(edge_deg: float, bulk_deg: float, matrices: int = 12, k: int = 50
 def test_rotation_at_both_ends_of_the_spectrum_holds_and_a_uniform_one_does_not():
     assert claims._edge_rotation("SFT", "a", "b", *_rotations(30, 5))["verdict"] == claims.HOLDS
     assert claims._edge_rotation("SFT", "a", "b", *_rotations(5, 30))["verdict"] == claims.FAILS
-    table, arrays = _rotations(30, 5)
-    row = claims._edge_rotation("SFT", "a", "b", table.assign(k=10), arrays)  # top-k only: no bottom
-    assert row["verdict"] == claims.UNSURE and "full rank" in row["measured"]
+    table, arrays = _rotations(30, 5)  # the principal angles' k does not limit the rotations (every index)
+    assert claims._edge_rotation("SFT", "a", "b", table.assign(k=10), arrays)["verdict"] == claims.HOLDS
+    table, arrays = _rotations(30, 5, k=2)  # two singular vectors: no top, bulk and bottom to tell apart
+    row = claims._edge_rotation("SFT", "a", "b", table, arrays)
+    assert row["verdict"] == claims.UNSURE and "enough singular vectors" in row["measured"]
 
 
 @pytest.mark.parametrize("low, high, verdict", [(0.72, 0.79, claims.HOLDS), (0.55, 0.75, claims.UNSURE),

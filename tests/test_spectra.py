@@ -104,7 +104,11 @@ def test_right_rotation_keeps_sigma_and_rotates_right_vectors_only(tmp_path):
     _, arrays = load_pair(tmp_path / "out", "w", "wr")
     assert table.loc[0, "dsigma_absmax"] < 1e-12 and table.loc[0, "angle_u_max_deg"] < 1e-8
     np.testing.assert_allclose(arrays[name]["angles_v"], expected.numpy(), atol=1e-10)
-    np.testing.assert_allclose(arrays[name]["rot_v"], rot.numpy(), atol=1e-10)
+    # the rotations cover every index: v_1 and v_n turn by φ, the rest not at all
+    full = torch.zeros(24, dtype=torch.float64)
+    full[0] = full[-1] = phi
+    np.testing.assert_allclose(arrays[name]["rot_v"], full.numpy(), atol=1e-10)
+    np.testing.assert_allclose(arrays[name]["rot_v"][:k], rot.numpy(), atol=1e-10)
     np.testing.assert_allclose(table.loc[0, "fro_delta"], torch.linalg.matrix_norm(W @ R - W).item(), rtol=1e-12)
 
 
@@ -178,7 +182,8 @@ def test_streaming_equals_in_memory(qwen_pair, tmp_path):
         np.testing.assert_allclose(row.dsigma_absmax, (Sa - Sb).abs().max().item(), rtol=1e-9)
         np.testing.assert_allclose(got["angles_u"], principal_angles(Ub[:, :kk], Ua[:, :kk]).numpy(), atol=1e-10)
         np.testing.assert_allclose(got["angles_v"], principal_angles(Vhb[:kk].T, Vha[:kk].T).numpy(), atol=1e-10)
-        np.testing.assert_allclose(got["rot_u"], rotation_angles(Ub[:, :kk], Ua[:, :kk]).numpy(), atol=1e-9)
+        np.testing.assert_allclose(got["rot_u"], rotation_angles(Ub, Ua).numpy(), atol=1e-9)  # every index
+        np.testing.assert_allclose(got["rot_v"], rotation_angles(Vhb.T, Vha.T).numpy(), atol=1e-9)
         for side, dim in (("u", row.rows), ("v", row.cols)):
             mean = getattr(row, f"angle_{side}_mean_deg")
             if kk < dim:
@@ -427,7 +432,7 @@ def test_streamed_u_angles_match_in_memory(tmp_path):
     for k in (20, 7):
         angles, rot = spectra._streamed_u_angles(pb, pa, k, 3000, torch.device("cpu"), block=256)
         torch.testing.assert_close(angles, principal_angles(Ub[:, :k], Ua[:, :k]), atol=1e-12, rtol=0)
-        torch.testing.assert_close(rot, rotation_angles(Ub[:, :k], Ua[:, :k]), atol=1e-12, rtol=0)
+        torch.testing.assert_close(rot, rotation_angles(Ub, Ua), atol=1e-12, rtol=0)  # every index, any k
 
 
 def test_analyze_pairs_float32_tall_embedding_matches_float64(tmp_path):
@@ -446,7 +451,7 @@ def test_analyze_pairs_float32_tall_embedding_matches_float64(tmp_path):
     Ua, Sa, Vha = torch.linalg.svd(Wrf, full_matrices=False)
     np.testing.assert_allclose(arrays[name]["sigma_before"], Sb.numpy(), atol=1e-6 * Sb[0].item())
     np.testing.assert_allclose(arrays[name]["angles_u"], principal_angles(Ub[:, :16], Ua[:, :16]).numpy(), atol=1e-5)
-    np.testing.assert_allclose(arrays[name]["rot_u"], rotation_angles(Ub[:, :16], Ua[:, :16]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(arrays[name]["rot_u"], rotation_angles(Ub, Ua).numpy(), atol=1e-4)
     np.testing.assert_allclose(table.loc[0, "fro_delta"], torch.linalg.matrix_norm(Wrf - Wf).item(), rtol=1e-10)
 
 
