@@ -90,15 +90,20 @@ def sigma_share(table: pd.DataFrame, arrays: dict) -> pd.Series:
 
 def spectra_by_module(cfg: Config) -> pd.DataFrame:
     """Claim 3 per module kind and stage: the median σ share of the change (sigma_share), the median largest
-    |Δσ| relative to σ₁, and the mean principal angle of the top-k left singular subspaces."""
+    |Δσ| relative to σ₁, and the mean principal angle of the top-k left singular subspaces, over the
+    matrices that changed (`changed` of `matrices`)."""
     out = artifacts.spectra_dir(cfg)
     frames = []
     for stage, before, after in _paper_pairs(cfg):
         table, arrays = spectra.load_pair(out, before, after)
-        frames.append(table.assign(stage=stage, sigma_share=sigma_share(table, arrays)))
+        changed = table["fro_delta"] > 0  # an untrained matrix (Llama's cross-attention) tells nothing
+        frames.append(table.assign(stage=stage, sigma_share=sigma_share(table, arrays),
+                                   rel_dsigma_absmax=table["rel_dsigma_absmax"].where(changed),
+                                   angle_u_mean_deg=table["angle_u_mean_deg"].where(changed)))
     both = pd.concat(frames)
     return (both.groupby(["stage", "module"], sort=False)
-            .agg(matrices=("name", "size"), sigma_share=("sigma_share", "median"),
+            .agg(matrices=("name", "size"), changed=("fro_delta", lambda d: int((d > 0).sum())),
+                 sigma_share=("sigma_share", "median"),
                  rel_dsigma_absmax=("rel_dsigma_absmax", "median"), angle_u_mean_deg=("angle_u_mean_deg", "mean"))
             .reset_index())
 
@@ -112,7 +117,8 @@ def sigma_and_rotation(cfg: Config) -> list[dict]:
         q1, med, q3 = share.quantile([0.25, 0.5, 0.75]) if len(share) else (np.nan,) * 3
         rows.append(_row(3, f"{stage}: {before} → {after}", "σ barely moves while the singular directions rotate",
                          f"σ accounts for {med:.1%} of ‖ΔW‖F² (median of {len(share)} matrices, quartiles "
-                         f"{q1:.1%}-{q3:.1%}); largest |Δσ|/σ₁ {table['rel_dsigma_absmax'].median():.2g} (median); "
+                         f"{q1:.1%}-{q3:.1%}); largest |Δσ|/σ₁ "
+                         f"{table.loc[table['fro_delta'] > 0, 'rel_dsigma_absmax'].median():.2g} (median); "
                          f"mean principal angle {_angle(table)}",
                          (HOLDS if q3 < 0.1 else FAILS if med >= 0.1 else UNSURE) if len(share) else UNSURE,
                          "holds when σ accounts for under 10% of the change in 3 matrices of 4 (upper quartile); "
@@ -122,12 +128,13 @@ def sigma_and_rotation(cfg: Config) -> list[dict]:
 
 
 def _angle(table: pd.DataFrame) -> str:
-    """The mean principal angle of the top-k left subspaces, over the matrices where it is defined."""
-    defined = table["angle_u_mean_deg"].dropna()
+    """The mean principal angle of the top-k left subspaces, over the matrices that changed (Llama's
+    cross-attention does not train on text) and where it is defined (not the whole space)."""
+    defined = table.loc[table["fro_delta"] > 0, "angle_u_mean_deg"].dropna()
     if defined.empty:
-        return "undefined (every top-k left subspace is the whole space; lower spectra.k)"
+        return "undefined (no changed matrix has a top-k left subspace short of the whole space)"
     return f"{defined.mean():.1f}° (top-k left subspaces, over the {len(defined)} of {len(table)} matrices " \
-           f"where they are not the whole space)"
+           f"that changed and where they are not the whole space)"
 
 
 def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arrays: dict) -> dict:
@@ -135,7 +142,7 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
     top and bottom EDGE of the indices against the bulk between, per matrix, bootstrapped over matrices.
     spectra measures the rotation of every singular vector, so the bottom is the true bottom."""
     edges = []
-    for name in table["name"]:
+    for name in table.loc[table["fro_delta"] > 0, "name"]:  # an untrained matrix does not turn at all
         rot = np.degrees(arrays[name]["rot_u"].astype(float))
         n = max(int(round(EDGE * len(rot))), 1)
         if len(rot) < 3 * n:
@@ -147,7 +154,7 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
     rule = (f"holds when both the top and the bottom {EDGE:.0%} of indices turn more than the bulk (each "
             f"interval above 0, bootstrap over matrices)")
     if not edges:
-        return _row(4, case, paper, "no matrix has enough singular vectors", UNSURE, rule)
+        return _row(4, case, paper, "no changed matrix has enough singular vectors", UNSURE, rule)
     d = np.array(edges)
     idx = evaluate.bootstrap_indices(len(d))
     boot_top, boot_bottom = d[idx, 0].mean(1), d[idx, 1].mean(1)

@@ -86,8 +86,9 @@ def test_sigma_share_tells_a_rescaling_from_a_rotation():
 
 
 def test_the_mean_angle_leaves_out_matrices_whose_top_k_is_the_whole_space():
-    table = pd.DataFrame({"angle_u_mean_deg": [10.0, np.nan, 30.0]})  # NaN: spectra's whole-space marker
-    assert claims._angle(table).startswith("20.0° ") and "the 2 of 3 matrices" in claims._angle(table)
+    # NaN: spectra's whole-space marker; the last matrix did not change (Llama's cross-attention)
+    table = pd.DataFrame({"angle_u_mean_deg": [10.0, np.nan, 30.0, 0.0], "fro_delta": [1.0, 1.0, 1.0, 0.0]})
+    assert claims._angle(table).startswith("20.0° ") and "the 2 of 4 matrices" in claims._angle(table)
     assert claims._angle(table.assign(angle_u_mean_deg=np.nan)).startswith("undefined")
 
 
@@ -100,7 +101,7 @@ def _rotations(edge_deg: float, bulk_deg: float, matrices: int = 12, k: int = 50
         rot[:5] += edge_deg - bulk_deg
         rot[-5:] += edge_deg - bulk_deg
         arrays[name] = {"rot_u": np.radians(rot)}
-    return pd.DataFrame({"name": names, "k": k, "rank": k}), arrays
+    return pd.DataFrame({"name": names, "k": k, "rank": k, "fro_delta": 1.0}), arrays
 
 
 def test_rotation_at_both_ends_of_the_spectrum_holds_and_a_uniform_one_does_not():
@@ -108,6 +109,8 @@ def test_rotation_at_both_ends_of_the_spectrum_holds_and_a_uniform_one_does_not(
     assert claims._edge_rotation("SFT", "a", "b", *_rotations(5, 30))["verdict"] == claims.FAILS
     table, arrays = _rotations(30, 5)  # the principal angles' k does not limit the rotations (every index)
     assert claims._edge_rotation("SFT", "a", "b", table.assign(k=10), arrays)["verdict"] == claims.HOLDS
+    frozen = table.assign(fro_delta=0.0)  # matrices that did not train are no evidence either way
+    assert "enough singular vectors" in claims._edge_rotation("SFT", "a", "b", frozen, arrays)["measured"]
     table, arrays = _rotations(30, 5, k=2)  # two singular vectors: no top, bulk and bottom to tell apart
     row = claims._edge_rotation("SFT", "a", "b", table, arrays)
     assert row["verdict"] == claims.UNSURE and "enough singular vectors" in row["measured"]
