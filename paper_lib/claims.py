@@ -88,6 +88,12 @@ def sigma_share(table: pd.DataFrame, arrays: dict) -> pd.Series:
     return pd.Series(shares, index=table.index, name="sigma_share")
 
 
+def _changed(table: pd.DataFrame) -> pd.Series:
+    """The matrices that training changed: an untrained one (Llama's cross-attention, on text) neither
+    turns nor rescales, and would add zeros to claims 3 and 4."""
+    return table["fro_delta"] > 0
+
+
 def spectra_by_module(cfg: Config) -> pd.DataFrame:
     """Claim 3 per module kind and stage: the median σ share of the change (sigma_share), the median largest
     |Δσ| relative to σ₁, and the mean principal angle of the top-k left singular subspaces, over the
@@ -96,13 +102,13 @@ def spectra_by_module(cfg: Config) -> pd.DataFrame:
     frames = []
     for stage, before, after in _paper_pairs(cfg):
         table, arrays = spectra.load_pair(out, before, after)
-        changed = table["fro_delta"] > 0  # an untrained matrix (Llama's cross-attention) tells nothing
-        frames.append(table.assign(stage=stage, sigma_share=sigma_share(table, arrays),
+        changed = _changed(table)
+        frames.append(table.assign(stage=stage, changed=changed, sigma_share=sigma_share(table, arrays),
                                    rel_dsigma_absmax=table["rel_dsigma_absmax"].where(changed),
                                    angle_u_mean_deg=table["angle_u_mean_deg"].where(changed)))
     both = pd.concat(frames)
     return (both.groupby(["stage", "module"], sort=False)
-            .agg(matrices=("name", "size"), changed=("fro_delta", lambda d: int((d > 0).sum())),
+            .agg(matrices=("name", "size"), changed=("changed", "sum"),
                  sigma_share=("sigma_share", "median"),
                  rel_dsigma_absmax=("rel_dsigma_absmax", "median"), angle_u_mean_deg=("angle_u_mean_deg", "mean"))
             .reset_index())
@@ -118,7 +124,7 @@ def sigma_and_rotation(cfg: Config) -> list[dict]:
         rows.append(_row(3, f"{stage}: {before} → {after}", "σ barely moves while the singular directions rotate",
                          f"σ accounts for {med:.1%} of ‖ΔW‖F² (median of {len(share)} matrices, quartiles "
                          f"{q1:.1%}-{q3:.1%}); largest |Δσ|/σ₁ "
-                         f"{table.loc[table['fro_delta'] > 0, 'rel_dsigma_absmax'].median():.2g} (median); "
+                         f"{table.loc[_changed(table), 'rel_dsigma_absmax'].median():.2g} (median); "
                          f"mean principal angle {_angle(table)}",
                          (HOLDS if q3 < 0.1 else FAILS if med >= 0.1 else UNSURE) if len(share) else UNSURE,
                          "holds when σ accounts for under 10% of the change in 3 matrices of 4 (upper quartile); "
@@ -130,7 +136,7 @@ def sigma_and_rotation(cfg: Config) -> list[dict]:
 def _angle(table: pd.DataFrame) -> str:
     """The mean principal angle of the top-k left subspaces, over the matrices that changed (Llama's
     cross-attention does not train on text) and where it is defined (not the whole space)."""
-    defined = table.loc[table["fro_delta"] > 0, "angle_u_mean_deg"].dropna()
+    defined = table.loc[_changed(table), "angle_u_mean_deg"].dropna()
     if defined.empty:
         return "undefined (no changed matrix has a top-k left subspace short of the whole space)"
     return f"{defined.mean():.1f}° (top-k left subspaces, over the {len(defined)} of {len(table)} matrices " \
@@ -142,7 +148,7 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
     top and bottom EDGE of the indices against the bulk between, per matrix, bootstrapped over matrices.
     spectra measures the rotation of every singular vector, so the bottom is the true bottom."""
     edges = []
-    for name in table.loc[table["fro_delta"] > 0, "name"]:  # an untrained matrix does not turn at all
+    for name in table.loc[_changed(table), "name"]:
         rot = np.degrees(arrays[name]["rot_u"].astype(float))
         n = max(int(round(EDGE * len(rot))), 1)
         if len(rot) < 3 * n:

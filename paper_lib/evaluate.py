@@ -291,8 +291,8 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
     pool = [label for label in dict.fromkeys(selected_from) if label != full] if rule == "ood" else []
     result["inter_candidates"] = len(pool) if inter in pool else 1
     if inter in pool and len(pool) > 1:
-        rates = np.array([hand_hits(episodes[label], rule).mean() for label in pool])
-        boot_rates = np.stack([hand_hits(episodes[label], rule)[idx].mean(1) for label in pool])
+        hits = [hand_hits(episodes[label], rule) for label in pool]
+        rates, boot_rates = np.array([h.mean() for h in hits]), np.stack([h[idx].mean(1) for h in hits])
         drops, boot_drops = rates - b.mean(), boot_rates - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(rates > 0, drops / rates, np.nan)
