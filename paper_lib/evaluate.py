@@ -1,7 +1,8 @@
 """Success rates of checkpoints on the ID and OOD test sets by the multi-turn protocol (PAPER_SPEC 2.5-2.6).
 
 Each checkpoint is evaluated once and cached under runs/<preset>/eval/<label>/ (per-episode records +
-manifest), so a sweep after new checkpoints appear evaluates only those. With several processes
+manifest), so a sweep after new checkpoints appear evaluates only those; one given with --checkpoint goes
+under eval/own/<label>/, with its table in eval/own/<label>.parquet. With several processes
 (`accelerate launch -m paper_lib.evaluate --preset P`) the hands are split across them.
 
     python -m paper_lib.evaluate --preset tiny                 # sweep base, SFT and RL checkpoints
@@ -30,6 +31,7 @@ from .config import Config
 
 log = logging.getLogger(__name__)
 RULE_SPLITS = {"id": "id_test", "ood": "ood_test"}
+OWN_STAGE = "other"  # a checkpoint given on the command line, not one the pipeline made
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -108,7 +110,7 @@ def _record(rule: str, index: int, episode: cards.Episode, repeat: int = 0) -> d
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False) -> pd.DataFrame:
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
-    out = artifacts.eval_dir(cfg) / artifacts.safe_name(checkpoint.label)
+    out = episodes_dir(cfg, checkpoint)
     artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
     spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": artifacts.fingerprint(checkpoint.path),
             "data_stage": artifacts.stage_key(data.build(cfg)),
@@ -132,6 +134,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
                                      attempts=sum(r["attempts"] for r in records))
     state.wait_for_everyone()
     return episodes_table(out)
+
+
+def episodes_dir(cfg: Config, checkpoint: Checkpoint) -> Path:
+    """Where a checkpoint's episodes are cached: eval/<label> for the pipeline's own, eval/own/<label> for
+    one evaluated from the command line (stage "other"), so that no label a user picks can replace a
+    result the notebooks read."""
+    own = ("own",) if checkpoint.stage == OWN_STAGE else ()
+    return artifacts.eval_dir(cfg).joinpath(*own, artifacts.safe_name(checkpoint.label))
 
 
 def episodes_table(out: Path) -> pd.DataFrame:
@@ -165,7 +175,9 @@ def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None
     for checkpoint in checkpoints:
         rows += summarize(checkpoint, evaluate_checkpoint(cfg, checkpoint, force=force))
     table = pd.DataFrame(rows)
-    table.to_parquet(artifacts.eval_dir(cfg) / f"{table_name}.parquet", index=False)
+    path = artifacts.eval_dir(cfg) / f"{table_name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(path, index=False)
     return table
 
 
@@ -340,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             # a label names a directory under runs/<preset>/eval/: one safe name, never a path; "." gives
             # the directory's real name
             label = artifacts.safe_name(args.label if args.label is not None else path.resolve().name)
-            chosen = [Checkpoint(label, "other", 0, path)]
-        table = sweep(cfg, force=args.force, checkpoints=chosen)
+            chosen = [Checkpoint(label, OWN_STAGE, 0, path)]
+        # one checkpoint's table goes beside its episodes (eval/own/), never over the pipeline's results
+        table = sweep(cfg, force=args.force, checkpoints=chosen,
+                      table_name=f"own/{chosen[0].label}" if chosen else "results")
         return table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
 
     return launch.run_main(work)

@@ -106,12 +106,16 @@ def run_main(work: Callable[[], str]) -> int:
     under several processes only rank 0 prints it, so the line appears once in the log. An error of the
     user's settings, input or files (ValueError: ConfigError, WeightsError, ArtifactError...; OSError: a
     missing or unwritable file, ModelUnavailableError) is one line on stderr and exit 2, no traceback;
-    anything else is a bug and keeps its traceback."""
+    anything else is a bug and keeps its traceback. Ctrl-C is one line and exit 130: every stage writes
+    through a scratch name, so what it had finished is kept and a rerun of the command goes on from there."""
     try:
         message = work()
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to go on from what was finished", file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":  # set by torchrun / accelerate launch
         print(message)
     return 0

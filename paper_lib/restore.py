@@ -61,8 +61,8 @@ def restore_directions(W_tgt: torch.Tensor, W_src: torch.Tensor, top: int, tail:
     tail = min(tail, rank - top)
     if top == 0 and tail == 0:
         return W_tgt.clone()
-    if keep != "target-sigma" and top + tail == rank:  # every triplet swapped: the source itself, exactly
-        return W_src.clone()
+    if keep != "target-sigma" and top + tail == rank:  # every triplet swapped: the source itself, exactly,
+        return W_src.to(device=W_tgt.device, dtype=W_tgt.dtype, copy=True)  # in the target's dtype as the rest
     Ut, St, Vht = svd_tgt if svd_tgt is not None else weights.decompose(W_tgt, dtype, device)
     Us, Ss, Vhs = svd_src if svd_src is not None else weights.decompose(W_src, dtype, device)
     sigma = Ss.to(St) if keep == "source" else St
@@ -129,6 +129,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     if (plan.top is not None and plan.top < 0) or plan.tail < 0:
         raise ValueError(f"--top and --tail must be >= 0, got {plan.top}, {plan.tail}")
     _check_out(Path(out), [Path(target), Path(source)], replace)
+    weights.resolve_device(device)  # a missing CUDA is one line before any output exists
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
     num_layers, src_layers = _dims(tgt)[0], _dims(src)[0]
     if src_layers != num_layers:  # same-shaped layers of two depths: not one model, though every shape fits
@@ -137,7 +138,6 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     if plan.layers is not None and plan.layers[1] >= num_layers:
         raise weights.WeightsError(f"--layers {plan.layers[0]}-{plan.layers[1]} goes past the last layer of "
                                    f"{tgt.path}, which has layers 0-{num_layers - 1}; choose layers within them")
-    to_key = {name: key for key, name in tgt.names.items()}
     selected = [k for k in tgt.names if plan.applies(k)]
     missing = [k for k in selected if k not in src.names or src.shapes[k] != tgt.shapes[k]]
     if missing:
@@ -149,8 +149,31 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)  # our own scratch name, left by an interrupted restore
     tmp.mkdir(parents=True)
-    record = []
-    bar = tqdm(total=len(selected), desc=f"restore -> {out.name}", disable=not progress, leave=False)
+    try:
+        record = _write_shards(tgt, src, tmp, plan, selected, dtype, device, cache_dir, progress, out.name)
+    except BaseException:  # an error or Ctrl-C: no half-written checkpoint left beside --out (gigabytes at 7B)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / "restore_manifest.json").write_text(json.dumps({
+        "target": str(tgt.path.resolve()), "source": str(src.path.resolve()), "plan": asdict(plan), "dtype": dtype,
+        "restored": record}, indent=2))
+    if plan.top == 0 and plan.tail == 0:
+        log.warning("--top 0 restores no rank: %s is a copy of the target", out)
+    clamped = sorted({(r["top"], r["rank"]) for r in record if plan.top is not None and r["top"] < plan.top})
+    if clamped:
+        log.warning("--top %d exceeds the rank of some matrices; clamped to their rank: %s", plan.top,
+                    ", ".join(f"rank {rank}" for _, rank in clamped))
+    artifacts.replace_dir(tmp, out)  # checked by _check_out: empty, or a previous restore output
+    return out
+
+
+def _write_shards(tgt: weights.LazyWeights, src: weights.LazyWeights, tmp: Path, plan: Plan, selected: list[str],
+                  dtype: str, device: str, cache_dir, progress: bool, label: str) -> list[dict]:
+    """The target's shards, side files (config, tokenizer) and index into `tmp`, the planned matrices
+    restored; returns what was restored, one record a matrix."""
+    to_key = {name: key for key, name in tgt.names.items()}
+    record, selected = [], set(selected)
+    bar = tqdm(total=len(selected), desc=f"restore -> {label}", disable=not progress, leave=False)
     for shard in _model_files(tgt.path):
         tensors = {}
         with safe_open(str(tgt.path / shard), framework="pt") as f:
@@ -175,17 +198,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     for side in tgt.path.iterdir():
         if side.is_file() and side.suffix in _SIDE_FILES and side.name not in _TRAINING_STATE:
             shutil.copy2(side, tmp / side.name)
-    (tmp / "restore_manifest.json").write_text(json.dumps({
-        "target": str(tgt.path), "source": str(src.path), "plan": asdict(plan), "dtype": dtype,
-        "restored": record}, indent=2))
-    if plan.top == 0 and plan.tail == 0:
-        log.warning("--top 0 restores no rank: %s is a copy of the target", out)
-    clamped = sorted({(r["top"], r["rank"]) for r in record if plan.top is not None and r["top"] < plan.top})
-    if clamped:
-        log.warning("--top %d exceeds the rank of some matrices; clamped to their rank: %s", plan.top,
-                    ", ".join(f"rank {rank}" for _, rank in clamped))
-    artifacts.replace_dir(tmp, out)  # checked by _check_out: empty, or a previous restore output
-    return out
+    return record
 
 
 def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
@@ -335,19 +348,25 @@ def _parse_layers(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paper_lib.restore", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help="checkpoint whose singular values are kept")
+    parser.add_argument("--target", required=True, help="checkpoint written out with the restored matrices "
+                        "(its singular values kept, unless --keep source)")
     parser.add_argument("--source", required=True, help="checkpoint whose directions are restored")
     how = parser.add_mutually_exclusive_group(required=True)
-    how.add_argument("--layers", type=_parse_layers, help="restore every matrix of these layers, e.g. 0-9")
+    how.add_argument("--layers", type=_parse_layers, help="restore every matrix of these layers, e.g. 0-9 "
+                     "(embed_tokens and lm_head stay the target's)")
     how.add_argument("--top", type=int, help="restore the top K ranks of every matrix")
     how.add_argument("--all", action="store_true", help="every rank of every matrix (the causal test)")
     parser.add_argument("--tail", type=int, default=0, help="also restore the bottom K ranks (with --top)")
-    parser.add_argument("--keep", choices=KEEP, default="target-sigma")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--keep", choices=KEEP, default="target-sigma",
+                        help="target-sigma: the target's singular values, the source's directions (the paper's "
+                        "UV restore); source: whole triplets (the authors' svd_recover.py); target-sigma-reset: "
+                        "as target-sigma, but a matrix restored at every rank is the source's (svd_recover_dir)")
+    parser.add_argument("--out", required=True, help="new or empty directory for the restored checkpoint")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache", help="SVD cache directory shared with python -m paper_lib.spectra --cache")
     parser.add_argument("--force", action="store_true", help="replace --out when it holds a previous restore output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.tail and args.top is None:  # --layers and --all restore every rank: a tail would be ignored
         parser.error("--tail goes with --top K only")
@@ -355,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(layers=args.layers, top=args.top, tail=args.tail, keep=args.keep)
     return launch.run_main(lambda: "wrote " + str(write_restored(
         args.target, args.source, args.out, plan, dtype=args.dtype, device=args.device, cache_dir=args.cache,
-        replace=args.force)))
+        progress=not args.quiet, replace=args.force)))
 
 
 if __name__ == "__main__":

@@ -208,6 +208,9 @@ def _compare(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, facto
     for side, dim in (("u", rows), ("v", cols)):
         if k >= dim:
             row[f"angle_{side}_mean_deg"] = row[f"angle_{side}_max_deg"] = float("nan")
+    if not (sb[0] and sa[0]):  # a zero matrix has no singular directions: no angle is defined
+        for column in [c for c in row if c.endswith("_deg")]:
+            row[column] = float("nan")
     return row, arrays
 
 
@@ -322,7 +325,7 @@ def _write_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
 def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
                   out_dir: str | os.PathLike, k: int = 768, device: str = "auto", dtype: str = "float32",
                   names: Iterable[str] | str | None = None, cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True, svd_driver: str | None = None) -> pd.DataFrame:
+                  progress: bool = True, svd_driver: str | None = None, replace: bool = False) -> pd.DataFrame:
     """Compare every (before, after) pair of labelled checkpoints, matrix by matrix; return the tidy table.
 
     k: top-k singular vectors for the principal angles (min(k, rank) is used per matrix); the per-index
@@ -331,6 +334,9 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
     Writes, under out_dir, `<before>__<after>.parquet` (one row per matrix), `<before>__<after>_arrays.npz`
     (`<name>/<array>` for the arrays in ARRAYS, angles in radians) and, where embed_tokens and lm_head
     are untied, `embed_lm_head.parquet` (+ `_arrays.npz`, `<checkpoint>/<array>`) for each checkpoint.
+    Each pair's `<before>__<after>.json` names the checkpoints (absolute paths), k, dtype and names it was
+    computed from. A pair already in out_dir from other inputs or settings is an error unless replace=True,
+    so results under one label never silently mix two runs.
     """
     device, dtype = weights.resolve_device(device), weights.resolve_dtype(dtype)
     if not pairs:
@@ -349,6 +355,11 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
     keys = _select_keys(ckpts, names)
     artifacts.check_out_apart(out_dir, [checkpoints[c] for c in used])  # tables and scratch go in out_dir
     out_dir = Path(out_dir)
+    inputs = {pair: {"before": str(Path(checkpoints[pair[0]]).resolve()), "after": str(Path(checkpoints[pair[1]]).resolve()),
+                     "k": k, "dtype": str(dtype).removeprefix("torch."), "names": names if names is None or isinstance(names, str)
+                     else sorted(names)} for pair in pairs}
+    if not replace:
+        _check_earlier_pairs(out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[tuple[str, str], list[dict]] = {p: [] for p in pairs}
     arrays: dict[tuple[str, str], dict[str, np.ndarray]] = {p: {} for p in pairs}
@@ -387,12 +398,57 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
         table = pd.DataFrame(rows[(before, after)])
         _write_table(table, out_dir / f"{before}__{after}.parquet")
         _write_arrays(arrays[(before, after)], out_dir / f"{before}__{after}_arrays.npz")
+        with artifacts.atomic_file(out_dir / f"{before}__{after}.json") as tmp:
+            tmp.write_text(json.dumps(inputs[(before, after)], indent=1))
         tables.append(table)
-    if align_rows:
-        _write_table(pd.DataFrame(align_rows), out_dir / "embed_lm_head.parquet")
-        _write_arrays(align_arrays, out_dir / "embed_lm_head_arrays.npz")
+    _write_alignment(out_dir, used, align_rows, align_arrays)
+    table = pd.concat(tables, ignore_index=True)
+    _warn_undefined_angles(table, k)
     log.info("spectra of %d matrices x %d pairs written to %s", len(keys), len(pairs), out_dir)
-    return pd.concat(tables, ignore_index=True)
+    return table
+
+
+def _check_earlier_pairs(out_dir: Path, inputs: dict[tuple[str, str], dict]) -> None:
+    """SpectraError where out_dir already holds one of the pairs, computed from other inputs or settings."""
+    for (before, after), wanted in inputs.items():
+        if not (out_dir / f"{before}__{after}.parquet").is_file():
+            continue
+        record = out_dir / f"{before}__{after}.json"
+        earlier = json.loads(record.read_text()) if record.is_file() else None
+        if earlier != wanted:
+            was = (f"{earlier['before']} -> {earlier['after']}, k={earlier['k']}" if earlier
+                   else "inputs it does not record")
+            raise SpectraError(f"{out_dir} already holds the spectra of {before} -> {after} from {was}; choose a "
+                               f"new --out, or pass --force (replace=True) to replace them (nothing was changed)")
+
+
+def _write_alignment(out_dir: Path, labels: list[str], rows: list[dict], arrays: dict[str, np.ndarray]) -> None:
+    """embed_lm_head tables: this call's checkpoints replace their own earlier rows (a checkpoint now tied
+    has none), and the rows of other labels an earlier call wrote into out_dir stay."""
+    table_path, arrays_path = out_dir / "embed_lm_head.parquet", out_dir / "embed_lm_head_arrays.npz"
+    earlier = pd.read_parquet(table_path) if table_path.is_file() else pd.DataFrame({"checkpoint": []})
+    earlier = earlier[~earlier["checkpoint"].isin(labels)]
+    kept = {}
+    if arrays_path.is_file():
+        with np.load(arrays_path) as npz:
+            kept = {n: npz[n] for n in npz.files if n.split("/", 1)[0] not in labels}
+    if earlier.empty and not rows:
+        for path in (table_path, arrays_path):  # only this call's checkpoints were there: theirs are gone
+            path.unlink(missing_ok=True)
+        return
+    _write_table(pd.concat([earlier, pd.DataFrame(rows)], ignore_index=True), table_path)
+    _write_arrays(kept | arrays, arrays_path)
+
+
+def _warn_undefined_angles(table: pd.DataFrame, k: int) -> None:
+    """One line where k reaches a matrix's rows (U) or columns (V): the top k span that whole side, so its
+    angles are NaN (undefined), which the README's default k of 768 does on any model of hidden size <= 768."""
+    whole = table[(table["k"] >= table["rows"]) | (table["k"] >= table["cols"])].drop_duplicates("key")
+    if len(whole):
+        smallest = int(table[["rows", "cols"]].min(axis=1).min())
+        log.warning("k=%d spans a whole side of %d of %d matrices (e.g. %s, %d x %d): their principal angles "
+                    "there are NaN, undefined; k < %d defines every angle", k, len(whole), table["key"].nunique(),
+                    whole.iloc[0]["name"], whole.iloc[0]["rows"], whole.iloc[0]["cols"], smallest)
 
 
 def load_pair(out_dir: str | os.PathLike, before: str,
@@ -443,7 +499,7 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
         return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
     started = time.time()
     table = analyze_pairs(checkpoints, pairs, out, k=cfg.spectra.k, device=cfg.spectra.device,
-                          dtype=cfg.spectra.dtype, cache_dir=weights.svd_cache(cfg))
+                          dtype=cfg.spectra.dtype, cache_dir=weights.svd_cache(cfg), replace=True)
     artifacts.write_manifest(out, spec, seconds=round(time.time() - started, 2),
                              device=artifacts.device_in_use(weights.resolve_device(cfg.spectra.device).type))
     return table
@@ -473,12 +529,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--svd-driver", default=None, choices=["gesvd", "gesvdj", "gesvda"], help="CUDA only")
     parser.add_argument("--names", default=None, help="regex: analyse only the matching tensor names")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true", help="replace the spectra an earlier run with other "
+                        "checkpoints or settings left in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return launch.run_main(lambda: summarize(analyze_pairs(
         {"base": args.base, "target": args.target}, [("base", "target")], args.out, k=args.k, device=args.device,
         dtype=args.dtype, names=args.names, cache_dir=args.cache, progress=not args.quiet,
-        svd_driver=args.svd_driver)))
+        svd_driver=args.svd_driver, replace=args.force)))
 
 
 if __name__ == "__main__":

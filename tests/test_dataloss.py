@@ -62,6 +62,31 @@ def test_restore_rejects_negative_top_without_leaving_a_partial_dir(tmp_path, ca
     assert not list(tmp_path.glob(".o.partial*")) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("failure", ["cuda", "interrupt"])
+def test_a_restore_that_stops_leaves_no_scratch_checkpoint(tmp_path, capsys, monkeypatch, failure):
+    """A missing CUDA once failed after the scratch directory was made, and a Ctrl-C left a half-written
+    checkpoint (gigabytes at 7B) beside --out until the next run."""
+    tgt, src = tiny_qwen(tmp_path / "T", 0), tiny_qwen(tmp_path / "S", 1)
+    argv = ["--target", str(tgt), "--source", str(src), "--top", "3", "--out", str(tmp_path / "o"), "--quiet"]
+    if failure == "cuda":
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+        assert restore.main(argv + ["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    else:
+        calls = []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:  # a few matrices in: the first shard is half done
+                raise KeyboardInterrupt
+            return args[0].clone()
+
+        monkeypatch.setattr(restore, "restore_directions", interrupted)
+        assert restore.main(argv) == 130
+        assert "interrupted" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".o.partial*")) and not (tmp_path / "o").exists()
+
+
 def test_restore_says_what_top_was_clamped_to(tmp_path, caplog):
     tgt, src = tiny_qwen(tmp_path / "T", 0), tiny_qwen(tmp_path / "S", 1)
     restore.write_restored(tgt, src, tmp_path / "o", Plan(top=10_000), device="cpu", progress=False)
@@ -75,7 +100,7 @@ def test_evaluate_label_is_a_single_safe_name(tmp_path, monkeypatch, capsys):
     (keep / "precious").write_text("x")
     ck = tiny_qwen(tmp_path / "my-ckpt", 0)
     seen = []
-    monkeypatch.setattr(evaluate, "sweep", lambda cfg, force, checkpoints: seen.append(checkpoints) or _no_table())
+    monkeypatch.setattr(evaluate, "sweep", lambda cfg, force, checkpoints, table_name: seen.append(checkpoints) or _no_table())
     for bad in ("../sft", "..", "a/b", ""):
         assert evaluate.main(["--preset", "tiny", "--checkpoint", str(ck), "--label", bad]) == 2
         assert "single name" in capsys.readouterr().err
@@ -85,6 +110,32 @@ def test_evaluate_label_is_a_single_safe_name(tmp_path, monkeypatch, capsys):
     assert seen[0][0].label == "my-ckpt"
     with pytest.raises(ValueError, match="single name"):
         evaluate.evaluate_checkpoint(cfg, evaluate.Checkpoint("", "other", 0, ck))
+
+
+def test_evaluating_an_own_checkpoint_leaves_the_pipeline_results_alone(tmp_path, monkeypatch, capsys):
+    """`python -m paper_lib.evaluate --checkpoint` once rewrote eval/results.parquet with its one row, and a
+    label such as "base" replaced the pipeline's cached episodes: every later notebook then failed."""
+    import pandas as pd
+
+    cfg = config.load("tiny")
+    results = artifacts.eval_dir(cfg) / "results.parquet"
+    results.parent.mkdir(parents=True)
+    pd.DataFrame({"label": ["sft-0016"], "rule": ["ood"]}).to_parquet(results)
+    before = results.read_bytes()
+    played = []
+
+    def fake_episodes(cfg, checkpoint, force=False):
+        played.append(evaluate.episodes_dir(cfg, checkpoint))
+        return pd.DataFrame({"rule": ["id", "ood"], "success": [True, False], "attempts": [1, 5], "repeat": [0, 0]})
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", fake_episodes)
+    ck = tiny_qwen(tmp_path / "mine", 0)
+    assert evaluate.main(["--preset", "tiny", "--checkpoint", str(ck), "--label", "base"]) == 0
+    assert results.read_bytes() == before
+    assert played == [artifacts.eval_dir(cfg) / "own" / "base"]
+    assert played[0] != evaluate.episodes_dir(cfg, evaluate.Checkpoint("base", "base", 0, ck))
+    assert set(pd.read_parquet(artifacts.eval_dir(cfg) / "own" / "base.parquet")["rule"]) == {"id", "ood"}
+    assert "base" in capsys.readouterr().out
 
 
 def _no_table():

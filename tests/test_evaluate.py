@@ -201,7 +201,7 @@ def test_model_decoding_samples_and_reproduces_itself_with_the_same_seed(tiny_ba
     rows = evaluate.summarize(ckpt, repeated)
     assert all(r["repeats"] == 2 and r["repeat_min"] <= r["success_rate"] <= r["repeat_max"] for r in rows)
     # the manifest times the work, for the episodes/s of docs/benchmarks.md (benchmarks/bench_run.py)
-    done = artifacts.read_manifest(artifacts.eval_dir(config.load("tiny")) / "mine")["provenance"]
+    done = artifacts.read_manifest(evaluate.episodes_dir(config.load("tiny"), ckpt))["provenance"]
     assert done["episodes"] == len(repeated) and done["attempts"] == repeated["attempts"].sum()
     assert done["seconds"] > 0 and done["device"].startswith("CPU (")
 

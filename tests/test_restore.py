@@ -126,6 +126,22 @@ def test_full_rank_with_keep_source_is_exactly_the_source():
     assert not torch.equal(restore_directions(W_tgt, W_src, top=7, keep="source", dtype="float64"), W_src)
 
 
+def test_a_full_rank_swap_from_a_source_of_another_dtype_keeps_the_targets_dtype(tmp_path):
+    """The full-rank shortcut once returned the source's own tensor, so a float32 source put float32 matrices
+    into a bfloat16 checkpoint (twice its size, and a shard index whose total_size was wrong)."""
+    tgt, src = tmp_path / "T", tmp_path / "S"
+    tiny_qwen(tgt, 0).to(torch.bfloat16).save_pretrained(tgt)
+    tiny_qwen(src, 1)
+    for keep, how in (("source", Plan(top=10_000, keep="source")), ("target-sigma-reset", Plan(keep="target-sigma-reset"))):
+        out = restore.write_restored(tgt, src, tmp_path / keep, how, device="cpu", progress=False)
+        written = load_file(out / "model.safetensors")
+        assert {t.dtype for t in written.values()} == {torch.bfloat16}
+        source = load_file(src / "model.safetensors")
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert torch.equal(written[name], source[name].to(torch.bfloat16))
+        assert (out / "model.safetensors").stat().st_size == (tgt / "model.safetensors").stat().st_size
+
+
 def test_target_sigma_reset_keeps_sigma_until_every_rank_then_is_the_source():
     """The authors' svd_recover_dir: the target's σ while k < rank, the source whole once k >= rank."""
     W_tgt, W_src = pair()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
@@ -467,3 +468,50 @@ def test_clear_svd_cache_frees_the_cache_and_a_later_stage_recomputes(tmp_path):
     assert spectra.clear_svd_cache(cfg) == 0
     U, S, Vh = weights.load_or_decompose(W, "w", cache, device="cpu")
     assert torch.allclose((U * S) @ Vh, W.to(U.dtype), atol=1e-5)
+
+
+def test_an_out_from_other_checkpoints_is_refused_and_force_replaces_it_whole(qwen_pair, tmp_path, capsys):
+    """A second CLI run into one --out once replaced base__target silently and left the first run's
+    embed_lm_head rows, labelled as if they came from the second pair."""
+    base, tuned = qwen_pair
+    out = tmp_path / "cli"
+    assert spectra.main([str(base), str(tuned), "--out", str(out), "--k", "4", "--quiet"]) == 0
+    assert len(pd.read_parquet(out / "embed_lm_head.parquet")) == 2  # untied: base and target
+    first = (out / "base__target.parquet").read_bytes()
+    assert spectra.main([str(base), str(tuned), "--out", str(out), "--k", "4", "--quiet"]) == 0  # same run again
+    tied = perturbed_copy(base, tmp_path / "tied", drop="lm_head.weight")
+    argv = [str(tied), str(tied), "--out", str(out), "--k", "4", "--quiet", "--names", "^(?!.*lm_head)"]
+    assert spectra.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds the spectra of base -> target" in err and "--force" in err and str(tuned) in err
+    assert (out / "base__target.parquet").read_bytes() == first  # nothing was changed
+    assert spectra.main(argv + ["--force"]) == 0
+    assert json.loads((out / "base__target.json").read_text())["after"] == str(tied.resolve())
+    assert not (out / "embed_lm_head.parquet").exists()  # tied now: no alignment rows of the old pair left
+
+
+def test_an_earlier_calls_alignment_rows_of_other_labels_stay(qwen_pair, tmp_path):
+    base, tuned = qwen_pair
+    analyze_pairs({"base": base, "sft": tuned}, [("base", "sft")], tmp_path, k=4, progress=False)
+    analyze_pairs({"sft": tuned, "rl": tuned}, [("sft", "rl")], tmp_path, k=4, progress=False)
+    assert sorted(pd.read_parquet(tmp_path / "embed_lm_head.parquet")["checkpoint"]) == ["base", "rl", "sft"]
+    with np.load(tmp_path / "embed_lm_head_arrays.npz") as npz:
+        assert {n.split("/")[0] for n in npz.files} == {"base", "rl", "sft"}
+
+
+def test_a_k_that_spans_a_whole_side_is_one_warning_and_a_zero_matrix_has_no_angle(qwen_pair, tmp_path, caplog):
+    base, _ = qwen_pair
+    zeroed = shutil.copytree(base, tmp_path / "zeroed")
+    name = "model.layers.0.mlp.up_proj.weight"
+    for shard in zeroed.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name] = torch.zeros_like(tensors[name])
+            save_file(tensors, shard, metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="paper_lib.spectra"):
+        table = analyze_pairs({"a": zeroed, "b": zeroed}, [("a", "b")], tmp_path / "out", k=16, progress=False)
+    assert "k=16 spans a whole side" in caplog.text and "k < 16 defines every angle" in caplog.text
+    zero = table[table["name"] == name].iloc[0]
+    assert all(math.isnan(zero[c]) for c in ("angle_u_mean_deg", "angle_v_mean_deg", "rot_u_mean_deg"))
+    other = table[table["name"] == "model.layers.0.mlp.gate_proj.weight"].iloc[0]  # 64 x 32, k < both
+    assert other["angle_u_mean_deg"] < 1e-2 and other["rot_u_mean_deg"] < 1e-2
