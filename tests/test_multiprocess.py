@@ -190,8 +190,8 @@ def test_evaluation_split_across_two_processes_equals_one(tiny_base, tmp_path):
     shares = assert_two_processes(double.stdout + double.stderr, "eval")
     n = len(data.load(cfg)["id_test"]["cards"]) + len(data.load(cfg)["ood_test"]["cards"])
     assert sorted(shares.values()) == [f"{n // 2} of {n} hands"] * 2
-    one = evaluate.episodes_table(artifacts.eval_dir(cfg) / "one")
-    two = evaluate.episodes_table(artifacts.eval_dir(cfg) / "two")
+    one = evaluate.episodes_table(artifacts.eval_dir(cfg) / "own" / "one")  # --checkpoint: eval/own/
+    two = evaluate.episodes_table(artifacts.eval_dir(cfg) / "own" / "two")
     assert len(two) == n and not two.duplicated(["rule", "hand"]).any(), "each hand once"
     pd.testing.assert_frame_equal(one.reset_index(drop=True), two.reset_index(drop=True))
 
