@@ -32,6 +32,7 @@ from .config import Config
 log = logging.getLogger(__name__)
 RULE_SPLITS = {"id": "id_test", "ood": "ood_test"}
 OWN_STAGE = "other"  # a checkpoint given on the command line, not one the pipeline made
+OWN_DIR = "own"  # under eval/: its episodes and table, apart from every pipeline result
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -140,7 +141,7 @@ def episodes_dir(cfg: Config, checkpoint: Checkpoint) -> Path:
     """Where a checkpoint's episodes are cached: eval/<label> for the pipeline's own, eval/own/<label> for
     one evaluated from the command line (stage "other"), so that no label a user picks can replace a
     result the notebooks read."""
-    own = ("own",) if checkpoint.stage == OWN_STAGE else ()
+    own = (OWN_DIR,) if checkpoint.stage == OWN_STAGE else ()
     return artifacts.eval_dir(cfg).joinpath(*own, artifacts.safe_name(checkpoint.label))
 
 
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [Checkpoint(label, OWN_STAGE, 0, path)]
         # one checkpoint's table goes beside its episodes (eval/own/), never over the pipeline's results
         table = sweep(cfg, force=args.force, checkpoints=chosen,
-                      table_name=f"own/{chosen[0].label}" if chosen else "results")
+                      table_name=f"{OWN_DIR}/{chosen[0].label}" if chosen else "results")
         return table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
 
     return launch.run_main(work)

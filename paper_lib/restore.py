@@ -146,24 +146,21 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     if not selected:
         raise weights.WeightsError(f"the plan {plan} selects no matrix of {tgt.path}")
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # our own scratch name, left by an interrupted restore
-    tmp.mkdir(parents=True)
-    try:
+    for leftover in out.parent.glob(f".{out.name}.partial*"):  # our own scratch, left by a killed restore
+        shutil.rmtree(leftover, ignore_errors=True)
+    # _check_out has checked out: empty, or a previous restore output. An error or Ctrl-C inside leaves no
+    # half-written checkpoint beside it (gigabytes at 7B).
+    with artifacts.atomic_dir(out) as tmp:
         record = _write_shards(tgt, src, tmp, plan, selected, dtype, device, cache_dir, progress, out.name)
-    except BaseException:  # an error or Ctrl-C: no half-written checkpoint left beside --out (gigabytes at 7B)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (tmp / "restore_manifest.json").write_text(json.dumps({
-        "target": str(tgt.path.resolve()), "source": str(src.path.resolve()), "plan": asdict(plan), "dtype": dtype,
-        "restored": record}, indent=2))
+        (tmp / "restore_manifest.json").write_text(json.dumps({
+            "target": str(tgt.path.resolve()), "source": str(src.path.resolve()), "plan": asdict(plan),
+            "dtype": dtype, "restored": record}, indent=2))
     if plan.top == 0 and plan.tail == 0:
         log.warning("--top 0 restores no rank: %s is a copy of the target", out)
     clamped = sorted({(r["top"], r["rank"]) for r in record if plan.top is not None and r["top"] < plan.top})
     if clamped:
         log.warning("--top %d exceeds the rank of some matrices; clamped to their rank: %s", plan.top,
                     ", ".join(f"rank {rank}" for _, rank in clamped))
-    artifacts.replace_dir(tmp, out)  # checked by _check_out: empty, or a previous restore output
     return out
 
 

@@ -355,9 +355,11 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
     keys = _select_keys(ckpts, names)
     artifacts.check_out_apart(out_dir, [checkpoints[c] for c in used])  # tables and scratch go in out_dir
     out_dir = Path(out_dir)
-    inputs = {pair: {"before": str(Path(checkpoints[pair[0]]).resolve()), "after": str(Path(checkpoints[pair[1]]).resolve()),
-                     "k": k, "dtype": str(dtype).removeprefix("torch."), "names": names if names is None or isinstance(names, str)
-                     else sorted(names)} for pair in pairs}
+    names_given = names if names is None or isinstance(names, str) else sorted(names)
+    inputs = {(before, after): {"before": str(Path(checkpoints[before]).resolve()),
+                                "after": str(Path(checkpoints[after]).resolve()),
+                                "k": k, "dtype": str(dtype).removeprefix("torch."), "names": names_given}
+              for before, after in pairs}
     if not replace:
         _check_earlier_pairs(out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
