@@ -33,15 +33,14 @@ force = False  # redo the run even if a finished one matches
 
 # %%
 import numpy as np
-import pandas as pd
 from IPython.display import display
 
-from paper_lib import config, models, plots, ppo
+from paper_lib import artifacts, config, models, plots, ppo
 
 cfg = config.load(preset, **overrides)
 print(f"RL ({cfg.rl.algo}) starts from {ppo.init_checkpoint(cfg)}")  # no SFT checkpoint yet: run 02_sft first
 out = ppo.run(cfg, force=force)
-metrics = pd.read_csv(out / "metrics.csv")
+metrics = artifacts.read_table(out / ppo.METRICS, ppo.REDO_RL)
 display(metrics.round(4))
 
 # %% [markdown]
@@ -62,7 +61,9 @@ plots.save_figure(fig, "rl_training", cfg, notebook="03_ppo", sources=[out / "me
 found = ppo.checkpoints(cfg)
 expected = {u for u in range(1, cfg.rl.num_updates + 1) if u % cfg.rl.save_every == 0} | {cfg.rl.num_updates}
 assert expected <= set(found), f"missing checkpoints {sorted(expected - set(found))} in {out}"
-assert metrics["update"].is_monotonic_increasing and metrics["update"].iloc[-1] == cfg.rl.num_updates
+last = metrics["update"].iloc[-1]
+assert metrics["update"].is_monotonic_increasing and last == cfg.rl.num_updates, \
+    f"{out / ppo.METRICS} stops at update {last} of {cfg.rl.num_updates} (cut short?): {ppo.REDO_RL}"
 logged = ["mean_reward", "success_rate", "value_loss", "clip_fraction", "approx_kl", "entropy"] if cfg.rl.algo == "ppo" \
     else ["mean_reward", "entropy"]
 assert np.isfinite(metrics[logged].to_numpy()).all(), "every plotted metric is finite"

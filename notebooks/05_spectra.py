@@ -35,7 +35,6 @@ overrides = {}
 force = False
 
 # %%
-import pandas as pd
 from IPython.display import display
 
 from paper_lib import artifacts, config, evaluate, plots, spectra
@@ -113,9 +112,9 @@ display(energy.style.format({"energy_before": "{:.4g}", "energy_after": "{:.4g}"
 # the cosine between a token's embedding row and its output row (the paper's alignment hypothesis).
 
 # %%
-alignment = out / "embed_lm_head.parquet"
+alignment = out / spectra.ALIGNMENT_TABLE
 if alignment.is_file():
-    display(pd.read_parquet(alignment))
+    display(artifacts.read_table(alignment, "rerun this notebook with force = True"))
 else:
     print("embed_tokens and lm_head are tied in this model: nothing to compare")
 

@@ -21,9 +21,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .config import PROJECT_ROOT, Config
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -237,6 +240,82 @@ def manifest_matches(out_dir: str | os.PathLike, spec: dict[str, Any]) -> bool:
     return all(found.get(key) == value for key, value in canon.items())
 
 
+def spec_changes(old: dict[str, Any] | None, new: dict[str, Any], limit: int = 4) -> str:
+    """What differs between an earlier stage's spec and this one, for the log line that says why a stage is
+    redone: "sft.learning_rate 0.01 -> 0.002, code" (a long value, such as a hash, by its key alone)."""
+    if not isinstance(old, dict):
+        return "no readable record of its settings"
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix.rstrip("."): tree}
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    def settings(spec: dict[str, Any]) -> dict[str, Any]:
+        return flat({k: v for k, v in json.loads(json.dumps(spec, default=str)).items() if k != "provenance"})
+
+    before, after = settings(old), settings(new)
+    changed = [key for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if not changed:
+        return "the same settings"
+    words = []
+    for key in changed[:limit]:
+        a, b = json.dumps(before.get(key)), json.dumps(after.get(key))
+        words.append(f"{key} {a} -> {b}" if max(len(a), len(b)) <= 14 else key)  # a hash or path: its key
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(words) + more
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """A checkpoint's path as a spec records it: relative to the runs root when it lies there, so that a
+    runs/ copied or moved whole (cp -a, rsync -a, tar keep the mtimes `fingerprint` reads) is still up to
+    date; absolute otherwise."""
+    real, root = Path(path).resolve(), runs_root().resolve()
+    return f"<runs>/{real.relative_to(root)}" if real.is_relative_to(root) else str(real)
+
+
+def read_table(path: str | os.PathLike, remake: str) -> pd.DataFrame:
+    """A table a stage wrote (.parquet, .csv or .jsonl), or one line naming the file and `remake`, the way to
+    write it again, when it is missing or unreadable (truncated, damaged) instead of a reader's traceback."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}: {remake}")
+    if path.suffix in (".csv", ".jsonl") and not _ends_a_line(path):  # pandas would read the half row as data
+        raise ArtifactError(f"{path} ends in the middle of a row (cut short?); {remake}")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        return pd.read_csv(path)
+    except Exception as err:  # pyarrow, pandas and json each raise their own kinds for a damaged file
+        raise ArtifactError(f"{path} is unreadable ({err.__class__.__name__}: {str(err).strip()[:120]}); "
+                            f"{remake}") from None
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike, index: bool = False) -> Path:
+    """Write a stage's table (.parquet, else CSV) in one step (atomic_file): a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        if path.suffix == ".parquet":
+            table.to_parquet(tmp, index=index)
+        else:
+            table.to_csv(tmp, index=index)
+    return path
+
+
 def write_manifest(out_dir: str | os.PathLike, spec: dict[str, Any], **provenance: Any) -> None:
     """The finished stage's record: spec, plus a provenance (git, time, device, and what the stage adds, such
     as its seconds) that stage_key leaves out, so a rerun on other hardware does not invalidate readers."""
@@ -318,6 +397,9 @@ def cached_stage(out_dir: str | os.PathLike, spec: dict[str, Any], build: Callab
     if not force and up_to_date(out_dir, spec, f"move {out_dir} aside (or delete it) and rerun: it is rebuilt"):
         log.info("%s is up to date (manifest matches); pass force=True to rebuild", out_dir)
         return out_dir
+    earlier = read_manifest(out_dir)
+    if earlier is not None:  # a warning, so that a notebook shows it: it may undo another notebook's override
+        log.warning("rebuilding %s for these settings (%s)", out_dir, "force" if force else spec_changes(earlier, spec))
     started = time.time()
     with atomic_dir(out_dir) as tmp:
         build(tmp)
@@ -462,13 +544,36 @@ def prepare_run_dir(out: str | os.PathLike, spec: dict[str, Any], force: bool, w
     if force and out.exists():
         log.info("starting %s afresh (force)", out)
         shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and read_json(out / RUN_SPEC) != canon:
-        move_aside(out, f"it holds {what} of other settings, code or inputs")
+    elif out.exists() and any(out.iterdir()) and (earlier := read_json(out / RUN_SPEC)) != canon:
+        move_aside(out, f"it holds {what} of other settings, code or inputs: {spec_changes(earlier, canon)}")
     out.mkdir(parents=True, exist_ok=True)
     for partial in out.glob(".checkpoint-*"):  # our own scratch names, left by a run killed while saving
         shutil.rmtree(partial, ignore_errors=True)
     (out / MANIFEST).unlink(missing_ok=True)
     (out / RUN_SPEC).write_text(json.dumps(canon, indent=2, sort_keys=True))
+
+
+def reuse_earlier_run(out: str | os.PathLike, spec: dict[str, Any], rebuild: str) -> bool:
+    """Put back a finished run of `spec` that an earlier change of settings moved aside (`<out>.stale-*`,
+    newest first), moving the run now in `out` aside in its place: going back to settings already trained
+    costs a rename, not the run. False, touching nothing, when no such run is intact. Main process only."""
+    out = Path(out)
+    for earlier in sorted(out.parent.glob(f"{out.name}.stale-*"), reverse=True):  # <time> sorts as it reads
+        try:
+            if not (earlier.is_dir() and up_to_date(earlier, spec, rebuild)):
+                continue
+        except ArtifactError as err:  # a damaged earlier run is not reused, and stays where it is
+            log.info("not reusing %s: %s", earlier, err)
+            continue
+        if out.exists() and any(out.iterdir()):
+            move_aside(out, f"a finished run of these settings was kept in {earlier.name}")
+        elif out.exists():
+            out.rmdir()  # empty: nothing to keep
+        os.replace(earlier, out)
+        log.warning("reusing %s, finished earlier with these settings, as %s (moved back; no training needed)",
+                    earlier.name, out)
+        return True
+    return False
 
 
 def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

@@ -179,7 +179,7 @@ def restore_recovery(cfg: Config) -> list[dict]:
     path = artifacts.restore_dir(cfg) / "variants.csv"
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 06_restore for preset {cfg.preset!r} first")
-    variants = pd.read_csv(path)
+    variants = artifacts.read_table(path, f"rerun notebooks/06_restore.py (./run_all.sh {cfg.preset} --only 6)")
     points = variants[variants["claim_point"] & (variants["rule"] == "ood")]
     rows = []
     for _, r in points.iterrows():
@@ -206,7 +206,8 @@ def causal_test(cfg: Config) -> list[dict]:
     rl = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / named.rl), "ood")
     idx = evaluate.bootstrap_indices(len(rl))
     rows = []
-    for imposed in dict.fromkeys(pd.read_parquet(path)["label"].astype(str)):  # every rank, then each top k
+    causal = artifacts.read_table(path, f"rerun notebooks/07_causal.py (./run_all.sh {cfg.preset} --only 7)")
+    for imposed in dict.fromkeys(causal["label"].astype(str)):  # every rank, then each top k
         other = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / imposed), "ood")
         change = evaluate.interval("change", other[idx].mean(1) - rl[idx].mean(1))
         fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)

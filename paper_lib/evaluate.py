@@ -113,13 +113,20 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = episodes_dir(cfg, checkpoint)
     artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
-    spec = {"stage": "eval", "checkpoint": str(checkpoint.path), "weights": artifacts.fingerprint(checkpoint.path),
+    spec = {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
+            "weights": artifacts.fingerprint(checkpoint.path),
             "data_stage": artifacts.stage_key(data.build(cfg)),
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
             "code": artifacts.code_hash("evaluate")}
 
     if not force and artifacts.manifest_matches(out, spec):
-        return episodes_table(out)
+        try:
+            return episodes_table(out)
+        except artifacts.ArtifactError as err:  # a cache: the fix is to play the hands again
+            log.warning("%s; evaluating %s again", str(err).split("; ")[0], checkpoint.label)
+    elif not force and out.exists():
+        changes = artifacts.spec_changes(artifacts.read_manifest(out), spec)
+        log.info("evaluating %s again: %s", checkpoint.label, changes)
     state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
     splits = data.load(cfg)
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
@@ -145,8 +152,12 @@ def episodes_dir(cfg: Config, checkpoint: Checkpoint) -> Path:
     return artifacts.eval_dir(cfg).joinpath(*own, artifacts.safe_name(checkpoint.label))
 
 
+REEVALUATE = ("rerun the notebook that evaluated it (04_eval, 06_restore or 07_causal): a cache that cannot be "
+              "read is evaluated again")
+
+
 def episodes_table(out: Path) -> pd.DataFrame:
-    return pd.read_json(out / "episodes.jsonl", lines=True)
+    return artifacts.read_table(out / "episodes.jsonl", REEVALUATE)
 
 
 def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:
@@ -176,9 +187,7 @@ def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None
     for checkpoint in checkpoints:
         rows += summarize(checkpoint, evaluate_checkpoint(cfg, checkpoint, force=force))
     table = pd.DataFrame(rows)
-    path = artifacts.eval_dir(cfg) / f"{table_name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(path, index=False)
+    artifacts.write_table(table, artifacts.eval_dir(cfg) / f"{table_name}.parquet")
     return table
 
 
@@ -241,7 +250,8 @@ def load_results(cfg: Config) -> tuple[pd.DataFrame, Named]:
     path = artifacts.eval_dir(cfg) / "results.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebooks 01-04 for preset {cfg.preset!r} first")
-    table = pd.read_parquet(path)
+    table = artifacts.read_table(path, f"rerun notebooks/04_eval.py (./run_all.sh {cfg.preset} --only 4), "
+                                       f"which writes it again from its cached episodes")
     return table, named_checkpoints(cfg, table)
 
 
@@ -333,7 +343,7 @@ def headline(cfg: Config, named: Named) -> pd.DataFrame:
     table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule,
                                    selected_from=named.inter_candidates)
                           for rule in ("ood", "id")]).set_index("rule")
-    table.to_csv(artifacts.eval_dir(cfg) / "recovery.csv")
+    artifacts.write_table(table, artifacts.eval_dir(cfg) / "recovery.csv", index=True)
     return table
 
 

@@ -391,8 +391,11 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
     start = init_checkpoint(cfg, init)  # fails here, with the clear message, before any launch
     validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
-    if not force and artifacts.up_to_date(out, run_spec(cfg, start), REDO_RL):
+    spec = run_spec(cfg, start)
+    if not force and artifacts.up_to_date(out, spec, REDO_RL):
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
+        return out
+    if not force and artifacts.reuse_earlier_run(out, spec, REDO_RL):
         return out
     launch.run_stage(cfg, "ppo", "rl", _flags(force, init), stream=stream)
     return out

@@ -294,8 +294,7 @@ def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.
                          **({key: share[key] for key in ("share_recovered", "share_ci_low", "share_ci_high")}
                             if r["rule"] == "ood" else {})})
     out = pd.DataFrame(rows)
-    artifacts.restore_dir(cfg).mkdir(parents=True, exist_ok=True)
-    out.to_csv(artifacts.restore_dir(cfg) / "variants.csv", index=False)
+    artifacts.write_table(out, artifacts.restore_dir(cfg) / "variants.csv")
     return out
 
 

@@ -54,7 +54,8 @@ def checkpoints(cfg: Config) -> dict[int, Path]:
 def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
     """What a finished run's manifest must match for it to be reused."""
     return {"stage": "rl", "rl": dataclasses.asdict(cfg.rl), "max_attempts": cfg.eval.max_attempts,
-            "target": cfg.data.target, "init": str(init), "init_weights": artifacts.fingerprint(init), "reward": grade_name,
+            "target": cfg.data.target, "init": artifacts.portable_path(init), "init_weights": artifacts.fingerprint(init),
+            "reward": grade_name,
             "code": artifacts.code_hash("ppo")}
 
 

@@ -125,12 +125,10 @@ def checkpoint(cfg: Config, step: int | str = "final") -> Path:
 
 def loss_table(cfg: Config) -> "pd.DataFrame":  # noqa: F821
     """Figure 2's tidy table: one row per (step, curve) with its loss."""
-    import pandas as pd
-
     path = artifacts.sft_dir(cfg) / LOSS_TABLE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run the SFT first (sft.run(cfg))")
-    return pd.read_csv(path)
+    return artifacts.read_table(path, _redo(cfg))
 
 
 def log_tail(cfg: Config, lines: int = 20) -> str:
@@ -156,6 +154,8 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
     spec = manifest_spec(cfg)  # builds the tiny base model here too
     if not force and artifacts.up_to_date(out, spec, _redo(cfg)):
         log.info("SFT in %s is up to date (manifest matches); pass force=True to redo it", out)
+        return out
+    if not force and artifacts.reuse_earlier_run(out, spec, _redo(cfg)):
         return out
     launch.run_stage(cfg, "sft", "sft", ["--force"] if force else [], stream=stream)
     if not artifacts.manifest_matches(out, spec):

@@ -43,6 +43,7 @@ _BLOCK_ORDER = {"self_attn": 0, "cross_attn": 1, "mlp": 2}
 _MODULE_ORDER = {m: i for i, m in enumerate(
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
 ARRAYS = ("sigma_before", "sigma_after", "angles_u", "angles_v", "rot_u", "rot_v")
+ALIGNMENT_TABLE = "embed_lm_head.parquet"  # per checkpoint with untied embeddings: embedding vs output rows
 
 
 class SpectraError(weights.WeightsError):
@@ -312,11 +313,6 @@ def _streamed_u_angles(path_b: Path, path_a: Path, k: int, rows: int, device: to
     return _combine_angles(torch.linalg.svdvals(M).clamp(max=1.0), torch.linalg.svdvals(R)), rot
 
 
-def _write_table(df: pd.DataFrame, path: Path) -> None:
-    with artifacts.atomic_file(path) as tmp:
-        df.to_parquet(tmp, index=False)
-
-
 def _write_arrays(arrays: dict[str, np.ndarray], path: Path) -> None:
     with artifacts.atomic_file(path) as tmp, open(tmp, "wb") as fh:  # a file object: savez adds no suffix
         np.savez(fh, **arrays)
@@ -398,7 +394,7 @@ def analyze_pairs(checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[s
     tables = []
     for before, after in pairs:
         table = pd.DataFrame(rows[(before, after)])
-        _write_table(table, out_dir / f"{before}__{after}.parquet")
+        artifacts.write_table(table, out_dir / f"{before}__{after}.parquet")
         _write_arrays(arrays[(before, after)], out_dir / f"{before}__{after}_arrays.npz")
         with artifacts.atomic_file(out_dir / f"{before}__{after}.json") as tmp:
             tmp.write_text(json.dumps(inputs[(before, after)], indent=1))
@@ -427,18 +423,24 @@ def _check_earlier_pairs(out_dir: Path, inputs: dict[tuple[str, str], dict]) -> 
 def _write_alignment(out_dir: Path, labels: list[str], rows: list[dict], arrays: dict[str, np.ndarray]) -> None:
     """embed_lm_head tables: this call's checkpoints replace their own earlier rows (a checkpoint now tied
     has none), and the rows of other labels an earlier call wrote into out_dir stay."""
-    table_path, arrays_path = out_dir / "embed_lm_head.parquet", out_dir / "embed_lm_head_arrays.npz"
-    earlier = pd.read_parquet(table_path) if table_path.is_file() else pd.DataFrame({"checkpoint": []})
+    table_path, arrays_path = out_dir / ALIGNMENT_TABLE, out_dir / "embed_lm_head_arrays.npz"
+    earlier, kept = pd.DataFrame({"checkpoint": []}), {}
+    try:
+        if table_path.is_file():
+            earlier = pd.read_parquet(table_path)
+        if arrays_path.is_file():
+            with np.load(arrays_path) as npz:
+                kept = {n: npz[n] for n in npz.files if n.split("/", 1)[0] not in labels}
+    except Exception as err:  # a damaged table of our own: its other labels' rows are recomputed when asked
+        log.warning("%s is unreadable (%s): it is written again with this call's checkpoints only",
+                    table_path.name, err.__class__.__name__)
+        earlier, kept = pd.DataFrame({"checkpoint": []}), {}
     earlier = earlier[~earlier["checkpoint"].isin(labels)]
-    kept = {}
-    if arrays_path.is_file():
-        with np.load(arrays_path) as npz:
-            kept = {n: npz[n] for n in npz.files if n.split("/", 1)[0] not in labels}
     if earlier.empty and not rows:
         for path in (table_path, arrays_path):  # only this call's checkpoints were there: theirs are gone
             path.unlink(missing_ok=True)
         return
-    _write_table(pd.concat([earlier, pd.DataFrame(rows)], ignore_index=True), table_path)
+    artifacts.write_table(pd.concat([earlier, pd.DataFrame(rows)], ignore_index=True), table_path)
     _write_arrays(kept | arrays, arrays_path)
 
 
@@ -462,12 +464,20 @@ def load_pair(out_dir: str | os.PathLike, before: str,
         have = sorted(p.stem for p in Path(out_dir).glob("*__*.parquet")) if Path(out_dir).is_dir() else []
         raise SpectraError(f"no spectra for {before} -> {after} in {out_dir} (found pairs: {have}); run "
                            f"analyze_pairs with pairs=[({before!r}, {after!r})] first")
+    remake = ("rerun notebooks/05_spectra.py (it computes an unreadable pair again), or analyze_pairs with "
+              "replace=True")
     arrays: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(arrays_path) as npz:
-        for full in npz.files:
-            name, array = full.rsplit("/", 1)
-            arrays.setdefault(name, {})[array] = npz[full]
-    return pd.read_parquet(table_path), arrays
+    try:
+        with np.load(arrays_path) as npz:
+            for full in npz.files:
+                name, array = full.rsplit("/", 1)
+                arrays.setdefault(name, {})[array] = npz[full]
+    except Exception as err:  # zipfile, numpy and OS errors alike for a truncated or damaged archive
+        raise SpectraError(f"{arrays_path} is unreadable ({err.__class__.__name__}: {str(err)[:120]}); {remake}") from None
+    try:
+        return artifacts.read_table(table_path, remake), arrays
+    except artifacts.ArtifactError as err:
+        raise SpectraError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -498,7 +508,15 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
             "checkpoints": {label: artifacts.fingerprint(path) for label, path in checkpoints.items()},
             "code": artifacts.code_hash("spectra")}
     if not force and artifacts.manifest_matches(out, spec):
-        return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
+        try:
+            table = pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
+            if (out / ALIGNMENT_TABLE).is_file():
+                artifacts.read_table(out / ALIGNMENT_TABLE, "")
+            return table
+        except (SpectraError, artifacts.ArtifactError) as err:  # a cached table that cannot be read is computed again
+            log.warning("%s; computing the spectra again", str(err).split("; ")[0])
+    elif not force and out.exists():
+        log.info("computing the spectra again: %s", artifacts.spec_changes(artifacts.read_manifest(out), spec))
     started = time.time()
     table = analyze_pairs(checkpoints, pairs, out, k=cfg.spectra.k, device=cfg.spectra.device,
                           dtype=cfg.spectra.dtype, cache_dir=weights.svd_cache(cfg), replace=True)

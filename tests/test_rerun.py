@@ -1,0 +1,196 @@
+"""Re-running a notebook after something changed: a setting (the log says which, and going back to settings
+already trained reuses that run), a runs/ directory copied elsewhere (still up to date), or a damaged cache
+(computed again, or one line naming the file and the fix). Tiny checkpoints built here; no training."""
+import json
+import logging
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from paper_lib import artifacts, claims, config, data, evaluate, launch, rl_run, sft, spectra
+
+
+def tiny_qwen(path, seed):
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    return path
+
+
+def truncate_half(path):
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size // 2)
+
+
+# ----------------------------------------------------------------------------- a changed setting
+def test_spec_changes_names_each_setting_that_differs():
+    old = {"sft": {"learning_rate": 0.01, "seed": 1}, "code": "a" * 16, "provenance": {"git": "x"}}
+    new = {"sft": {"learning_rate": 0.002, "seed": 1}, "code": "b" * 16}
+    assert artifacts.spec_changes(old, new) == "code, sft.learning_rate 0.01 -> 0.002"
+    assert artifacts.spec_changes(old, {**old, "provenance": {"git": "y"}}) == "the same settings"
+    assert artifacts.spec_changes(None, new) == "no readable record of its settings"
+    many = {"sft": {f"k{i}": i for i in range(6)}}
+    assert artifacts.spec_changes({"sft": {}}, many, limit=2).endswith("and 4 more")
+
+
+def test_a_run_moved_aside_for_new_settings_says_which_changed(tmp_path, caplog):
+    out = tmp_path / "sft"
+    out.mkdir()
+    (out / artifacts.RUN_SPEC).write_text(json.dumps({"stage": "sft", "sft": {"learning_rate": 0.01}}))
+    with caplog.at_level(logging.WARNING, logger="paper_lib.artifacts"):
+        artifacts.prepare_run_dir(out, {"stage": "sft", "sft": {"learning_rate": 0.002}}, False, "an SFT run")
+    assert "sft.learning_rate 0.01 -> 0.002" in caplog.text
+    assert len(list(tmp_path.glob("sft.stale-*"))) == 1
+
+
+def test_data_rebuilt_without_another_notebooks_override_says_so(caplog):
+    data.build(config.load("tiny", **{"data.sft_size": 512}))  # 01_data with an override
+    with caplog.at_level(logging.WARNING, logger="paper_lib.artifacts"):
+        data.build(config.load("tiny"))  # 02_sft without it
+    assert "rebuilding" in caplog.text and "data.sft_size 512 -> 1024" in caplog.text
+
+
+def _finish(out, spec, seed):
+    """A finished training directory of `spec`, as prepare_run_dir and a run's last save leave it."""
+    artifacts.prepare_run_dir(out, spec, False, "a run")
+    tiny_qwen(out / "checkpoint-4", seed)
+    artifacts.write_manifest(out, spec)
+
+
+def test_going_back_to_earlier_settings_reuses_the_run_moved_aside(tmp_path):
+    out = tmp_path / "rl"
+    a, b, c = ({"stage": "rl", "lr": lr} for lr in (1e-4, 2e-4, 3e-4))
+    _finish(out, a, 0)
+    weights_a = (out / "checkpoint-4" / "model.safetensors").read_bytes()
+    _finish(out, b, 1)  # moves a aside
+    assert not artifacts.reuse_earlier_run(out, c, "redo it")  # nothing of c's settings: nothing moves
+    assert artifacts.manifest_matches(out, b) and len(list(tmp_path.glob("rl.stale-*"))) == 1
+    assert artifacts.reuse_earlier_run(out, a, "redo it")
+    assert artifacts.manifest_matches(out, a)
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == weights_a
+    kept = list(tmp_path.glob("rl.stale-*"))
+    assert len(kept) == 1 and artifacts.manifest_matches(kept[0], b)  # b's run is kept, not replaced
+
+
+def test_a_damaged_earlier_run_is_not_reused_and_stays_where_it_is(tmp_path):
+    out = tmp_path / "rl"
+    a, b = {"stage": "rl", "lr": 1}, {"stage": "rl", "lr": 2}
+    _finish(out, a, 0)
+    _finish(out, b, 1)
+    (earlier,) = tmp_path.glob("rl.stale-*")
+    truncate_half(earlier / "checkpoint-4" / "model.safetensors")
+    assert not artifacts.reuse_earlier_run(out, a, "redo it")
+    assert earlier.is_dir() and artifacts.manifest_matches(out, b)
+
+
+def test_sft_run_back_on_earlier_settings_trains_nothing(tiny_base, monkeypatch):
+    shutil.copytree(tiny_base.path, artifacts.base_model_dir(config.load("tiny")))
+    first, second = config.load("tiny"), config.load("tiny", **{"sft.learning_rate": 2e-3})
+    out = artifacts.sft_dir(first)
+    trained = []
+
+    def fake_training(cfg, module, section, extra=(), stream=True):  # what the launched stage leaves
+        trained.append(cfg.sft.learning_rate)
+        _finish(out, sft.manifest_spec(cfg), len(trained))
+
+    monkeypatch.setattr(launch, "run_stage", fake_training)
+    sft.run(first)
+    sft.run(second)
+    assert trained == [first.sft.learning_rate, 2e-3]
+    assert sft.run(first) == out and trained == [first.sft.learning_rate, 2e-3]  # reused, not trained
+    assert artifacts.manifest_matches(out, sft.manifest_spec(first))
+
+
+# ----------------------------------------------------------------------------- a runs/ moved whole
+@pytest.fixture
+def evaluated(monkeypatch):
+    """(cfg, checkpoint, its first episodes, the checkpoints played so far): sft-0004 under runs/, evaluated
+    once by a stand-in for the model's play (two hands per rule, the first solved)."""
+    cfg = config.load("tiny")
+    played = []
+
+    def play(cfg, checkpoint, hands, state):
+        played.append(checkpoint)
+        return [{"rule": rule, "hand": i, "repeat": 0, "success": i == 0, "attempts": 1}
+                for rule in hands for i in range(2)]
+
+    monkeypatch.setattr(evaluate, "_play", play)
+    checkpoint = artifacts.Checkpoint("sft-0004", "sft", 4, tiny_qwen(artifacts.sft_dir(cfg) / "checkpoint-4", 0))
+    return cfg, checkpoint, evaluate.evaluate_checkpoint(cfg, checkpoint), played
+
+
+def test_a_runs_dir_copied_elsewhere_is_still_up_to_date(evaluated, tmp_path, monkeypatch):
+    cfg, checkpoint, first, played = evaluated
+    spec_here = rl_run.run_spec(cfg, checkpoint.path)
+
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(artifacts.runs_root(), moved)  # copy2 keeps the mtimes, as cp -a, rsync -a and tar do
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(moved))
+    ck_there = artifacts.sft_dir(cfg) / "checkpoint-4"
+    again = evaluate.evaluate_checkpoint(cfg, artifacts.Checkpoint("sft-0004", "sft", 4, ck_there))
+    assert len(played) == 1 and again.equals(first)
+    assert rl_run.run_spec(cfg, ck_there) == spec_here  # RL from the copied SFT checkpoint is not redone
+
+
+# ----------------------------------------------------------------------------- a damaged cache
+def test_a_damaged_episode_cache_is_evaluated_again(evaluated, caplog):
+    cfg, checkpoint, first, played = evaluated
+    evaluate.evaluate_checkpoint(cfg, checkpoint)
+    assert len(played) == 1
+    truncate_half(evaluate.episodes_dir(cfg, checkpoint) / "episodes.jsonl")
+    with caplog.at_level(logging.WARNING, logger="paper_lib.evaluate"):
+        again = evaluate.evaluate_checkpoint(cfg, checkpoint)
+    assert len(played) == 2 and again.equals(first)
+    assert "sft-0004/episodes.jsonl ends in the middle of a row" in caplog.text
+    assert "evaluating sft-0004 again" in caplog.text
+
+
+def test_a_damaged_results_table_is_one_line_naming_the_fix():
+    cfg = config.load("tiny")
+    path = artifacts.eval_dir(cfg) / "results.parquet"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PAR1 cut short")
+    with pytest.raises(artifacts.ArtifactError, match=r"results.parquet is unreadable .*--only 4") as err:
+        evaluate.load_results(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_a_damaged_spectra_table_is_computed_again(tmp_path, monkeypatch, caplog):
+    cfg = config.load("tiny", **{"spectra.k": 4})
+    checkpoints = {"a": tiny_qwen(tmp_path / "a", 0), "b": tiny_qwen(tmp_path / "b", 1)}
+    first = spectra.run_stage(cfg, checkpoints, [("a", "b")])
+    out = artifacts.spectra_dir(cfg)
+    alignment = artifacts.read_table(out / spectra.ALIGNMENT_TABLE, "")
+    truncate_half(out / "a__b.parquet")
+    with pytest.raises(spectra.SpectraError, match=r"a__b.parquet is unreadable .*05_spectra"):
+        spectra.load_pair(out, "a", "b")
+    with caplog.at_level(logging.WARNING, logger="paper_lib.spectra"):
+        again = spectra.run_stage(cfg, checkpoints, [("a", "b")])
+    assert "computing the spectra again" in caplog.text
+    assert again.drop(columns=["seconds"], errors="ignore").equals(first.drop(columns=["seconds"], errors="ignore"))
+
+    truncate_half(out / spectra.ALIGNMENT_TABLE)  # the table 05 shows beside the pairs heals the same way
+    spectra.run_stage(cfg, checkpoints, [("a", "b")])
+    assert artifacts.read_table(out / spectra.ALIGNMENT_TABLE, "").equals(alignment)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("an intact cache was computed again")
+
+    monkeypatch.setattr(spectra, "analyze_pairs", no_recompute)
+    spectra.run_stage(cfg, checkpoints, [("a", "b")])
+
+
+def test_a_table_cut_mid_row_is_refused_not_read_short(tmp_path):
+    """pandas reads the half of a last CSV row as a row of NaNs; the claims would then count fewer variants."""
+    cfg = config.load("tiny")
+    path = artifacts.write_table(pd.DataFrame({"variant": ["a", "b"], "success_rate": [0.5, 0.25]}),
+                                 artifacts.restore_dir(cfg) / "variants.csv")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-4])
+    with pytest.raises(artifacts.ArtifactError, match=r"variants.csv ends in the middle of a row .*--only 6"):
+        claims.restore_recovery(cfg)
+    path.write_bytes(whole)
+    assert len(artifacts.read_table(path, "")) == 2
