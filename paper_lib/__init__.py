@@ -4,3 +4,23 @@ Modules: config (presets), cards (the GeneralPoints game), data, models, artifac
 manifests), plots (figures with provenance). See DESIGN in the README for the data flow.
 """
 __version__ = "0.1.0"
+
+
+def _show_progress_notes_in_notebooks() -> None:
+    """In a Jupyter kernel (JupyterLab, papermill) with no logging set up, print paper_lib's INFO lines, such
+    as "… is up to date (manifest matches)", under the cell: without them a skipped stage looks like one that
+    did nothing. Scripts and the stage CLIs configure logging themselves; a handler set up here first is kept."""
+    import logging
+    import sys
+
+    if "ipykernel" not in sys.modules or logging.getLogger().handlers:
+        return
+    log = logging.getLogger(__name__)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)  # stderr would paint every note red in JupyterLab
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+_show_progress_notes_in_notebooks()

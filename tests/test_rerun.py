@@ -194,3 +194,16 @@ def test_a_table_cut_mid_row_is_refused_not_read_short(tmp_path):
         claims.restore_recovery(cfg)
     path.write_bytes(whole)
     assert len(artifacts.read_table(path, "")) == 2
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_a_notebook_shows_that_a_stage_was_skipped(in_kernel):
+    """In a Jupyter kernel without logging set up, paper_lib's INFO notes ("… is up to date") reach the cell;
+    elsewhere paper_lib leaves logging to the caller."""
+    import subprocess
+    import sys
+
+    fake_kernel = "import sys, types; sys.modules['ipykernel'] = types.ModuleType('ipykernel'); " if in_kernel else ""
+    code = fake_kernel + "import logging, paper_lib; logging.getLogger('paper_lib.sft').info('SFT is up to date')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert ("SFT is up to date" in out.stdout) is in_kernel and "up to date" not in out.stderr
