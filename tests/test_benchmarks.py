@@ -17,6 +17,7 @@ QUICK = {
     "bench_eval.py": ["--hands", "2"],
     "bench_generate.py": ["--preset", "tiny", "--batches", "1,2", "--dtypes", "float32", "--tokens", "4"],
     "bench_ppo.py": ["--updates", "1"],
+    "bench_rerun.py": ["--examples", "32"],
     "bench_restore.py": ["--layers", "1", "--vocab", "2048", "--top", "8"],
     "bench_sft.py": ["--threads", "1", "--examples", "32"],
     "bench_spectra.py": ["--layers", "1", "--vocab", "2048", "--k", "8", "--threads", "1", "--no-docs"],
