@@ -390,6 +390,22 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     replace_dir(tmp, final)
 
 
+def read_cached(out_dir: str | os.PathLike, spec: dict[str, Any], read: Callable[[Path], Any], redo: str,
+                force: bool = False, damaged: tuple[type[Exception], ...] = ()) -> Any:
+    """read(out_dir) when it holds a finished stage of `spec` that reads back, else None after one line on why
+    the caller redoes it (`redo`, e.g. "evaluating sft-0016 again"): the settings that changed, or the cached
+    file that is damaged (ArtifactError, or a `damaged` kind the reader raises): a cache is computed again."""
+    out_dir = Path(out_dir)
+    if not force and manifest_matches(out_dir, spec):
+        try:
+            return read(out_dir)
+        except (ArtifactError, *damaged) as err:
+            log.warning("%s; %s", str(err).split("; ")[0], redo)  # the file and its fault, not the reader's fix
+    elif not force and out_dir.exists():
+        log.info("%s: %s", redo, spec_changes(read_manifest(out_dir), spec))
+    return None
+
+
 def cached_stage(out_dir: str | os.PathLike, spec: dict[str, Any], build: Callable[[Path], Any],
                  force: bool = False) -> Path:
     """Run `build(tmp_dir)` unless out_dir already holds a stage with this spec; return out_dir."""

@@ -119,14 +119,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
             "code": artifacts.code_hash("evaluate")}
 
-    if not force and artifacts.manifest_matches(out, spec):
-        try:
-            return episodes_table(out)
-        except artifacts.ArtifactError as err:  # a cache: the fix is to play the hands again
-            log.warning("%s; evaluating %s again", str(err).split("; ")[0], checkpoint.label)
-    elif not force and out.exists():
-        changes = artifacts.spec_changes(artifacts.read_manifest(out), spec)
-        log.info("evaluating %s again: %s", checkpoint.label, changes)
+    cached = artifacts.read_cached(out, spec, episodes_table, f"evaluating {checkpoint.label} again", force)
+    if cached is not None:
+        return cached
     state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
     splits = data.load(cfg)
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}

@@ -507,16 +507,14 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
     spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": asdict(cfg.spectra),
             "checkpoints": {label: artifacts.fingerprint(path) for label, path in checkpoints.items()},
             "code": artifacts.code_hash("spectra")}
-    if not force and artifacts.manifest_matches(out, spec):
-        try:
-            table = pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
-            if (out / ALIGNMENT_TABLE).is_file():
-                artifacts.read_table(out / ALIGNMENT_TABLE, "")
-            return table
-        except (SpectraError, artifacts.ArtifactError) as err:  # a cached table that cannot be read is computed again
-            log.warning("%s; computing the spectra again", str(err).split("; ")[0])
-    elif not force and out.exists():
-        log.info("computing the spectra again: %s", artifacts.spec_changes(artifacts.read_manifest(out), spec))
+    def read(out: Path) -> pd.DataFrame:
+        if (out / ALIGNMENT_TABLE).is_file():  # 05 shows it beside the pairs: it must read back too
+            artifacts.read_table(out / ALIGNMENT_TABLE, "")
+        return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
+
+    cached = artifacts.read_cached(out, spec, read, "computing the spectra again", force, damaged=(SpectraError,))
+    if cached is not None:
+        return cached
     started = time.time()
     table = analyze_pairs(checkpoints, pairs, out, k=cfg.spectra.k, device=cfg.spectra.device,
                           dtype=cfg.spectra.dtype, cache_dir=weights.svd_cache(cfg), replace=True)
