@@ -47,7 +47,7 @@ out = sft.run(cfg, force=force)
 # ## The run: end of its log, and the checkpoints
 
 # %%
-print(sft.log_tail(cfg, 12) or "(no log: the run was reused from an earlier session)")
+print(sft.log_tail(cfg, 12) or f"(no log kept with this run: it was trained from the command line; see {out.parent / 'logs' / 'sft.log'})")
 checkpoints = sft.checkpoints(cfg)
 display(pd.DataFrame({
     "step": [sft.checkpoint_step(p) for p in checkpoints],

@@ -220,21 +220,40 @@ def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] =
             "--num_processes", str(settings.num_processes), *args]
 
 
+RUN_LOG = "run.log"  # in a run's own directory: the log of the command that finished it
+
+
 def stage_log(cfg: Config, module: str) -> Path:
     """runs/<preset>/logs/<module>.log: every run of the stage appends to it (kept when a run is redone)."""
     return artifacts.run_dir(cfg) / "logs" / f"{module}.log"
 
 
-def run_stage(cfg: Config, module: str, section: str, extra: Sequence[str] = (), stream: bool = True) -> None:
+def run_stage(cfg: Config, module: str, section: str, extra: Sequence[str] = (), stream: bool = True,
+              keep_log_in: Path | None = None) -> None:
     """Run a training stage's command (stage_command) to its end, streaming it into its log; StageError
-    with the tail of the log when it fails."""
+    with the tail of the log when it fails. With keep_log_in, this run's part of the log is also written
+    to <keep_log_in>/run.log, so that the log travels with the run it made (moved aside, moved back)."""
     command = stage_command(cfg, module, section, extra)
     log_path = stage_log(cfg, module)
+    start = log_path.stat().st_size if log_path.is_file() else 0  # the stage log is shared by every run
     log.info("running %s (log: %s)", " ".join(command), log_path)
     code, output = run_streamed(command, log_path, stream=stream)
     if code != 0:
         raise StageError(f"{module} failed with exit code {code}.\ncommand: {' '.join(command)}\nfull log: "
                          f"{log_path}\nlast lines:\n{tail(output, 40)}")
+    if keep_log_in is not None and Path(keep_log_in).is_dir():
+        with open(log_path, "rb") as fh:
+            fh.seek(start)
+            mine = fh.read()
+        with artifacts.atomic_file(Path(keep_log_in) / RUN_LOG) as tmp:
+            tmp.write_bytes(mine)
+
+
+def run_log_tail(run: Path, lines: int) -> str:
+    """The last lines of the log kept with a run (run_stage's keep_log_in), progress-bar redraws collapsed;
+    "" for a run made without one (trained by its module's command line, or before logs were kept)."""
+    path = Path(run) / RUN_LOG
+    return tail(path.read_text(errors="replace"), lines) if path.is_file() else ""
 
 
 def stage_arguments(prog: str, description: str, what: str) -> argparse.ArgumentParser:

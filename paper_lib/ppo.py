@@ -386,8 +386,8 @@ def _flags(force: bool, init: str | os.PathLike | None) -> list[str]:
 
 def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None, stream: bool = True) -> Path:
     """Run the RL stage (rl.algo) in a subprocess (launch.run_stage) unless a finished run matches; its
-    output is appended to runs/<preset>/logs/ppo.log and echoed. `init` replaces the full-SFT checkpoint as
-    the start. Returns rl_dir."""
+    output is appended to runs/<preset>/logs/ppo.log, kept in rl_dir/run.log and echoed. `init` replaces
+    the full-SFT checkpoint as the start. Returns rl_dir."""
     start = init_checkpoint(cfg, init)  # fails here, with the clear message, before any launch
     validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
@@ -397,7 +397,7 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
         return out
     if not force and artifacts.reuse_earlier_run(out, spec, REDO_RL):
         return out
-    launch.run_stage(cfg, "ppo", "rl", _flags(force, init), stream=stream)
+    launch.run_stage(cfg, "ppo", "rl", _flags(force, init), stream=stream, keep_log_in=out)
     return out
 
 

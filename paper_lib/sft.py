@@ -132,11 +132,9 @@ def loss_table(cfg: Config) -> "pd.DataFrame":  # noqa: F821
 
 
 def log_tail(cfg: Config, lines: int = 20) -> str:
-    """The last lines of runs/<preset>/logs/sft.log (progress-bar redraws collapsed)."""
-    path = launch.stage_log(cfg, "sft")
-    if not path.is_file():
-        return ""
-    return launch.tail(path.read_text(errors="replace"), lines)
+    """The last lines of the log of the SFT run in sft_dir (launch.run_log_tail): that run's, even when an
+    earlier run was moved back or other runs wrote to runs/<preset>/logs/sft.log since."""
+    return launch.run_log_tail(artifacts.sft_dir(cfg), lines)
 
 
 # ------------------------------------------------------------------------------------------- launching
@@ -148,7 +146,8 @@ def launch_command(cfg: Config, force: bool = False, use_accelerate: bool | None
 
 def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
     """Train cfg's SFT in a subprocess (launch.run_stage) unless a finished run matches; returns sft_dir.
-    Its output is appended to runs/<preset>/logs/sft.log and, with stream=True, echoed as it comes."""
+    Its output is appended to runs/<preset>/logs/sft.log, kept in sft_dir/run.log and, with stream=True,
+    echoed as it comes."""
     out = artifacts.sft_dir(cfg)
     data_lib.build(cfg)  # here, once, rather than racing in several ranks
     spec = manifest_spec(cfg)  # builds the tiny base model here too
@@ -157,7 +156,7 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
         return out
     if not force and artifacts.reuse_earlier_run(out, spec, _redo(cfg)):
         return out
-    launch.run_stage(cfg, "sft", "sft", ["--force"] if force else [], stream=stream)
+    launch.run_stage(cfg, "sft", "sft", ["--force"] if force else [], stream=stream, keep_log_in=out)
     if not artifacts.manifest_matches(out, spec):
         raise launch.StageError(f"the SFT command exited cleanly but {out / artifacts.MANIFEST} does not match the "
                                 f"config; see {launch.stage_log(cfg, 'sft')}")

@@ -92,7 +92,7 @@ def test_sft_run_back_on_earlier_settings_trains_nothing(tiny_base, monkeypatch)
     out = artifacts.sft_dir(first)
     trained = []
 
-    def fake_training(cfg, module, section, extra=(), stream=True):  # what the launched stage leaves
+    def fake_training(cfg, module, section, extra=(), stream=True, keep_log_in=None):  # what the stage leaves
         trained.append(cfg.sft.learning_rate)
         _finish(out, sft.manifest_spec(cfg), len(trained))
 
@@ -103,6 +103,28 @@ def test_sft_run_back_on_earlier_settings_trains_nothing(tiny_base, monkeypatch)
     assert sft.run(first) == out and trained == [first.sft.learning_rate, 2e-3]  # reused, not trained
     assert artifacts.manifest_matches(out, sft.manifest_spec(first))
 
+
+
+def test_a_run_moved_back_shows_its_own_log_not_the_last_trained(tiny_base, monkeypatch):
+    shutil.copytree(tiny_base.path, artifacts.base_model_dir(config.load("tiny")))
+    first, second = config.load("tiny"), config.load("tiny", **{"sft.learning_rate": 2e-3})
+    out = artifacts.sft_dir(first)
+
+    def fake_stage(command, log_path, stream=True):  # appends to the shared stage log, as the real one does
+        cfg = second if any("2e-3" in c or "0.002" in c for c in command) else first
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as fh:
+            fh.write(f"trained with lr {cfg.sft.learning_rate}\n")
+        _finish(out, sft.manifest_spec(cfg), 0)
+        return 0, ""
+
+    monkeypatch.setattr(launch, "run_streamed", fake_stage)
+    sft.run(first)
+    sft.run(second)
+    assert sft.log_tail(second, 5) == "trained with lr 0.002"
+    sft.run(first)  # moved back from its aside, not trained
+    assert sft.log_tail(first, 5) == f"trained with lr {first.sft.learning_rate}"
+    assert launch.stage_log(first, "sft").read_text().count("trained with") == 2  # the shared log keeps both
 
 # ----------------------------------------------------------------------------- a runs/ moved whole
 @pytest.fixture
