@@ -1,6 +1,7 @@
 """What a re-run costs after a change of settings: the tiny preset's SFT stage (`sft.run`, as notebook 02
 calls it) trained, run again unchanged, trained with another learning rate, then sent back to the first
-settings, which moves the first run back from `sft.stale-*` instead of training it again.
+settings, which moves the first run back from `sft.stale-*` instead of training it again; then notebook
+04's sweep of its checkpoints (`evaluate.sweep`) the same way, with another eval.max_attempts and back.
 
     python benchmarks/bench_rerun.py [--write-docs]
 
@@ -26,7 +27,7 @@ def main() -> None:
     load_before = load_average()
     with tempfile.TemporaryDirectory() as runs:
         os.environ["PAPER_RUNS_DIR"] = runs
-        from paper_lib import config, sft
+        from paper_lib import config, evaluate, sft
 
         size = {"data__sft_size": args.examples} if args.examples else {}
         first, other = config.load("tiny", **size), config.load("tiny", sft__learning_rate=2e-3, **size)
@@ -35,21 +36,31 @@ def main() -> None:
                  ("the same settings again (up to date)", first),
                  (f"sft.learning_rate {first.sft.learning_rate} -> 2e-3 (trains; the first run is moved aside)", other),
                  ("back to the first settings (moved back)", first)]
+        fewer = config.load("tiny", eval__max_attempts=3, **size)
+        sweeps = [("the first settings (evaluates)", first),
+                  ("the same settings again (up to date)", first),
+                  (f"eval.max_attempts {first.eval.max_attempts} -> 3 (evaluates; the first episodes are kept "
+                   "aside)", fewer),
+                  ("back to the first settings (moved back)", first)]
         rows = []
-        for what, cfg in steps:
-            started = time.perf_counter()
-            sft.run(cfg, stream=False)
-            rows.append((what, time.perf_counter() - started))
+        for stage, run, cases in (("SFT", lambda cfg: sft.run(cfg, stream=False), steps),
+                                  ("sweep", evaluate.sweep, sweeps)):
+            for what, cfg in cases:
+                started = time.perf_counter()
+                run(cfg)
+                rows.append((f"{stage}: {what}", time.perf_counter() - started))
+        checkpoints = len(evaluate.discover_checkpoints(first))
     table = "\n".join(f"| {what} | {seconds:.2f} |" for what, seconds in rows)
     steps_run = first.data.sft_size // first.sft.per_device_batch_size
-    body = f"""## Re-running SFT after a change of settings (tiny preset)
+    body = f"""## Re-running SFT and evaluation after a change of settings (tiny preset)
 
 `python benchmarks/bench_rerun.py {' '.join(sys.argv[1:])}` on {datetime.date.today()}; {machine()};
 load average before/after: {load_before:.2f} / {load_average():.2f}.
 
 `sft.run`, as notebook 02 calls it, in a fresh runs directory, one call after another ({first.data.sft_size}
 examples, {steps_run} steps). Training runs in a subprocess (`python -m paper_lib.sft`), so each trained row
-includes its start (imports, model load).
+includes its start (imports, model load). Then `evaluate.sweep`, as notebook 04 calls it, over the
+{checkpoints} checkpoints it evaluates, in this process.
 
 | call | seconds |
 |---|---|

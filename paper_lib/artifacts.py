@@ -456,10 +456,10 @@ def is_own_output(path: str | os.PathLike) -> bool:
     return not any(path.iterdir()) or any((path / marker).is_file() for marker in _OWN_MARKERS)
 
 
-def move_aside(path: str | os.PathLike, reason: str, keep: tuple[str, ...] = ()) -> Path | None:
-    """Rename a previous run `path` to `<name>.stale-<time>` beside it (never delete it), log why, and
-    return the new path (None when there was nothing to move). Entries named in `keep` (e.g. a log a
-    running process appends to) stay where they are."""
+def move_aside(path: str | os.PathLike, reason: str, keep: tuple[str, ...] = (), quiet: bool = False) -> Path | None:
+    """Rename a previous run `path` to `<name>.stale-<time>` beside it (never delete it), log why (a warning;
+    quiet: a note, for a small cache), and return the new path (None when there was nothing to move).
+    Entries named in `keep` (e.g. a log a running process appends to) stay where they are."""
     path = Path(path)
     if not path.exists():
         return None
@@ -475,8 +475,8 @@ def move_aside(path: str | os.PathLike, reason: str, keep: tuple[str, ...] = ())
                 os.replace(child, aside / child.name)
     else:
         os.replace(path, aside)
-    log.warning("moved the previous run %s aside to %s (%s); delete it yourself when it is not needed",
-                path, aside, reason)
+    (log.info if quiet else log.warning)("moved the previous run %s aside to %s (%s); delete it yourself when "
+                                         "it is not needed", path, aside, reason)
     return aside
 
 
@@ -569,10 +569,11 @@ def prepare_run_dir(out: str | os.PathLike, spec: dict[str, Any], force: bool, w
     (out / RUN_SPEC).write_text(json.dumps(canon, indent=2, sort_keys=True))
 
 
-def reuse_earlier_run(out: str | os.PathLike, spec: dict[str, Any], rebuild: str) -> bool:
+def reuse_earlier_run(out: str | os.PathLike, spec: dict[str, Any], rebuild: str, quiet: bool = False) -> bool:
     """Put back a finished run of `spec` that an earlier change of settings moved aside (`<out>.stale-*`,
     newest first), moving the run now in `out` aside in its place: going back to settings already trained
-    costs a rename, not the run. False, touching nothing, when no such run is intact. Main process only."""
+    costs a rename, not the run. False, touching nothing, when no such run is intact. Main process only.
+    quiet logs notes rather than warnings (a small cache, one of many)."""
     out = Path(out)
     for earlier in sorted(out.parent.glob(f"{out.name}.stale-*"), reverse=True):  # <time> sorts as it reads
         try:
@@ -582,14 +583,30 @@ def reuse_earlier_run(out: str | os.PathLike, spec: dict[str, Any], rebuild: str
             log.info("not reusing %s: %s", earlier, err)
             continue
         if out.exists() and any(out.iterdir()):
-            move_aside(out, f"a finished run of these settings was kept in {earlier.name}")
+            move_aside(out, f"a finished run of these settings was kept in {earlier.name}", quiet=quiet)
         elif out.exists():
             out.rmdir()  # empty: nothing to keep
         os.replace(earlier, out)
-        log.warning("reusing %s, finished earlier with these settings, as %s (moved back; no training needed)",
-                    earlier.name, out)
+        (log.info if quiet else log.warning)("reusing %s, finished earlier with these settings, as %s (moved "
+                                             "back; not computed again)", earlier.name, out)
         return True
     return False
+
+
+def keep_earlier_result(out: str | os.PathLike, spec: dict[str, Any], redo: str, force: bool = False) -> None:
+    """Before a cache of `spec` at `out` is read (main process only): a finished result of other settings
+    there is moved aside (<out>.stale-<time>) rather than overwritten by the new one, and a result of these
+    settings moved aside earlier is moved back (reuse_earlier_run; not with force), so that going back to
+    earlier settings reads their results instead of computing them again. `redo` says what is computed
+    again, for the note on what changed."""
+    out = Path(out)
+    earlier = read_manifest(out)
+    if earlier is None or manifest_matches(out, spec):
+        return  # nothing finished there (atomic_dir guards a user's directory), or these settings' result
+    if not force and reuse_earlier_run(out, spec, redo, quiet=True):
+        return
+    log.info("%s: %s", redo, spec_changes(earlier, spec))
+    move_aside(out, "its settings changed", quiet=True)
 
 
 def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

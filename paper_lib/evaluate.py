@@ -119,10 +119,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
             "eval": asdict(cfg.eval), "data": asdict(cfg.data),
             "code": artifacts.code_hash("evaluate")}
 
-    cached = artifacts.read_cached(out, spec, episodes_table, f"evaluating {checkpoint.label} again", force)
+    redo = f"evaluating {checkpoint.label} again"
+    state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
+    if state.is_main_process:  # earlier settings' episodes are kept aside, and put back when they return
+        artifacts.keep_earlier_result(out, spec, redo, force)
+    state.wait_for_everyone()
+    cached = artifacts.read_cached(out, spec, episodes_table, redo, force)
     if cached is not None:
         return cached
-    state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
     splits = data.load(cfg)
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     log.info("evaluating %s (%s) on %d process(es)", checkpoint.label, checkpoint.path, state.num_processes)

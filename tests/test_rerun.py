@@ -157,6 +157,21 @@ def test_a_runs_dir_copied_elsewhere_is_still_up_to_date(evaluated, tmp_path, mo
     assert rl_run.run_spec(cfg, ck_there) == spec_here  # RL from the copied SFT checkpoint is not redone
 
 
+
+def test_going_back_to_earlier_eval_settings_reads_their_episodes(evaluated, caplog):
+    cfg, checkpoint, first, played = evaluated
+    other = config.load("tiny", **{"eval.max_attempts": 3})
+    with caplog.at_level(logging.INFO, logger="paper_lib.artifacts"):
+        evaluate.evaluate_checkpoint(other, checkpoint)
+    assert len(played) == 2 and "eval.max_attempts 5 -> 3" in caplog.text
+    out = evaluate.episodes_dir(cfg, checkpoint)
+    assert len(list(out.parent.glob("sft-0004.stale-*"))) == 1  # kept aside, not overwritten
+    assert evaluate.evaluate_checkpoint(cfg, checkpoint).equals(first) and len(played) == 2  # moved back
+    evaluate.evaluate_checkpoint(other, checkpoint)
+    assert len(played) == 2  # and the other settings' episodes in turn
+    evaluate.evaluate_checkpoint(cfg, checkpoint, force=True)
+    assert len(played) == 3  # force evaluates again, whatever was kept
+
 # ----------------------------------------------------------------------------- a damaged cache
 def test_a_damaged_episode_cache_is_evaluated_again(evaluated, caplog):
     cfg, checkpoint, first, played = evaluated
