@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import artifacts, config, evaluate, launch, spectra
+from . import artifacts, config, evaluate, launch, restore, spectra
 from .config import Config
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
@@ -34,6 +34,8 @@ def _verdict(low: float, high: float, threshold: float) -> str:
 
 def _pct(value: float, low: float | None = None, high: float | None = None) -> str:
     text = f"{value:.1%}" if np.isfinite(value) else "undefined"
+    if low is not None and np.isinf(low):  # evaluate.recovery: the drop's own interval reaches 0
+        return text + " [unbounded: over 2.5% of bootstrap draws show no drop]"
     return text + (f" [{low:.1%}, {high:.1%}]" if low is not None and np.isfinite(low) else "")
 
 
@@ -211,9 +213,12 @@ def causal_test(cfg: Config) -> list[dict]:
         other = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / imposed), "ood")
         change = evaluate.interval("change", other[idx].mean(1) - rl[idx].mean(1))
         fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)
+        whole = restore.replaced_whole(artifacts.restore_dir(cfg) / imposed)
         rows.append(_row(6, imposed, "imposing SFT's singular directions on the RL model lowers OOD success",
                          f"RL {named.rl}: OOD {_pct(rl.mean())}; with SFT's directions {_pct(other.mean())}; change "
-                         f"{_pct(other.mean() - rl.mean(), change['change_ci_low'], change['change_ci_high'])}",
+                         f"{_pct(other.mean() - rl.mean(), change['change_ci_low'], change['change_ci_high'])}"
+                         + ("; k reaches every matrix's rank, so this is SFT's weights with RL's norms and biases, "
+                            "not a direction restore" if whole else ""),
                          fall, "holds when the change's interval lies below 0"))
     return rows
 

@@ -290,6 +290,9 @@ def selection_interval(name: str, chosen: int, points: np.ndarray, samples: np.n
     return {f"{name}_ci_low": float(points[chosen] - over), f"{name}_ci_high": float(points[chosen] + under)}
 
 
+SHARE_BOUNDED_FROM = 0.975  # the share of draws with a drop below which the share's 95% interval is unbounded
+
+
 def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
              n_boot: int = 2000, seed: int = 0, selected_from: Sequence[str] = ()) -> dict:
     """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
@@ -297,7 +300,10 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
     paired bootstrap over hands. `selected_from`: the SFT checkpoints Inter_SFT was picked among on these
     OOD hands (Named.inter_candidates); then the OOD drop and relative drop get selection_interval's band.
     The share's interval stays conditional on the pick (which tends to overrate the drop, and so to lower
-    the share); on ID hands Inter_SFT was not picked, so no band is needed."""
+    the share); on ID hands Inter_SFT was not picked, so no band is needed. Where more than 2.5% of the
+    draws show no drop, the share's 95% interval is unbounded (-inf, inf): a ratio whose denominator may be
+    0 has no finite bound (Fieller), and dropping those draws would narrow it falsely. share_defined_in is
+    the fraction of draws with a drop."""
     a, b = hand_hits(episodes[inter], rule), hand_hits(episodes[full], rule)
     c = hand_hits(episodes[rl], rule) if rl else None
     idx = bootstrap_indices(len(a), n_boot, seed)
@@ -326,9 +332,12 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
         gain, boot_gain = c.mean() - b.mean(), c[idx].mean(1) - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             boot_share = np.where(boot_drop > 0, boot_gain / boot_drop, np.nan)
+        defined = float(np.isfinite(boot_share).mean())
+        share_band = interval("share", boot_share) if defined >= SHARE_BOUNDED_FROM else \
+            {"share_ci_low": -np.inf, "share_ci_high": np.inf}
         result.update(rl_rate=c.mean(), gain=gain, **interval("gain", boot_gain),
-                      share_recovered=gain / drop if drop > 0 else float("nan"), **interval("share", boot_share),
-                      share_defined_in=float(np.isfinite(boot_share).mean()))
+                      share_recovered=gain / drop if drop > 0 else float("nan"), **share_band,
+                      share_defined_in=defined)
     return result
 
 

@@ -7,7 +7,14 @@ keep="target-sigma" (the paper's UV restore) Σ[S] is the target's, so only dire
 keep="source" whole triplets are swapped, σ included: the variant of the authors' svd_recover.py.
 keep="target-sigma-reset" is the authors' svd_recover_dir scripts: the target's σ while S is part of
 the ranks, the source matrix whole once S is all of them (k >= rank: Qwen's k/v_proj, rank 512, at
-every k of their sweeps, and every matrix of their layer-wise runs, whose k is 4096).
+every k of their sweeps; at k = 3584 every Qwen2.5-7B matrix, whose ranks are all <= 3584, so that
+point is the source's weights with the target's norms and biases; and every matrix of their
+layer-wise runs, whose k is 4096).
+
+Restored checkpoints keep the target's dtype (bf16 for the hub models). The authors' recover scripts
+loaded both models in float16 and saved the whole restored model `.half()`, while their unrestored
+references stayed in their own dtype: a second, small difference between restored and reference in
+their numbers, which this project does not copy.
 
 Checkpoints are written tensor by tensor into shards with the target's index, so peak memory is about a
 shard, never a model. Decompositions come from the spectra stage's on-disk cache when given.
@@ -198,6 +205,15 @@ def _write_shards(tgt: weights.LazyWeights, src: weights.LazyWeights, tmp: Path,
     return record
 
 
+def replaced_whole(checkpoint: str | Path) -> bool:
+    """Whether a restore took every matrix it touched whole from the source (k reached each one's rank, with
+    keep "source" or "target-sigma-reset"): the source's weights with the target's norms and biases, which is
+    a reset, not a direction restore (the authors' top-3584 runs on Qwen2.5-7B). False when unknown."""
+    found = artifacts.read_json(Path(checkpoint) / "restore_manifest.json") or {}
+    record, keep = found.get("restored") or [], (found.get("plan") or {}).get("keep")
+    return keep != "target-sigma" and bool(record) and all(r["top"] + r["tail"] >= r["rank"] for r in record)
+
+
 def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
     """Refuse an output directory that is, lies inside or contains an input, or holds anything but a
     previous restore output (which needs replace=True): restore never deletes what it did not write."""
@@ -291,7 +307,8 @@ def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.
                          "keep": variant.keep, "kind": kind, "setting": setting, "claim_point": claim,
                          "label": label, "rule": r["rule"], "success_rate": r["success_rate"],
                          "ci_low": r["ci_low"], "ci_high": r["ci_high"], "episodes": r["episodes"],
-                         **({key: share[key] for key in ("share_recovered", "share_ci_low", "share_ci_high")}
+                         **({key: share[key] for key in ("share_recovered", "share_ci_low", "share_ci_high",
+                                                         "share_defined_in")}
                             if r["rule"] == "ood" else {})})
     out = pd.DataFrame(rows)
     artifacts.write_table(out, artifacts.restore_dir(cfg) / "variants.csv")

@@ -1,4 +1,6 @@
 """paper_lib.claims: each claim's quantity and verdict from hand-made run tables whose answer is known."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,9 +57,14 @@ def test_the_causal_test_reads_the_paired_change(run):
                       "causal-x-top-0008": ("restore", 0, 0.9, 0.30)})
     pd.DataFrame([{"label": label, "rule": rule} for label in ("causal-x", "causal-x-top-0008")
                   for rule in ("id", "ood")]).to_parquet(artifacts.eval_dir(run) / "causal_results.parquet")
+    whole = artifacts.restore_dir(run) / "causal-x-top-0008"  # k = 8 reached every matrix's rank
+    whole.mkdir(parents=True)
+    (whole / "restore_manifest.json").write_text(json.dumps({"plan": {"keep": "target-sigma-reset"}, "restored": [
+        {"name": "q", "top": 8, "tail": 0, "rank": 8}, {"name": "k", "top": 4, "tail": 0, "rank": 4}]}))
     every, top = claims.causal_test(run)
     assert every["verdict"] == claims.HOLDS and "change -15.0%" in every["measured"]
     assert top["verdict"] != claims.HOLDS and "change 0.0%" in top["measured"]
+    assert "not a direction restore" in top["measured"] and "not a direction restore" not in every["measured"]
 
 
 def _svd_pair(rescale: float, turn: float, n: int = 24, seed: int = 0):
@@ -119,7 +126,8 @@ def test_rotation_at_both_ends_of_the_spectrum_holds_and_a_uniform_one_does_not(
 @pytest.mark.parametrize("low, high, verdict", [(0.72, 0.79, claims.HOLDS), (0.55, 0.75, claims.UNSURE),
                                                 (0.2, 0.6, claims.FAILS), (0.85, 0.95, claims.HOLDS),
                                                 (0.25, 0.7, claims.FAILS),
-                                                (-0.5, 1.2, claims.UNSURE), (np.nan, np.nan, claims.UNSURE)])
+                                                (-0.5, 1.2, claims.UNSURE), (np.nan, np.nan, claims.UNSURE),
+                                                (-np.inf, np.inf, claims.UNSURE)])
 def test_restore_claim_rule(run, low, high, verdict):
     path = artifacts.restore_dir(run) / "variants.csv"
     path.parent.mkdir(parents=True)
@@ -128,6 +136,7 @@ def test_restore_claim_rule(run, low, high, verdict):
                    "share_ci_low": low, "share_ci_high": high}]).to_csv(path, index=False)
     (row,) = claims.restore_recovery(run)
     assert row["verdict"] == verdict and "top 20% of ranks" in row["paper"]
+    assert ("unbounded" in row["measured"]) == np.isinf(low)  # through the CSV and back
 
 
 def test_a_stage_not_yet_run_is_a_row_that_names_its_notebook(run):

@@ -110,6 +110,15 @@ def test_recovery_arithmetic_on_a_hand_made_table():
     assert math.isnan(flat["share_recovered"])  # no drop, nothing to recover
 
 
+def test_the_share_has_no_finite_interval_when_the_drop_may_be_zero():
+    full, rl = _episodes([1] * 20 + [0] * 80), _episodes([1] * 24 + [0] * 76)
+    sure = evaluate.recovery({"i": _episodes([1] * 40 + [0] * 60), "f": full, "r": rl}, "i", "f", "r")
+    assert sure["share_defined_in"] == 1.0 and math.isfinite(sure["share_ci_high"])
+    marginal = evaluate.recovery({"i": _episodes([1] * 23 + [0] * 77), "f": full, "r": rl}, "i", "f", "r")
+    assert marginal["share_recovered"] > 1 and marginal["share_defined_in"] < 0.975  # 3 points of drop, 100 hands
+    assert (marginal["share_ci_low"], marginal["share_ci_high"]) == (-math.inf, math.inf)
+
+
 def test_inter_sft_is_chosen_up_to_full_sft_only():
     table = pd.DataFrame([
         {"label": "sft-0020", "stage": "sft", "step": 20, "rule": "ood", "success_rate": 0.30},

@@ -103,6 +103,18 @@ def test_top_k_restore_with_the_svd_cache(tmp_path):
     assert any("embed_tokens" in r["name"] for r in restored)  # every matrix, embeddings too
 
 
+@pytest.mark.parametrize("top, keep, whole", [(8, "target-sigma-reset", False), (16, "target-sigma-reset", True),
+                                             (16, "target-sigma", False), (16, "source", True)])
+def test_a_restore_whose_k_reaches_every_rank_is_known_as_a_reset(tmp_path, top, keep, whole):
+    # ranks: k/v_proj 8, every other matrix 16, as Qwen2.5-7B's 512 and 3584 at the authors' top 3584
+    tiny_qwen(tmp_path / "tgt", 0)
+    tiny_qwen(tmp_path / "src", 1)
+    out = restore.write_restored(tmp_path / "tgt", tmp_path / "src", tmp_path / "out", Plan(top=top, keep=keep),
+                                 device="cpu", progress=False)
+    assert restore.replaced_whole(out) is whole
+    assert restore.replaced_whole(tmp_path / "tgt") is False  # not a restore at all
+
+
 def test_mismatched_checkpoints_fail_clearly(tmp_path):
     tiny_qwen(tmp_path / "tgt", 0)
     torch.manual_seed(0)
