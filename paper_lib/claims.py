@@ -35,7 +35,7 @@ def _verdict(low: float, high: float, threshold: float) -> str:
 def _pct(value: float, low: float | None = None, high: float | None = None) -> str:
     text = f"{value:.1%}" if np.isfinite(value) else "undefined"
     if low is not None and np.isinf(low):  # evaluate.recovery: the drop's own interval reaches 0
-        return text + " [unbounded: over 2.5% of bootstrap draws show no drop]"
+        return text + f" [unbounded: over {1 - evaluate.SHARE_BOUNDED_FROM:.1%} of bootstrap draws show no drop]"
     return text + (f" [{low:.1%}, {high:.1%}]" if low is not None and np.isfinite(low) else "")
 
 

@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from . import artifacts, evaluate, launch, weights
 from .config import Config
 
+RESTORE_MANIFEST = "restore_manifest.json"  # what a restore wrote: plan, inputs, the ranks of each matrix
+
 log = logging.getLogger(__name__)
 KEEP = ("target-sigma", "source", "target-sigma-reset")
 _SIDE_FILES = (".json", ".jinja", ".txt", ".model", ".tiktoken")  # config, tokenizer, chat template
@@ -159,7 +161,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     # half-written checkpoint beside it (gigabytes at 7B).
     with artifacts.atomic_dir(out) as tmp:
         record = _write_shards(tgt, src, tmp, plan, selected, dtype, device, cache_dir, progress, out.name)
-        (tmp / "restore_manifest.json").write_text(json.dumps({
+        (tmp / RESTORE_MANIFEST).write_text(json.dumps({
             "target": str(tgt.path.resolve()), "source": str(src.path.resolve()), "plan": asdict(plan),
             "dtype": dtype, "restored": record}, indent=2))
     if plan.top == 0 and plan.tail == 0:
@@ -209,7 +211,7 @@ def replaced_whole(checkpoint: str | Path) -> bool:
     """Whether a restore took every matrix it touched whole from the source (k reached each one's rank, with
     keep "source" or "target-sigma-reset"): the source's weights with the target's norms and biases, which is
     a reset, not a direction restore (the authors' top-3584 runs on Qwen2.5-7B). False when unknown."""
-    found = artifacts.read_json(Path(checkpoint) / "restore_manifest.json") or {}
+    found = artifacts.read_json(Path(checkpoint) / RESTORE_MANIFEST) or {}
     record, keep = found.get("restored") or [], (found.get("plan") or {}).get("keep")
     return keep != "target-sigma" and bool(record) and all(r["top"] + r["tail"] >= r["rank"] for r in record)
 
@@ -220,7 +222,7 @@ def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
     artifacts.check_out_apart(out, inputs)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    if not (out / "restore_manifest.json").is_file():
+    if not (out / RESTORE_MANIFEST).is_file():
         raise artifacts.ArtifactError(f"--out {out} exists and is not a previous restore output; choose a new "
                                       f"or empty directory (nothing was changed)")
     if not replace:
