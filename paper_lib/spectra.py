@@ -512,7 +512,9 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
             artifacts.read_table(out / ALIGNMENT_TABLE, "")
         return pd.concat([load_pair(out, a, b)[0] for a, b in pairs], ignore_index=True)
 
-    cached = artifacts.read_cached(out, spec, read, "computing the spectra again", force, damaged=(SpectraError,))
+    redo = "computing the spectra again"
+    artifacts.keep_earlier_result(out, spec, redo, force)  # other settings' spectra are kept aside, not overwritten
+    cached = artifacts.read_cached(out, spec, read, redo, force, damaged=(SpectraError,))
     if cached is not None:
         return cached
     started = time.time()

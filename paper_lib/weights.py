@@ -275,5 +275,11 @@ def decompose_streamed(ck: LazyWeights, key: str, dtype: torch.dtype, device: to
 
 
 def svd_cache(cfg) -> Path:
-    """Decompositions shared by the spectra stage and direction restore: runs/<preset>/spectra/svd_cache."""
-    return artifacts.spectra_dir(cfg) / "svd_cache"
+    """Decompositions shared by the spectra stage and direction restore: runs/<preset>/svd_cache, beside
+    spectra/ rather than in it, so that spectra of other settings can be moved aside whole without taking
+    the cache with them. A cache at the earlier place (spectra/svd_cache) is moved here: for the 7B presets
+    it is hundreds of GB, too much to decompose again or to keep twice."""
+    cache, earlier = artifacts.run_dir(cfg) / "svd_cache", artifacts.spectra_dir(cfg) / "svd_cache"
+    if earlier.is_dir() and not cache.exists():
+        earlier.rename(cache)
+    return cache

@@ -172,6 +172,31 @@ def test_going_back_to_earlier_eval_settings_reads_their_episodes(evaluated, cap
     evaluate.evaluate_checkpoint(cfg, checkpoint, force=True)
     assert len(played) == 3  # force evaluates again, whatever was kept
 
+def test_going_back_to_earlier_spectra_settings_reads_them_and_the_svd_cache_stays(tmp_path, monkeypatch):
+    cfg, other = config.load("tiny", **{"spectra.k": 4}), config.load("tiny", **{"spectra.k": 3})
+    checkpoints = {"a": tiny_qwen(tmp_path / "a", 0), "b": tiny_qwen(tmp_path / "b", 1)}
+    computed = []
+    analyze = spectra.analyze_pairs
+    monkeypatch.setattr(spectra, "analyze_pairs", lambda *a, **kw: computed.append(kw["k"]) or analyze(*a, **kw))
+    first = spectra.run_stage(cfg, checkpoints, [("a", "b")])
+    out, cache = artifacts.spectra_dir(cfg), spectra.weights.svd_cache(cfg)
+    factors = sorted(cache.rglob("*"))
+    spectra.run_stage(other, checkpoints, [("a", "b")])
+    assert computed == [4, 3] and len(list(out.parent.glob("spectra.stale-*"))) == 1  # kept aside
+    assert sorted(cache.rglob("*")) == factors  # the shared decompositions were not moved with them
+    assert spectra.run_stage(cfg, checkpoints, [("a", "b")]).equals(first) and computed == [4, 3]  # moved back
+
+
+def test_an_svd_cache_at_its_earlier_place_is_moved_not_decomposed_again():
+    cfg = config.load("tiny")
+    earlier = artifacts.spectra_dir(cfg) / "svd_cache"
+    W = torch.randn(12, 8, dtype=torch.float64)
+    spectra.weights.load_or_decompose(W, "w", earlier, device="cpu")
+    files = sorted(f.relative_to(earlier) for f in earlier.rglob("*"))
+    cache = spectra.weights.svd_cache(cfg)
+    assert cache.parent == artifacts.run_dir(cfg) and not earlier.exists()
+    assert sorted(f.relative_to(cache) for f in cache.rglob("*")) == files
+
 # ----------------------------------------------------------------------------- a damaged cache
 def test_a_damaged_episode_cache_is_evaluated_again(evaluated, caplog):
     cfg, checkpoint, first, played = evaluated
