@@ -172,6 +172,7 @@ def test_going_back_to_earlier_eval_settings_reads_their_episodes(evaluated, cap
     evaluate.evaluate_checkpoint(cfg, checkpoint, force=True)
     assert len(played) == 3  # force evaluates again, whatever was kept
 
+
 def test_going_back_to_earlier_spectra_settings_reads_them_and_the_svd_cache_stays(tmp_path, monkeypatch):
     cfg, other = config.load("tiny", **{"spectra.k": 4}), config.load("tiny", **{"spectra.k": 3})
     checkpoints = {"a": tiny_qwen(tmp_path / "a", 0), "b": tiny_qwen(tmp_path / "b", 1)}
