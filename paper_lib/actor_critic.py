@@ -17,6 +17,7 @@ from torch import nn
 from . import cards
 
 THOUGHT_KEY = '"formula"'  # tokens before its last occurrence are the "thought" (upstream)
+STEP_LIMIT_REWARD = -1.0  # upstream's answer past the last attempt ("step_limit_reached"), rl.episode_end "upstream"
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_values: torch.Tensor,
@@ -177,9 +178,10 @@ class Rollouts:
     with a seeded RNG. Episodes still running at the end of an update carry over to the next."""
 
     def __init__(self, envs: int, seed: int, max_attempts: int, target: int,
-                 grade: Callable[[cards.Hand, str], cards.Verdict]):
+                 grade: Callable[[cards.Hand, str], cards.Verdict], episode_end: str = "terminal"):
         self.rng = random.Random(seed)
         self.max_attempts, self.target, self.grade = max_attempts, target, grade
+        self.step_past_limit = episode_end == "upstream"  # rl.episode_end
         self.slots = [self._new() for _ in range(envs)]
 
     def _new(self) -> cards.Episode:
@@ -192,13 +194,17 @@ class Rollouts:
             row = []
             for e, generation in enumerate(generator.generate_tokens([list(ep.messages) for ep in self.slots])):
                 episode = self.slots[e]
+                weights = thought_weights(generator.tokenizer, generation.response_ids, coef)
+                if cards.is_finished(episode, self.max_attempts):  # upstream's answer past the limit: ungraded
+                    row.append(Step(generation.prompt_ids, generation.response_ids, weights, STEP_LIMIT_REWARD, False))
+                    finished.append(episode)
+                    self.slots[e] = self._new()
+                    continue
                 verdict = cards.step_episode(episode, generation.text, self.target, self.grade).verdict
-                # A correct attempt or the last failed one ends the episode, and nothing follows it (upstream
-                # asks for a sixth, ungraded answer at -1 and, as a time limit, bootstraps into the next hand).
-                done = cards.is_finished(episode, self.max_attempts)
-                row.append(Step(generation.prompt_ids, generation.response_ids,
-                                thought_weights(generator.tokenizer, generation.response_ids, coef),
-                                verdict.reward, done))
+                # A correct attempt ends the episode; so does the last failed one, unless upstream's extra
+                # answer follows it (a time limit, not an end: GAE bootstraps through it into the next hand).
+                done = episode.success or (cards.is_finished(episode, self.max_attempts) and not self.step_past_limit)
+                row.append(Step(generation.prompt_ids, generation.response_ids, weights, verdict.reward, done))
                 if done:
                     finished.append(episode)
                     self.slots[e] = self._new()

@@ -96,6 +96,11 @@ class RLConfig:
     algo: Literal["ppo", "grpo"] = "ppo"  # ppo (the paper's) or grpo (TRL)
     learning_rate: float = 1e-6
     min_learning_rate: float = 1e-9
+    # Steps of the cosine (T_max = num_updates) per update. "processes", the authors' code: accelerate steps
+    # a prepared scheduler once per process (accelerate 1.3.0, AcceleratedScheduler.step), so on 4 GPUs the
+    # lr reaches min_learning_rate at update num_updates/4, is back at learning_rate at num_updates/2, and
+    # cycles twice in a run. "one": a single half cosine over the run. The same on one process.
+    lr_steps_per_update: Literal["processes", "one"] = "processes"
     adam_eps: float = 1e-7
     gamma: float = 0.9
     gae_lambda: float = 0.95
@@ -116,6 +121,11 @@ class RLConfig:
     # solution strings); see paper_lib/cards.py.
     partial_credit: Literal["arithmetic", "upstream"] = "arithmetic"
     max_new_tokens: int = 512
+    # How a failed episode ends in RL: "terminal", PAPER_SPEC 2.5 (the 5th failed attempt ends it and GAE
+    # stops there), or "upstream", the authors' env (gym_cards GeneralPoint step): a 6th, ungraded answer
+    # gets -1 as "step_limit_reached", marked truncated, not done, so GAE runs on into the next hand
+    # (qwen7b, llama11b, which reproduce the authors' runs).
+    episode_end: Literal["terminal", "upstream"] = "terminal"
     thought_prob_coef: float = 0.5
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update

@@ -16,10 +16,14 @@ The recipe, as upstream:
   update carries over to the next, and its value bootstraps the return;
 - GAE(gamma, lambda) over attempts, advantages normalised per process, the clipped surrogate on the
   sequence-level ratio (only the clipped term once a ratio passes 10), a clipped value loss, loss =
-  policy + value_coef * value; Adam (eps) with a cosine schedule stepped once per update; grad-norm clip.
-Differences, each said where it is made: the last failed attempt of an episode is terminal (upstream
-grades a sixth, ungraded "step_limit_reached" attempt at -1 and lets GAE run on into the next episode);
-every response token counts (upstream drops the first two); the cosine runs over num_updates.
+  policy + value_coef * value; Adam (eps) with a cosine schedule (stepped once per process per update, as
+  accelerate steps upstream's); grad-norm clip.
+Differences, each said where it is made: by default the last failed attempt of an episode is terminal, as
+PAPER_SPEC 2.5 (rl.episode_end "upstream", qwen7b and llama11b: a sixth, ungraded "step_limit_reached"
+answer at -1, and GAE runs on into the next episode); every response token counts (upstream drops the
+first two). Gradient clipping: upstream calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does
+nothing, so its clipping came from its unpublished ds_zero2_offload.json; ours clips at the paper's
+rl.max_grad_norm, with or without DeepSpeed.
 An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
 llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch.
 
@@ -135,7 +139,8 @@ class PPOTrainer:
         model = ActorCritic(policy, ValueHead(hidden_size(policy)).to(acc.device))
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.rl.learning_rate,
                                      eps=self.rl.adam_eps, weight_decay=0.0)
-        # Stepped once per update, as upstream; not prepared, since accelerate would step it once per process.
+        # Not prepared: update() steps it rl.lr_steps_per_update times, the authors' num_processes by default.
+        self.lr_steps = acc.num_processes if self.rl.lr_steps_per_update == "processes" else 1
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(self.rl.num_updates, 1), eta_min=self.rl.min_learning_rate)
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -146,7 +151,8 @@ class PPOTrainer:
             ref_policy, _ = models.load(cfg, checkpoint=init, device=str(acc.device))
             self.ref = ActorCritic(ref_policy, ValueHead(hidden_size(ref_policy))).to(acc.device).eval()
             self.ref.requires_grad_(False)
-        self.rollouts = Rollouts(envs, self.rl.seed + acc.process_index, cfg.eval.max_attempts, cfg.data.target, grade)
+        self.rollouts = Rollouts(envs, self.rl.seed + acc.process_index, cfg.eval.max_attempts, cfg.data.target, grade,
+                                 self.rl.episode_end)
         sampling = None  # rl.sampling "temperature": T alone
         if self.rl.sampling == "model":  # the start checkpoint's top_p and top_k at rl.temperature, as upstream
             sampling = {**model_sampling(self.unwrapped.policy), "temperature": self.rl.temperature}
@@ -247,7 +253,8 @@ class PPOTrainer:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-5)  # per process, as upstream
         stats = self._optimise(steps, advantages.flatten(), returns.flatten())
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        for _ in range(self.lr_steps):
+            self.scheduler.step()
         drift, drift_tokens = self._drift()
 
         # sums over processes, then ratios

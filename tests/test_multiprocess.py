@@ -95,11 +95,11 @@ def _preset(tmp_path, name="tiny", **sections):
     return path
 
 
-def _two_process_ppo(tiny_base, tmp_path, updates: int):
+def _two_process_ppo(tiny_base, tmp_path, updates: int, **rl):
     """A two-process PPO preset of `updates` updates of 4 attempts, a checkpoint each, on the tiny base
-    standing in for the full-SFT checkpoint."""
+    standing in for the full-SFT checkpoint; `rl` overrides more settings."""
     preset = _preset(tmp_path, rl={"num_updates": updates, "save_every": 1, "steps_per_update": 4,
-                                   "max_new_tokens": 8, "num_processes": 2, "accelerate_config": "multi_cpu"})
+                                   "max_new_tokens": 8, "num_processes": 2, "accelerate_config": "multi_cpu", **rl})
     cfg = config.load(preset)
     shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
     shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
@@ -129,6 +129,19 @@ def test_ppo_two_processes(tiny_base, tmp_path):
     one = pd.read_csv(out / "metrics.csv")
     assert one["attempts"].tolist() == m["attempts"].tolist() == [8, 8]
     assert one["episodes"].sum() > 0 and m["episodes"].sum() > 0
+    # rl.lr_steps_per_update "processes" (the authors' prepared scheduler): the cosine over num_updates = 2
+    # steps twice an update on two processes, so update 2 already runs at the minimum; once on one
+    lr, low = cfg.rl.learning_rate, cfg.rl.min_learning_rate
+    assert m["learning_rate"].tolist() == pytest.approx([lr, low])
+    assert one["learning_rate"].tolist() == pytest.approx([lr, (lr + low) / 2])
+
+
+def test_one_cosine_step_per_update_on_two_processes(tiny_base, tmp_path):
+    _, cfg = _two_process_ppo(tiny_base, tmp_path, updates=2, lr_steps_per_update="one")
+    m = pd.read_csv(ppo.run(cfg) / "metrics.csv")
+    assert_two_processes(launch.stage_log(cfg, "ppo").read_text(), "ppo")
+    lr, low = cfg.rl.learning_rate, cfg.rl.min_learning_rate
+    assert m["learning_rate"].tolist() == pytest.approx([lr, (lr + low) / 2]), "a half cosine over the run"
 
 
 def kill_group_when(cmd: list[str], ready, log_path) -> None:

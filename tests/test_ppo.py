@@ -73,6 +73,32 @@ def test_clipped_losses_by_hand():
     assert clipped.tolist() == [True, True, True, True, False]
 
 
+class _AlwaysWrong:
+    """A generator whose every answer is graded wrong: what the rollouts make of failed episodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate_tokens(self, conversations):
+        from paper_lib.rollout import Generation
+        return [Generation([1, 2], [3, 4], "no answer") for _ in conversations]
+
+
+@pytest.mark.parametrize("episode_end", ["terminal", "upstream"])
+def test_a_failed_episode_ends_as_configured(tokenizer, episode_end):
+    wrong = lambda hand, text: cards.Verdict("INCORRECT_NUMBER", -2.0, "wrong.")
+    rollouts = actor_critic.Rollouts(1, seed=0, max_attempts=5, target=24, grade=wrong, episode_end=episode_end)
+    first = rollouts.slots[0]
+    table, finished = rollouts.collect(_AlwaysWrong(tokenizer), rounds=7, coef=0.5)
+    steps = [row[0] for row in table]
+    assert finished[0] is first and len(first.attempts) == 5, "five graded attempts either way"
+    if episode_end == "terminal":  # PAPER_SPEC 2.5: the fifth failure ends it; the next hand starts at round 6
+        assert [(s.reward, s.done) for s in steps[:6]] == [(-2.0, False)] * 4 + [(-2.0, True), (-2.0, False)]
+    else:  # upstream: a sixth answer, ungraded at -1 and not an end, so GAE bootstraps into the next hand
+        assert [(s.reward, s.done) for s in steps[:7]] == [(-2.0, False)] * 5 + [(-1.0, False), (-2.0, False)]
+        assert len(finished) == 1 and len(rollouts.slots[0].attempts) == 1
+
+
 def test_thought_tokens_get_the_coefficient(tokenizer):
     hand = cards.Hand(("A", "3", "K", "10"), "id")
     text = cards.answer_text(hand, "10+10+3+1")
