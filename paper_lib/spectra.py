@@ -151,6 +151,11 @@ def _select_keys(ckpts: dict[str, weights.LazyWeights], names: Iterable[str] | s
         keys = list(dict.fromkeys(by_name[n] for n in names))
     else:
         keys = common
+    types = {ck.label: ck.model_type for ck in ckpts.values() if ck.model_type}
+    if len(set(types.values())) > 1:  # fine-tuning keeps model_type: two are rarely a before/after pair
+        log.warning("the checkpoints are of different model types (%s): their names and shapes match, but "
+                    "their angles mean a fine-tuning's rotation only if one was trained from the other",
+                    ", ".join(f"{label} {t}" for label, t in types.items()))
     if problems and (names is None or any(k not in common or k in mismatched for k in keys)):
         raise SpectraError("checkpoints do not match:\n  " + "\n  ".join(problems) + "\nCompare checkpoints "
                            "of one architecture, or pass names=[...] (CLI: --names REGEX) to analyse the "

@@ -198,6 +198,15 @@ def load_or_decompose(W: torch.Tensor, name: str, cache_dir: str | os.PathLike |
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+def _model_type(path: Path) -> str | None:
+    """config.json's model_type, or None where there is no readable one (a bare weights directory)."""
+    try:
+        found = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
 class LazyWeights:
     """The analysable 2-D weights of one HF checkpoint directory, read lazily from its shards."""
 
@@ -221,6 +230,7 @@ class LazyWeights:
             for shard in shards:
                 with safe_open(str(shard), framework="pt") as f:
                     files.update({name: shard for name in f.keys()})
+        self.model_type = _model_type(self.path)
         self.names: dict[str, str] = {}  # canonical key -> name in this checkpoint
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._files = files

@@ -3,6 +3,7 @@ for Qwen2- and Mllama-shaped checkpoints, and clear errors for checkpoints that 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -287,6 +288,19 @@ def test_missing_tensor_is_a_clear_error(qwen_pair, tmp_path):
     table = analyze_pairs({"base": base, "holed": holed}, [("base", "holed")], tmp_path / "out",
                           names=r"layers\.0\.", progress=False)
     assert set(table["layer"]) == {0}
+
+
+def test_checkpoints_of_different_model_types_are_named_in_a_warning(qwen_pair, tmp_path, caplog):
+    base, after = qwen_pair
+    other = shutil.copytree(after, tmp_path / "other")
+    config_json = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config_json, "model_type": "mistral"}))
+    with caplog.at_level(logging.WARNING, logger="paper_lib.spectra"):
+        analyze_pairs({"base": base, "after": after}, [("base", "after")], tmp_path / "same", progress=False)
+        assert "model types" not in caplog.text
+        table = analyze_pairs({"base": base, "other": other}, [("base", "other")], tmp_path / "out", progress=False)
+    assert "different model types (base qwen2, other mistral)" in caplog.text
+    assert len(table) > 0, "a warning, not an error: converted checkpoints are compared on purpose"
 
 
 def test_a_tied_checkpoint_against_an_untied_one_says_so_and_how_to_go_on(qwen_pair, tmp_path):
