@@ -20,7 +20,9 @@
 # scores the conversation so far; GAE (γ 0.9, λ 0.95) turns the per-attempt rewards into advantages; the
 # clipped surrogate (ε 0.1) updates the whole model, with no KL term and no reference model. The paper's
 # finding is that this recovers most of the OOD success SFT lost (Figure 1, notebook 04) while the weights'
-# singular values barely move (05).
+# singular values barely move (05). Where the authors' code ran otherwise (a sixth, ungraded answer after
+# five failures: `rl.episode_end`; the cosine stepped once per GPU: `rl.lr_steps_per_update`), the
+# README's Faithfulness section says so and names the option.
 #
 # This notebook runs the stage (`python -m paper_lib.ppo`, or `accelerate launch` on the preset's GPUs)
 # and plots its per-update metrics. Checkpoints land in `runs/<preset>/rl/checkpoint-<update>`, where
