@@ -21,9 +21,10 @@ The recipe, as upstream:
 Differences, each said where it is made: by default the last failed attempt of an episode is terminal, as
 PAPER_SPEC 2.5 (rl.episode_end "upstream", qwen7b and llama11b: a sixth, ungraded "step_limit_reached"
 answer at -1, and GAE runs on into the next episode); every response token counts (upstream drops the
-first two). Gradient clipping: upstream calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does
-nothing, so its clipping came from its unpublished ds_zero2_offload.json; ours clips at the paper's
-rl.max_grad_norm, with or without DeepSpeed.
+first two); an episode carried over an update keeps its conversation (upstream's left the ungraded answer
+it generated for the bootstrap value in it, then repeated the last feedback). Gradient clipping: upstream
+calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so its clipping came from its
+unpublished ds_zero2_offload.json; ours clips at the paper's rl.max_grad_norm, with or without DeepSpeed.
 An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
 llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch.
 
@@ -188,7 +189,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def _next_values(self) -> torch.Tensor:
-        """V of each slot's next state, which bootstraps the return of an episode that carries over."""
+        """V of each slot's next state, which bootstraps the return of an episode that carries over. Scored,
+        not generated: upstream sampled an answer here and left it, ungraded, in the conversation."""
         boot = [Step(self.generator.render(ep.messages), [], [], 0.0, False) for ep in self.rollouts.slots]
         return torch.cat([self._score(self.unwrapped, chunk)[2].cpu() for chunk in self._chunks(boot)])
 
