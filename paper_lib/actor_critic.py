@@ -39,11 +39,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, next_v
     return advantages, advantages + values
 
 
+LOG_RATIO_CAP = 40.0  # e^40 ~ 2e17: far past the ratio of 10 where the loss stops depending on it
+
+
 def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
              old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (policy loss, value loss, clipped?) of upstream's PPO, for sequence-level log-probs."""
-    ratio = torch.exp(logp - old_logp)
+    # Past a ratio of 10 the loss has no gradient (below), so capping the log-ratio changes nothing but
+    # keeps exp finite: at exp = inf its backward is 0 * inf = NaN, and one such sample would poison Adam.
+    ratio = torch.exp((logp - old_logp).clamp(max=LOG_RATIO_CAP))
     surr1 = ratio * advantages
     surr2 = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
     # A sequence-level ratio multiplies over hundreds of tokens and can explode; past 10 upstream keeps

@@ -610,13 +610,28 @@ def keep_earlier_result(out: str | os.PathLike, spec: dict[str, Any], redo: str,
 
 
 def append_rows(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
-    """Append rows to a CSV table (its header from the first row when the file is new)."""
+    """Append rows to a CSV table (its header from the first row when the file is new). A table an older
+    version began, without a column these rows have, is first widened (its rows blank there), so a resumed
+    run's values never land under another column's name."""
     path = Path(path)
     if not rows:
         return
     new = not path.is_file() or path.stat().st_size == 0  # empty: a run killed before its first rows landed
+    fields = list(rows[0])
+    if not new:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            added = [k for k in fields if k not in header]
+            old = list(reader) if added else []
+        fields = header + added
+        if added:
+            with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:  # a kill here leaves the old table
+                writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows(old)
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(rows)

@@ -26,7 +26,9 @@ it generated for the bootstrap value in it, then repeated the last feedback). Gr
 calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so its clipping came from its
 unpublished ds_zero2_offload.json; ours clips at the paper's rl.max_grad_norm, with or without DeepSpeed.
 An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
-llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch.
+llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch. A step whose
+gradient is not finite is skipped and counted in metrics.csv's nonfinite_steps (upstream skipped a micro-
+batch whose log-prob was NaN, rl/trainer/algo/ppo.py, which across processes would desynchronise them).
 
 `rl.algo: grpo` runs TRL's GRPOTrainer instead (paper_lib/grpo.py: single turn, the verifier's reward of
 the first attempt), writing the same checkpoint layout, so the two algorithms can be compared.
@@ -95,8 +97,10 @@ def metrics_row(t: dict[str, float], processes: int, number: int, lr: float, sec
         "episode_reward": per_episode("episode_reward"), "attempts_per_episode": per_episode("episode_attempts"),
         "policy_loss": t["policy_loss"] / t["samples"], "value_loss": t["value_loss"] / t["samples"],
         "clip_fraction": t["clipped"] / t["samples"], "approx_kl": t["drift"] / max(t["drift_tokens"], 1),
-        "entropy": t["entropy"] / max(t["entropy_tokens"], 1), "grad_norm": t["grad_norm"] / processes,
-        "learning_rate": lr, "response_tokens": t["response_tokens"] / t["steps"],
+        "entropy": t["entropy"] / max(t["entropy_tokens"], 1),
+        "grad_norm": t["grad_norm"] / t["normed_steps"] if t["normed_steps"] else nan,  # mean over finite steps
+        "nonfinite_steps": int(t["nonfinite_steps"] / processes), "learning_rate": lr,
+        "response_tokens": t["response_tokens"] / t["steps"],
         "rollout_tokens_per_s": t["response_tokens"] / max(t["rollout_seconds"] / processes, 1e-9),
         "rollout_seconds": t["rollout_seconds"] / processes, "seconds": seconds,
         "torch_threads": torch.get_num_threads(),
@@ -198,7 +202,8 @@ class PPOTrainer:
         """ppo_epochs passes over the batch in shuffled micro-batches; an optimizer step per pass, or per
         rl.samples_per_step attempts."""
         acc, rl, n = self.accelerator, self.rl, len(steps)
-        stats = dict(policy_loss=0.0, value_loss=0.0, clipped=0.0, samples=0.0, kl_ref=0.0, grad_norm=0.0)
+        stats = dict(policy_loss=0.0, value_loss=0.0, clipped=0.0, samples=0.0, kl_ref=0.0, grad_norm=0.0,
+                     normed_steps=0.0, nonfinite_steps=0.0)
         for _ in range(rl.ppo_epochs):
             order = torch.randperm(n).tolist()
             for idx in self._chunks(order):
@@ -218,10 +223,20 @@ class PPOTrainer:
                         stats["kl_ref"] += kl.sum().item()
                     # accelerate divides by n_micro, so the step's gradient is the mean over its attempts
                     acc.backward(loss.sum() * self.n_micro / self.step_samples)
+                    step = True
                     if acc.sync_gradients:
-                        norm = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
-                        stats["grad_norm"] += float(norm) / self.optimizer_steps if norm is not None else float("nan")
-                    self.optimizer.step()
+                        reported = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
+                        norm = float("nan") if reported is None else float(reported)
+                        # A NaN/inf gradient would make every later weight NaN: skip the step. Every process
+                        # holds the same reduced gradient, so all skip together. DeepSpeed's engine stepped
+                        # inside backward (and may report no norm); there the count only reports it.
+                        step = math.isfinite(norm) or acc.state.deepspeed_plugin is not None
+                        stats["nonfinite_steps"] += reported is not None and not math.isfinite(norm)
+                        if math.isfinite(norm):
+                            stats["grad_norm"] += norm
+                            stats["normed_steps"] += 1
+                    if step:
+                        self.optimizer.step()
                     self.optimizer.zero_grad()
                 stats["policy_loss"] += pl.sum().item()
                 stats["value_loss"] += vl.sum().item()
@@ -266,7 +281,8 @@ class PPOTrainer:
             "episode_attempts": sum(len(e.attempts) for e in finished), "policy_loss": stats["policy_loss"],
             "value_loss": stats["value_loss"], "clipped": stats["clipped"], "samples": stats["samples"],
             "kl_ref": stats["kl_ref"], "entropy": entropy, "entropy_tokens": tokens, "drift": drift,
-            "drift_tokens": drift_tokens, "grad_norm": stats["grad_norm"],
+            "drift_tokens": drift_tokens, "grad_norm": stats["grad_norm"], "normed_steps": stats["normed_steps"],
+            "nonfinite_steps": stats["nonfinite_steps"],
             "response_tokens": sum(len(s.response_ids) for s in steps), "rollout_seconds": rollout_seconds,
         }
         reduced = self.accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64,

@@ -372,3 +372,13 @@ def test_an_empty_table_left_by_a_kill_is_kept_and_gets_its_header(tmp_path):
     artifacts.keep_rows(table, "step", 3)
     artifacts.append_rows(table, [{"step": 1, "loss": 0.5}])
     assert table.read_text().splitlines() == ["step,loss", "1,0.5"]
+
+
+def test_a_table_an_older_version_began_is_widened_for_a_new_column(tmp_path):
+    """A run resumed by a newer version logs a column the table lacks: the old rows are kept, blank there,
+    and no value lands under another column's name."""
+    table = tmp_path / "metrics.csv"
+    artifacts.append_rows(table, [{"update": 1, "reward": 0.1}])
+    artifacts.append_rows(table, [{"reward": 0.2, "nonfinite_steps": 0, "update": 2}])
+    artifacts.append_rows(table, [{"update": 3, "reward": 0.3}])
+    assert table.read_text().splitlines() == ["update,reward,nonfinite_steps", "1,0.1,", "2,0.2,0", "3,0.3,"]

@@ -73,6 +73,17 @@ def test_clipped_losses_by_hand():
     assert clipped.tolist() == [True, True, True, True, False]
 
 
+def test_a_runaway_ratio_gives_no_gradient_and_no_nan():
+    """exp(1000) is inf in float32 and its backward 0 * inf = NaN; past a ratio of 10 the loss is flat, so
+    the capped log-ratio leaves the loss as it was and the gradient zero."""
+    logp = torch.tensor([1000.0, 50.0], requires_grad=True)
+    policy, _, clipped = actor_critic.ppo_loss(logp, torch.zeros(2), torch.tensor([-1.0, 1.0]), torch.zeros(2),
+                                               torch.zeros(2), torch.zeros(2), clip_eps=0.1)
+    policy.sum().backward()
+    assert torch.allclose(policy, torch.tensor([1.1, -1.1])) and clipped.all()
+    assert logp.grad.tolist() == [0.0, 0.0]
+
+
 class _AlwaysWrong:
     """A generator whose every answer is graded wrong: what the rollouts make of failed episodes."""
 
@@ -272,6 +283,27 @@ def test_samples_per_step_accumulates_across_epochs(sft_ready):
     assert moved("per epoch") > 1.3 * moved("accumulated") > 0
 
 
+def test_a_non_finite_gradient_skips_its_step(sft_ready, monkeypatch):
+    """A NaN in one step's loss would make every later weight NaN: the step is skipped and counted, and
+    the next one trains."""
+    real, calls = ppo.ppo_loss, []
+
+    def nan_first(*args, **kwargs):
+        policy, value, clipped = real(*args, **kwargs)
+        calls.append(1)
+        return (policy * float("nan"), value, clipped) if len(calls) == 1 else (policy, value, clipped)
+    monkeypatch.setattr(ppo, "ppo_loss", nan_first)
+    cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8, rl__ppo_epochs=2,
+                      rl__learning_rate=1e-3, rl__min_learning_rate=1e-3)
+    out = ppo.train(cfg, force=True, micro_batch_size=4, progress=False)
+    row = pd.read_csv(out / "metrics.csv").iloc[0]
+    assert len(calls) == 2 and row["nonfinite_steps"] == 1 and math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
+    trained, _ = models.load(cfg, checkpoint=out / "checkpoint-1")
+    start, _ = models.load(cfg, checkpoint=sft_ready)
+    assert all(torch.isfinite(v).all() for v in trained.state_dict().values())
+    assert any(not torch.equal(v, start.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
 def test_samples_per_step_must_tile_the_update(sft_ready):
     cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__samples_per_step=3)
     with pytest.raises(ValueError, match="rl.samples_per_step=3 must be a multiple of the micro-batch"):
@@ -310,12 +342,13 @@ def test_metrics_row_turns_the_sums_of_every_process_into_ratios():
     sums = {"reward": -6.0, "steps": 8, "episodes": 2, "successes": 1, "episode_reward": 4.0,
             "episode_attempts": 6, "policy_loss": 0.8, "value_loss": 4.0, "clipped": 2, "samples": 8,
             "kl_ref": 0.4, "entropy": 3.0, "entropy_tokens": 30, "drift": 0.2, "drift_tokens": 40,
-            "grad_norm": 1.0, "response_tokens": 80, "rollout_seconds": 4.0}
+            "grad_norm": 1.0, "normed_steps": 4, "nonfinite_steps": 2, "response_tokens": 80,
+            "rollout_seconds": 4.0}
     row = ppo.metrics_row(sums, processes=2, number=3, lr=1e-6, seconds=5.0, with_kl_ref=True)
     assert (row["update"], row["attempts"], row["episodes"]) == (3, 8, 2)
     assert row["mean_reward"] == -0.75 and row["success_rate"] == 0.5 and row["attempts_per_episode"] == 3
     assert row["clip_fraction"] == 0.25 and row["entropy"] == 0.1 and row["approx_kl"] == 0.005
-    assert row["grad_norm"] == 0.5 and row["rollout_seconds"] == 2.0 and row["rollout_tokens_per_s"] == 40.0
+    assert row["grad_norm"] == 0.25 and row["nonfinite_steps"] == 1 and row["rollout_seconds"] == 2.0 and row["rollout_tokens_per_s"] == 40.0
     assert row["kl_ref"] == 0.05
     assert math.isnan(ppo.metrics_row({**sums, "episodes": 0}, 2, 3, 1e-6, 5.0, False)["success_rate"])
     assert "kl_ref" not in ppo.metrics_row(sums, 2, 3, 1e-6, 5.0, False)
