@@ -70,8 +70,16 @@ class SFTConfig:
     per_device_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     num_processes: int = 4
+    # A transformers lr_scheduler_type (the paper's "cosine"), or "warmup_log": what the authors' SFT ran, as
+    # their zero3_offload.json named DeepSpeed's WarmupLR, which overrides --lr_scheduler_type cosine: a
+    # log-shaped warmup, ln(step+1)/ln(warmup), then learning_rate constant to the end (sft.warmup_log).
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.03
+    warmup_steps: int = 0  # > 0 sets the warmup in steps, overriding warmup_ratio
+    # AdamW's beta2 and eps: the authors' SFT defaults (sft/src/training/params.py), not transformers'
+    # 0.999 and 1e-8
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-7
     weight_decay: float = 0.0
     bf16: bool = True
     save_steps: int = 20

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
+import math
 import os
 import shutil
 import sys
@@ -181,6 +183,8 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
         log.info("sft.bf16 is set but no bf16-capable GPU is here: training in float32")
     if not 0 <= s.warmup_ratio < 1:
         raise ValueError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+    if s.warmup_steps < 0:
+        raise ValueError(f"sft.warmup_steps must be >= 0, got {s.warmup_steps}")
     return SFTConfig(
         output_dir=str(artifacts.sft_dir(cfg)),
         per_device_train_batch_size=s.per_device_batch_size,
@@ -189,9 +193,11 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
         learning_rate=s.learning_rate,
         num_train_epochs=s.epochs,
         max_steps=s.max_steps,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=s.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type="constant" if s.lr_scheduler == "warmup_log" else s.lr_scheduler,  # see build_trainer
+        warmup_steps=s.warmup_steps or s.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=s.weight_decay,
+        adam_beta2=s.adam_beta2,
+        adam_epsilon=s.adam_eps,
         bf16=bf16,
         use_cpu=not cuda,
         **{checkpointing: bool(s.gradient_checkpointing and cuda)},
@@ -240,10 +246,35 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
                          remove_columns=split.column_names)
 
     eval_sets = {"id_test": as_text(splits["id_test"].select(range(n_loss))), "ood": as_text(splits["ood_loss"])}
-    trainer = SFTTrainer(model=model, args=args, train_dataset=as_text(splits["sft_train"]),
+    trainer_class = _with_log_warmup(SFTTrainer) if cfg.sft.lr_scheduler == "warmup_log" else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=as_text(splits["sft_train"]),
                          eval_dataset=eval_sets, processing_class=tokenizer)
     trainer.add_callback(LossTableCallback(artifacts.sft_dir(cfg)))
     return trainer
+
+
+def warmup_log(step: int, warmup_steps: int) -> float:
+    """The learning-rate factor of DeepSpeed's WarmupLR (warmup_type "log", min lr 0), the schedule the
+    authors' SFT ran: ln(step + 1) / ln(warmup_steps) for the first warmup_steps optimizer steps, then 1."""
+    warmup_steps = max(2, warmup_steps)  # as WarmupLR: ln(1) would divide by zero
+    return math.log(step + 1) / math.log(warmup_steps) if step < warmup_steps else 1.0
+
+
+def _with_log_warmup(trainer_class: type) -> type:
+    """trainer_class whose scheduler is warmup_log over the args' warmup steps (a subclass, not a patched
+    method: transformers' DeepSpeed path builds the scheduler on a shallow copy of the trainer)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    class LogWarmupTrainer(trainer_class):
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
+                                             functools.partial(warmup_log, warmup_steps=warmup))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    return LogWarmupTrainer
 
 
 # The authors' Qwen SFT text (RL_Heals_SFT sft/src/training/data_qwen.py): Llama-3's header strings, which

@@ -134,6 +134,23 @@ def test_prompt_tokens_are_masked_in_a_collated_batch():
         assert answer.endswith("<|im_end|>\n") and answer.removesuffix("<|im_end|>\n") in answers
 
 
+def test_warmup_log_is_the_deepspeed_schedule_the_authors_sft_ran(tmp_path, monkeypatch):
+    """Their log (RL_Heals_SFT analysis/sft_6579897_4294967294.out, 12,501 steps) reads lr 0.0 at step 1,
+    1.1689632515815068e-07 = 1e-6 ln 2 / ln 376 at step 2, and 1e-06 from step 376 to the end; a run here
+    logs the same curve (the lr each step used), with the authors' AdamW beta2 and eps."""
+    assert sft.warmup_log(0, 376) == 0.0 and sft.warmup_log(376, 376) == sft.warmup_log(12500, 376) == 1.0
+    assert 1e-6 * sft.warmup_log(1, 376) == pytest.approx(1.1689632515815068e-07, rel=1e-12)
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path))
+    cfg = config.load("tiny", **{**SMALL, "sft.eval_steps": 1}, sft__lr_scheduler="warmup_log",
+                      sft__warmup_steps=4, sft__max_steps=6, sft__learning_rate=1e-3)
+    with one_thread():
+        trainer = sft.build_trainer(cfg)
+        trainer.train()
+    logged = [row["learning_rate"] for row in trainer.state.log_history if "learning_rate" in row]
+    assert logged == pytest.approx([1e-3 * sft.warmup_log(step - 1, 4) for step in range(1, 7)])
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-7 for g in trainer.optimizer.param_groups)
+
+
 # Llama-3.x's date logic: today's date unless the caller passes date_string
 DATED_TEMPLATE = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
                   "<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
