@@ -3,7 +3,8 @@
 
 Conversations are rendered with the model's chat template (generation prompt added), sorted by length
 so a batch wastes little padding, left-padded, and generated with the KV cache. Only the new tokens are
-decoded.
+decoded. The repetition penalty counts each row's own tokens, not its padding (`RowRepetitionPenalty`), so
+a batched answer is the one its prompt would get alone, as upstream generated.
 """
 from __future__ import annotations
 
@@ -11,8 +12,28 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .cards import TEMPLATE_KWARGS, Conversation
+
+
+class RowRepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty (CTRL's: a seen token's logit divided by `penalty`, or multiplied
+    when negative) over each row's own tokens. transformers before 5.23 (the GPU image has 5.17) penalised
+    a left-padded row's padding too, and Qwen's pad token is one of its stop tokens, so a row's answer
+    depended on its batch; 5.23 skips the padding itself. This does so on every version this project
+    allows. `pad_lengths[row]` is that row's padding; each pad position is read as the row's first real
+    token, which is penalised anyway, so the padding adds nothing."""
+
+    def __init__(self, penalty: float, pad_lengths: torch.Tensor):
+        self.penalty, self.pad_lengths = penalty, pad_lengths
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        starts = self.pad_lengths.to(input_ids.device)[:, None]
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        ids = torch.where(positions < starts, input_ids.gather(1, starts), input_ids)
+        seen = scores.gather(1, ids)
+        return scores.scatter(1, ids, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
 
 
 @dataclass
@@ -74,9 +95,13 @@ class Generator:
             for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
+            sampling, penalty = {**self.sampling, "repetition_penalty": 1.0}, self.sampling["repetition_penalty"]
+            padding = torch.tensor([width - len(prompts[i]) for i in batch])
+            # before the temperature and top-k/top-p warpers, where transformers applies its own penalty
+            processors = LogitsProcessorList([RowRepetitionPenalty(penalty, padding)] if penalty != 1.0 else [])
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=self.max_new_tokens,
-                pad_token_id=pad, eos_token_id=eos, use_cache=True, **self.sampling)
+                pad_token_id=pad, eos_token_id=eos, use_cache=True, logits_processor=processors, **sampling)
             for row, i in enumerate(batch):
                 response = out[row, width:].tolist()
                 for k, token in enumerate(response):  # cut at the first stop token, keep it
