@@ -21,8 +21,9 @@
 # clipped surrogate (ε 0.1) updates the whole model, with no KL term and no reference model. The paper's
 # finding is that this recovers most of the OOD success SFT lost (Figure 1, notebook 04) while the weights'
 # singular values barely move (05). Where the authors' code ran otherwise (a sixth, ungraded answer after
-# five failures: `rl.episode_end`; the cosine stepped once per GPU: `rl.lr_steps_per_update`), the
-# README's Faithfulness section says so and names the option.
+# five failures: `rl.episode_end`; the cosine stepped once per GPU: `rl.lr_steps_per_update`; Qwen's
+# thought split by its last 5 tokens: `rl.thought_split`; log-probs summed in bf16: `rl.logprob_dtype`),
+# the README's Faithfulness section says so and names the option.
 #
 # This notebook runs the stage (`python -m paper_lib.ppo`, or `accelerate launch` on the preset's GPUs)
 # and plots its per-update metrics. Checkpoints land in `runs/<preset>/rl/checkpoint-<update>`, where

@@ -17,6 +17,9 @@ from torch import nn
 from . import cards
 
 THOUGHT_KEY = '"formula"'  # tokens before its last occurrence are the "thought" (upstream)
+# Upstream's fallback where its key ids did not match (rl/trainer/model_tz_llama.py, evaluate): the action
+# begins one before the 4th-last response token, so the last 5 tokens count at weight 1.
+ACTION_TAIL = 5
 STEP_LIMIT_REWARD = -1.0  # upstream's answer past the last attempt ("step_limit_reached"), rl.episode_end "upstream"
 
 
@@ -59,18 +62,37 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     return policy, value, (ratio - 1).abs() > clip_eps
 
 
-def thought_weights(tokenizer: Any, response_ids: list[int], coef: float) -> list[float]:
-    """Weight of each response token in the action's log-probability: coef for the tokens wholly before the
-    last `"formula"` key, 1 from the token that holds its opening quote on (upstream). Without the key the
-    whole answer is thought (upstream counted its last few tokens at 1)."""
+def thought_weights(tokenizer: Any, response_ids: list[int], coef: float, split: str = "formula_key") -> list[float]:
+    """Weight of each response token in the action's log-probability (rl.thought_split): coef for the
+    "thought", 1 for the action. "formula_key": the thought is the tokens wholly before the last `"formula"`
+    key, the action runs from the token that holds its opening quote (upstream, where its key ids matched);
+    an answer without the key, and every answer under "last_tokens", takes upstream's fallback: the last
+    ACTION_TAIL tokens are the action."""
+    n = len(response_ids)
+    tail = [coef] * max(n - ACTION_TAIL, 0) + [1.0] * min(n, ACTION_TAIL)
+    if split == "last_tokens":
+        return tail
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
     key = text.rfind(THOUGHT_KEY)
     if key < 0:
-        return [coef] * len(response_ids)
+        return tail
     # The first token whose decoded prefix reaches the key's first character (prefix lengths only grow).
-    first = bisect.bisect_left(range(len(response_ids)), key + 1,
+    first = bisect.bisect_left(range(n), key + 1,
                                key=lambda k: len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True)))
-    return [coef] * first + [1.0] * (len(response_ids) - first)
+    return [coef] * first + [1.0] * (n - first)
+
+
+def sequence_logp(token_logps: torch.Tensor, weights: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
+    """An action's log-probability, Σᵢ wᵢ log pᵢ per row of [B, R] (weights 0 on padding; rl.logprob_dtype).
+    "bfloat16" as upstream (model_tz_llama.py, evaluate): each log pᵢ rounded to bf16, the thought (w < 1)
+    and the action (w = 1) summed apart in bf16, then coef·thought + action in bf16, so near a sum of -30
+    the value moves in steps of 1/8 and a ratio is 1 or at least e^(1/8), past a clip of 0.1."""
+    if dtype == "float32":
+        return (token_logps * weights).sum(1)
+    low = token_logps.to(torch.bfloat16)
+    thought, action = (weights > 0) & (weights < 1), weights == 1
+    coef = weights.masked_fill(~thought, 0).amax(1).to(torch.bfloat16)  # the row's thought weight
+    return (coef * (low * thought.to(low.dtype)).sum(1) + (low * action.to(low.dtype)).sum(1)).float()
 
 
 class ValueHead(nn.Sequential):
@@ -192,14 +214,15 @@ class Rollouts:
     def _new(self) -> cards.Episode:
         return cards.start_episode(cards.sample_hand(self.rng, "id", self.target), self.target)
 
-    def collect(self, generator, rounds: int, coef: float) -> tuple[list[list[Step]], list[cards.Episode]]:
+    def collect(self, generator, rounds: int, coef: float, split: str = "formula_key"
+                ) -> tuple[list[list[Step]], list[cards.Episode]]:
         """rounds x envs steps, and the episodes that ended meanwhile."""
         steps, finished = [], []
         for _ in range(rounds):
             row = []
             for e, generation in enumerate(generator.generate_tokens([list(ep.messages) for ep in self.slots])):
                 episode = self.slots[e]
-                weights = thought_weights(generator.tokenizer, generation.response_ids, coef)
+                weights = thought_weights(generator.tokenizer, generation.response_ids, coef, split)
                 if cards.is_finished(episode, self.max_attempts):  # upstream's answer past the limit: ungraded
                     row.append(Step(generation.prompt_ids, generation.response_ids, weights, STEP_LIMIT_REWARD, False))
                     finished.append(episode)

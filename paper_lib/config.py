@@ -135,6 +135,15 @@ class RLConfig:
     # (qwen7b, llama11b, which reproduce the authors' runs).
     episode_end: Literal["terminal", "upstream"] = "terminal"
     thought_prob_coef: float = 0.5
+    # Which answer tokens count thought_prob_coef times (actor_critic.thought_weights): "formula_key", those
+    # before the last `"formula"` key (upstream's last 5 tokens are the action where there is none), or
+    # "last_tokens", that fallback for every answer: qwen7b, as upstream looked for Llama-3's ids of
+    # ` "formula":`, [330, 60599, 794] (rl/trainer/model_tz_llama.py), which in Qwen's vocabulary are
+    # ' "', ' scars', ' St' and never matched.
+    thought_split: Literal["formula_key", "last_tokens"] = "formula_key"
+    # "bfloat16": each token's log-prob rounded to bf16 and the sums taken in bf16, as upstream's evaluate
+    # did, so a ratio after a step is 1 or jumps past the clip; "float32", exact (actor_critic.sequence_logp).
+    logprob_dtype: Literal["float32", "bfloat16"] = "float32"
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update
     micro_batch_size: int = 0  # attempts per forward/backward; 0: 1 on GPU (upstream), 8 on CPU

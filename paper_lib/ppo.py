@@ -8,7 +8,8 @@ multi-turn episodes).
 
 The recipe, as upstream:
 - an *action* is one whole attempt. Its log-probability is the sum of its tokens' log-probabilities at the
-  sampling temperature; tokens before the `"formula"` key (the "thought") count thought_prob_coef times;
+  sampling temperature; tokens before the `"formula"` key (the "thought") count thought_prob_coef times
+  (rl.thought_split: qwen7b counts all but the last 5, as upstream, whose key ids were Llama-3's);
 - the critic is an MLP head (h -> h/4 -> h/8 -> 1) on the policy's last hidden state at the last prompt
   token, so V is the value of the conversation so far; policy and critic share the backbone;
 - rollouts are the multi-turn episodes of 2.5: every attempt gets the reward of 2.4; env slots play in
@@ -53,7 +54,7 @@ import torch
 
 from . import artifacts, launch, models
 from .actor_critic import (ActorCritic, Rollouts, Step, ValueHead, gae, hidden_size, k3_kl, pad_rows, ppo_loss,
-                           save_value_head, score)
+                           save_value_head, score, sequence_logp)
 from .config import Config
 from .rl_run import (METRICS, REDO_RL, Grade, init_checkpoint, prepare_run, run_spec, validate_init,  # noqa: F401
                      checkpoints, verifier)  # ppo.checkpoints / ppo.verifier, as the notebooks read them
@@ -179,7 +180,8 @@ class PPOTrainer:
         entropy = tokens = 0.0
         for chunk in self._chunks(steps):
             tok, mask, values, ent = self._score(self.unwrapped, chunk, entropy=True)
-            logp = (tok * pad_rows([s.weights for s in chunk], tok.shape, tok.device)).sum(1)
+            weights = pad_rows([s.weights for s in chunk], tok.shape, tok.device)
+            logp = sequence_logp(tok, weights, self.rl.logprob_dtype)
             for s, lp, v, row in zip(chunk, logp.tolist(), values.tolist(), tok.tolist()):
                 s.old_logp, s.old_value, s.ref_logps = lp, v, row[:len(s.response_ids)]
             entropy, tokens = entropy + ent.sum().item(), tokens + mask.sum().item()
@@ -211,7 +213,7 @@ class PPOTrainer:
                 with acc.accumulate(self.model):
                     tok, mask, values, _ = self._score(self.model, chunk)
                     dev = tok.device
-                    logp = (tok * pad_rows([s.weights for s in chunk], tok.shape, dev)).sum(1)
+                    logp = sequence_logp(tok, pad_rows([s.weights for s in chunk], tok.shape, dev), rl.logprob_dtype)
                     old = lambda name: torch.tensor([getattr(s, name) for s in chunk], device=dev)
                     pl, vl, clipped = ppo_loss(logp, old("old_logp"), advantages[idx].to(dev), values,
                                                old("old_value"), returns[idx].to(dev), rl.clip_eps)
@@ -258,7 +260,7 @@ class PPOTrainer:
         """Collect steps_per_update attempts, take the optimizer steps of ppo_epochs passes; the metrics of
         all processes."""
         rl, t0 = self.rl, time.time()
-        table, finished = self.rollouts.collect(self.generator, self.rounds, rl.thought_prob_coef)
+        table, finished = self.rollouts.collect(self.generator, self.rounds, rl.thought_prob_coef, rl.thought_split)
         rollout_seconds = time.time() - t0
         steps = [s for row in table for s in row]
         entropy, tokens = self._rollout_pass(steps)

@@ -102,6 +102,7 @@ def test_a_failed_episode_ends_as_configured(tokenizer, episode_end):
     first = rollouts.slots[0]
     table, finished = rollouts.collect(_AlwaysWrong(tokenizer), rounds=7, coef=0.5)
     steps = [row[0] for row in table]
+    assert steps[0].weights == [1.0, 1.0], "two tokens, no key: both in upstream's action tail"
     assert finished[0] is first and len(first.attempts) == 5, "five graded attempts either way"
     if episode_end == "terminal":  # PAPER_SPEC 2.5: the fifth failure ends it; the next hand starts at round 6
         assert [(s.reward, s.done) for s in steps[:6]] == [(-2.0, False)] * 4 + [(-2.0, True), (-2.0, False)]
@@ -120,10 +121,34 @@ def test_thought_tokens_get_the_coefficient(tokenizer):
     key = text.index('"formula"')
     before, through = tokenizer.decode(ids[:k]), tokenizer.decode(ids[:k + 1])
     assert len(before) <= key < len(through), "the first weight-1 token holds the key's opening quote"
-    # no key: everything is thought; two keys: the last one splits (upstream matches the last)
-    assert set(actor_critic.thought_weights(tokenizer, tokenizer("no formula here")["input_ids"], 0.5)) == {0.5}
+    # two keys: the last one splits (upstream matches the last)
     twice = tokenizer(text + "\n" + text, add_special_tokens=False)["input_ids"]
     assert actor_critic.thought_weights(tokenizer, twice, 0.5).index(1.0) > len(ids)
+    # no key, or "last_tokens" (qwen7b): upstream's fallback, the last 5 tokens are the action
+    tail = [0.5] * (len(ids) - 5) + [1.0] * 5
+    assert actor_critic.thought_weights(tokenizer, ids, 0.5, "last_tokens") == tail != weights
+    no_key = tokenizer("there is no key in this answer at all", add_special_tokens=False)["input_ids"]
+    assert actor_critic.thought_weights(tokenizer, no_key, 0.5) == [0.5] * (len(no_key) - 5) + [1.0] * 5
+    assert actor_critic.thought_weights(tokenizer, no_key[:3], 0.5) == [1.0] * 3
+
+
+def test_bfloat16_log_probs_round_as_upstreams_and_a_small_change_jumps_or_stays():
+    """rl.logprob_dtype "bfloat16": thought and action summed apart in bf16, then 0.5·thought + action; near
+    -30 a bf16 sum moves in steps of 1/8, so a change in one token leaves it or moves it by 1/8."""
+    tok = torch.tensor([[-1.3, -0.7, -2.1, -0.01, 0.0], [-1.0] * 5])
+    weights = torch.tensor([[0.5, 0.5, 1.0, 1.0, 0.0], [1.0] * 5])  # row 0: its last position is padding
+    exact = actor_critic.sequence_logp(tok, weights)
+    assert exact.tolist() == pytest.approx([-0.5 * 2.0 - 2.11, -5.0])
+    low = tok.bfloat16()
+    thought = (low[0, :2].sum()).bfloat16()
+    action = (low[0, 2:4].sum()).bfloat16()
+    assert actor_critic.sequence_logp(tok, weights, "bfloat16")[0].item() == (0.5 * thought + action).float().item()
+    long = torch.full((1, 30), -1.0)
+    moved = {round(float(actor_critic.sequence_logp(long + bump, torch.ones(1, 30), "bfloat16")
+                         - actor_critic.sequence_logp(long, torch.ones(1, 30), "bfloat16")), 6)
+             for bump in (torch.eye(30)[i:i + 1] * d for i in (0, 7) for d in (0.01, -0.01, 0.07, -0.07))}
+    assert moved == {0.0, 0.125, -0.125}
+    assert actor_critic.sequence_logp(long + 1e-3 * torch.eye(30)[:1], torch.ones(1, 30)).item() == pytest.approx(-29.999)
 
 
 def test_score_matches_a_plain_forward(tiny_base):
@@ -302,6 +327,20 @@ def test_a_non_finite_gradient_skips_its_step(sft_ready, monkeypatch):
     start, _ = models.load(cfg, checkpoint=sft_ready)
     assert all(torch.isfinite(v).all() for v in trained.state_dict().values())
     assert any(not torch.equal(v, start.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
+def test_the_thought_split_and_the_log_prob_dtype_reach_the_update(sft_ready, monkeypatch):
+    """rl.thought_split picks each attempt's weights; rl.logprob_dtype the sums whose ratio PPO clips."""
+    splits, dtypes = [], []
+    real_weights, real_logp = actor_critic.thought_weights, ppo.sequence_logp
+    monkeypatch.setattr(actor_critic, "thought_weights",
+                        lambda tok, ids, coef, split: splits.append(split) or real_weights(tok, ids, coef, split))
+    monkeypatch.setattr(ppo, "sequence_logp", lambda tok, w, dtype: dtypes.append(dtype) or real_logp(tok, w, dtype))
+    cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8,
+                      rl__thought_split="last_tokens", rl__logprob_dtype="bfloat16")
+    out = ppo.train(cfg, force=True, micro_batch_size=4, progress=False)
+    assert set(splits) == {"last_tokens"} and len(splits) == 4 and set(dtypes) == {"bfloat16"}
+    assert math.isfinite(pd.read_csv(out / "metrics.csv").iloc[0]["policy_loss"])
 
 
 def test_samples_per_step_must_tile_the_update(sft_ready):
