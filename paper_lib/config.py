@@ -146,6 +146,10 @@ class RLConfig:
     logprob_dtype: Literal["float32", "bfloat16"] = "float32"
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update
+    # Episode slots per process, played in lockstep so one generate call serves them all; 0: ppo.default_envs
+    # (qwen7b 4 x 8 rounds, llama11b 16 x 8). Upstream played 1 slot for all its rounds, so fewer episodes
+    # were cut at an update's end, where the value head bootstraps the return (1 is upstream's, and slower).
+    env_slots: int = 0
     micro_batch_size: int = 0  # attempts per forward/backward; 0: 1 on GPU (upstream), 8 on CPU
     # Attempts whose gradients make one optimizer step, counted across PPO epochs. 0: one step per epoch
     # over the process's whole batch. Upstream accumulates 128 (grad_accum_steps 128 x mini_batch_size 1):
@@ -207,7 +211,7 @@ class RestoreConfig:
 # finite): settings that must be > 0, >= 0, or name a file in a directory. Extend these tables, not _build.
 POSITIVE = {
     "sft.learning_rate", "sft.epochs", "sft.per_device_batch_size", "sft.gradient_accumulation_steps",
-    "sft.num_processes", "sft.save_steps", "sft.eval_steps", "sft.max_length",
+    "sft.num_processes", "sft.save_steps", "sft.eval_steps", "sft.max_length", "sft.adam_eps",
     "rl.learning_rate", "rl.adam_eps", "rl.ppo_epochs", "rl.steps_per_update", "rl.num_updates", "rl.save_every",
     "rl.num_processes", "rl.max_new_tokens", "rl.repetition_penalty", "eval.max_attempts", "eval.max_new_tokens",
     "eval.batch_size", "eval.repeats", "eval.repetition_penalty",
@@ -215,9 +219,9 @@ POSITIVE = {
     "restore.causal_top_ks",
 }
 NON_NEGATIVE = {
-    "sft.warmup_ratio", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
+    "sft.warmup_ratio", "sft.warmup_steps", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
     "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
-    "rl.samples_per_step",
+    "rl.samples_per_step", "rl.env_slots",
     "data.loss_set_size", "eval.sft_every",
 }
 FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}

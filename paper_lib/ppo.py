@@ -63,8 +63,9 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ training
 def default_envs(cfg: Config) -> int:
-    """Slots per process: the largest divisor of steps_per_update that leaves every slot at least
-    max_attempts rounds, so each update sees whole episodes (upstream plays one slot per process)."""
+    """Slots per process where rl.env_slots is 0: the largest divisor of steps_per_update that leaves every
+    slot at least max_attempts rounds, so generation is batched and each update sees whole episodes
+    (upstream plays one slot per process: rl.env_slots 1)."""
     steps = cfg.rl.steps_per_update
     return max(d for d in range(1, steps + 1) if steps % d == 0 and steps // d >= min(cfg.eval.max_attempts, steps))
 
@@ -343,11 +344,10 @@ def resume(trainer: PPOTrainer, out: Path) -> int:
 
 
 def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = None, grade: Grade | None = None,
-          envs: int | None = None, micro_batch_size: int | None = None, progress: bool = True) -> Path:
+          micro_batch_size: int | None = None, progress: bool = True) -> Path:
     """Run PPO for cfg, resuming from the last checkpoint of an interrupted run and skipping a finished one
     (force: start over); returns rl_dir. `grade(hand, text) -> Verdict` replaces the verifier (tests use an
-    easy reward); envs: episode slots per process; micro_batch_size: attempts per forward/backward (default
-    rl.micro_batch_size)."""
+    easy reward); micro_batch_size: attempts per forward/backward (default rl.micro_batch_size)."""
     from tqdm.auto import tqdm
 
     rl = cfg.rl
@@ -356,9 +356,9 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     init_path = init_checkpoint(cfg, init)
     validate_init(cfg, init_path)
     spec = run_spec(cfg, init_path, "verifier" if grade is None else getattr(grade, "__name__", "custom"))
-    envs = envs or default_envs(cfg)
+    envs = rl.env_slots or default_envs(cfg)
     if rl.steps_per_update % envs:
-        raise ValueError(f"envs={envs} must divide rl.steps_per_update={rl.steps_per_update}")
+        raise ValueError(f"rl.env_slots={envs} must divide rl.steps_per_update={rl.steps_per_update}")
     # Upstream backpropagates one attempt at a time (memory on big models); on CPU a few at once is faster.
     micro = micro_batch_size or rl.micro_batch_size or (1 if torch.cuda.is_available() else 8)
     out = artifacts.rl_dir(cfg)
@@ -432,7 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = launch.stage_arguments("python -m paper_lib.ppo", __doc__.split("\n\n")[0], "start")
     parser.add_argument("--init-checkpoint", help="start from this HF checkpoint instead of the full-SFT one")
     parser.add_argument("--micro-batch-size", type=int, help="attempts per forward/backward (default rl.micro_batch_size, or 1 on GPU, 8 on CPU)")
-    parser.add_argument("--envs", type=int, help="episode slots per process (default: see default_envs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the metrics
@@ -443,8 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             from .grpo import train_grpo  # TRL's trainer, imported only when asked for
 
             return f"RL checkpoints in {train_grpo(cfg, force=args.force, init=args.init_checkpoint)}"
-        out = train(cfg, force=args.force, init=args.init_checkpoint, envs=args.envs,
-                    micro_batch_size=args.micro_batch_size)
+        out = train(cfg, force=args.force, init=args.init_checkpoint, micro_batch_size=args.micro_batch_size)
         return f"RL checkpoints in {out}"
 
     return launch.run_main(work)

@@ -183,8 +183,8 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
         log.info("sft.bf16 is set but no bf16-capable GPU is here: training in float32")
     if not 0 <= s.warmup_ratio < 1:
         raise ValueError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
-    if s.warmup_steps < 0:
-        raise ValueError(f"sft.warmup_steps must be >= 0, got {s.warmup_steps}")
+    if not 0 <= s.adam_beta2 < 1:
+        raise ValueError(f"sft.adam_beta2 must be in [0, 1), got {s.adam_beta2}")
     return SFTConfig(
         output_dir=str(artifacts.sft_dir(cfg)),
         per_device_train_batch_size=s.per_device_batch_size,

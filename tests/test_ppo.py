@@ -343,6 +343,23 @@ def test_the_thought_split_and_the_log_prob_dtype_reach_the_update(sft_ready, mo
     assert math.isfinite(pd.read_csv(out / "metrics.csv").iloc[0]["policy_loss"])
 
 
+def test_env_slots_sets_the_episodes_played_in_lockstep(sft_ready, monkeypatch):
+    """rl.env_slots 1 plays one slot for every round, as upstream; 0 batches ppo.default_envs slots."""
+    played = []
+
+    class Recording(actor_critic.Rollouts):
+        def __init__(self, envs, *args, **kwargs):
+            played.append(envs)
+            super().__init__(envs, *args, **kwargs)
+    monkeypatch.setattr(ppo, "Rollouts", Recording)
+    small = dict(rl__num_updates=1, rl__steps_per_update=10, rl__max_new_tokens=8)  # default: 2 slots x 5
+    for slots in (1, 0):
+        ppo.train(config.load("tiny", rl__env_slots=slots, **small), force=True, micro_batch_size=5, progress=False)
+    assert played == [1, 2] == [1, ppo.default_envs(config.load("tiny", **small))]
+    with pytest.raises(ValueError, match="rl.env_slots=3 must divide rl.steps_per_update=10"):
+        ppo.train(config.load("tiny", rl__env_slots=3, **small), force=True, progress=False)
+
+
 def test_samples_per_step_must_tile_the_update(sft_ready):
     cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__samples_per_step=3)
     with pytest.raises(ValueError, match="rl.samples_per_step=3 must be a multiple of the micro-batch"):
