@@ -61,6 +61,10 @@ class DataConfig:
     target: int = 24
     # Which solver solution becomes the SFT answer: "random" (seeded, spread over all) or "first".
     answer_choice: Literal["random", "first"] = "random"
+    # Figure 2's OOD loss set: "sft", the SFT answer's format on OOD hands, or "upstream", the authors' OOD
+    # loss data (data.upstream_ood_loss_split: their prompt wording, numbers as strings, no "=24"), which
+    # their Llama SFT evaluated; its loss also measures the distance between the two formats.
+    ood_loss_format: Literal["sft", "upstream"] = "sft"
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Splits (each row one hand; `prompt`/`completion` are TRL's conversational prompt
 - sft_train: ID-rule hands with a solver answer, `data.sft_size` rows, seed `data.seed`;
 - id_test, ood_test: `data.test_size` hands per rule (234 in the paper), each drawn with seed
   `data.test_seed` (42); the first `data.loss_set_size` rows of id_test give Figure 2's ID test loss;
-- ood_loss: `data.loss_set_size` OOD hands with answers for Figure 2's OOD loss, seed `data.seed + 1`.
+- ood_loss: `data.loss_set_size` OOD hands with answers for Figure 2's OOD loss, seed `data.seed + 1`; in
+  the SFT answer's format, or (`data.ood_loss_format: upstream`) in that of the authors' OOD loss data.
 Hands repeat across splits as they do upstream: with 715 distinct ID multisets, a 100k-example SFT set
 covers them all.
 """
@@ -50,13 +51,50 @@ def sample_split(n: int, rule: str, seed: int, answer_choice: str = "random",
     """
     if answer_choice not in ("random", "first"):
         raise ValueError(f"data.answer_choice must be 'random' or 'first', got {answer_choice!r}")
-    rng = random.Random(seed)
+    # Two streams, so that the answer choice never changes which hands are drawn (the test sets above all)
+    rng, answer_rng = random.Random(seed), random.Random(f"answers-{seed}")
     rows = []
     for _ in tqdm(range(n), desc=f"{rule} hands (seed {seed})", disable=n < 2000, leave=False):
         hand = cards.sample_hand(rng, rule, target)
         solutions = cards.solve(hand.numbers, target)
-        formula = rng.choice(solutions) if answer_choice == "random" else solutions[0]
+        formula = answer_rng.choice(solutions) if answer_choice == "random" else solutions[0]
         rows.append(example(hand, formula, target))
+    return rows
+
+
+# The authors' OOD loss data, which their Llama SFT evaluated (gp-l/ood-data.json, written by RL_Heals_SFT
+# evaluation/launcher.py, generate_ood_dataset): a prompt worded apart from the benchmark's, and an answer
+# framed by newlines, its numbers as strings, its formula without "=24" or a trailing comma.
+UPSTREAM_OOD_PROMPT = (
+    "\n[Task Description]\n"
+    "You are an expert {target} points card game player. You will receive a set of 4 cards.\n"
+    "Note that 'J', 'Q', and 'K' count as '11', '12', '13', and each card must be used once.\n"
+    "Your goal is to output a formula that evaluates to {target} using numbers from the cards and operators "
+    "such as '+', '-', '*', '/', '(', ')', and '='.\n\n"
+    "[Input]\nCards: {cards}\n\n"
+    "[Output]\n{{\n"
+    "  \"cards\": [x, y, z, w], where 'J', 'Q', and 'K' count as '11','12','13',\n"
+    "  \"number\": [a, b, c, d], where a, b, c, and d are the numbers on the cards,\n"
+    "  \"formula\": 'an equation that equals {target}',\n"
+    "}}\n\n")
+UPSTREAM_OOD_ANSWER = '\n{{\n  "cards": {cards},\n  "number": {numbers},\n  "formula": "{formula}"\n}}\n'
+
+
+def upstream_ood_loss_split(n: int, seed: int, target: int = cards.TARGET) -> list[dict[str, Any]]:
+    """n distinct OOD hands (as ordered cards: the authors skipped a hand seen before) in the authors' OOD
+    loss format, each answered with the first of its solutions, as they kept the first record."""
+    rng, seen, rows = random.Random(seed), set(), []
+    while len(rows) < n:
+        hand = cards.sample_hand(rng, "ood", target)
+        if hand.cards in seen:
+            continue
+        seen.add(hand.cards)
+        formula = cards.solve(hand.numbers, target)[0]
+        row = example(hand, formula, target)
+        row["prompt"] = [{"role": "user", "content": UPSTREAM_OOD_PROMPT.format(target=target, cards=list(hand.cards))}]
+        row["completion"] = [{"role": "assistant", "content": UPSTREAM_OOD_ANSWER.format(
+            cards=list(hand.cards), numbers=[str(x) for x in hand.numbers], formula=formula)}]
+        rows.append(row)
     return rows
 
 
@@ -68,7 +106,8 @@ def build_splits(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         "sft_train": sample_split(d.sft_size, "id", d.seed, d.answer_choice, d.target),
         "id_test": sample_split(d.test_size, "id", d.test_seed, d.answer_choice, d.target),
         "ood_test": sample_split(d.test_size, "ood", d.test_seed, d.answer_choice, d.target),
-        "ood_loss": sample_split(d.loss_set_size, "ood", d.seed + 1, d.answer_choice, d.target),
+        "ood_loss": (upstream_ood_loss_split(d.loss_set_size, d.seed + 1, d.target) if d.ood_loss_format == "upstream"
+                     else sample_split(d.loss_set_size, "ood", d.seed + 1, d.answer_choice, d.target)),
     }
 
 

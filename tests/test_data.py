@@ -38,6 +38,31 @@ def test_answer_choice_first_takes_the_shortest_solution():
     assert all(r["formula"] == cards.solve(r["numbers"])[0] for r in rows)
 
 
+def test_the_answer_choice_never_changes_which_hands_are_drawn():
+    """Hands and answers come from two streams: the test sets are the same hands whichever answer SFT
+    learns."""
+    first, spread = (data.build_splits(small(data__answer_choice=c)) for c in ("first", "random"))
+    for name in data.SPLITS:
+        assert [r["cards"] for r in first[name]] == [r["cards"] for r in spread[name]]
+    assert [r["formula"] for r in first["sft_train"]] != [r["formula"] for r in spread["sft_train"]]
+
+
+def test_the_upstream_ood_loss_set_is_in_the_authors_format():
+    """data.ood_loss_format "upstream": distinct hands, the first solution, numbers as strings, no "=24"."""
+    rows = data.build_splits(small(data__ood_loss_format="upstream", data__loss_set_size=40))["ood_loss"]
+    assert len(rows) == 40 and len({tuple(r["cards"]) for r in rows}) == 40
+    row = rows[0]
+    numbers = ", ".join(f"'{n}'" for n in row["numbers"])
+    cards_shown = ", ".join(f"'{c}'" for c in row["cards"])
+    assert row["formula"] == cards.solve(row["numbers"])[0]
+    assert row["completion"][0]["content"] == (
+        f'\n{{\n  "cards": [{cards_shown}],\n  "number": [{numbers}],\n  "formula": "{row["formula"]}"\n}}\n')
+    prompt = row["prompt"][0]["content"]
+    assert prompt.startswith("\n[Task Description]\n") and prompt.endswith("}\n\n")
+    assert "count as '11', '12', '13', and each card" in prompt and f"Cards: [{cards_shown}]" in prompt
+    assert all(cards.grade_answer(r["completion"][0]["content"], r["numbers"]).status == "CORRECT" for r in rows)
+
+
 def test_test_sets_use_seed_42_by_default():
     cfg = config.load("qwen7b")
     assert (cfg.data.test_size, cfg.data.test_seed) == (234, 42)
