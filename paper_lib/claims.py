@@ -117,10 +117,13 @@ def spectra_by_module(cfg: Config) -> pd.DataFrame:
 
 
 def sigma_and_rotation(cfg: Config) -> list[dict]:
-    """Claims 3 and 4, per stage, from 05_spectra's tables and arrays."""
-    out, rows = artifacts.spectra_dir(cfg), []
+    """Claims 3 and 4, per stage, from 05_spectra's tables and arrays, over spectra.claim_modules."""
+    out, rows, modules = artifacts.spectra_dir(cfg), [], cfg.spectra.claim_modules
     for stage, before, after in _paper_pairs(cfg):
         table, arrays = spectra.load_pair(out, before, after)
+        if modules:
+            table = table[table["module"].isin(modules)]
+            after = f"{after} ({', '.join(modules)})"  # the case says which matrices it pools
         share = sigma_share(table, arrays).dropna()
         q1, med, q3 = share.quantile([0.25, 0.5, 0.75]) if len(share) else (np.nan,) * 3
         rows.append(_row(3, f"{stage}: {before} → {after}", "σ barely moves while the singular directions rotate",

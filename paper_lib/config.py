@@ -192,6 +192,11 @@ class SpectraConfig:
     k: int = 768  # top-k singular vectors for principal angles (min(k, rank) is used)
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "auto"
+    # The module kinds claims 3 and 4 pool (08_claims); the spectra cover every 2-D weight either way.
+    # (): all of them, PAPER_SPEC 5; the authors' angle statistics (analysis/raw_metrics_angle.py,
+    # KEY_PATTERNS) read q_proj, k_proj, v_proj and down_proj only.
+    claim_modules: tuple[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                 "embed_tokens", "lm_head"], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -509,7 +509,8 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
     from dataclasses import asdict
 
     out = artifacts.spectra_dir(cfg)
-    spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": asdict(cfg.spectra),
+    settings = {k: v for k, v in asdict(cfg.spectra).items() if k != "claim_modules"}  # read by claims only
+    spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": settings,
             "checkpoints": {label: artifacts.fingerprint(path) for label, path in checkpoints.items()},
             "code": artifacts.code_hash("spectra")}
     def read(out: Path) -> pd.DataFrame:

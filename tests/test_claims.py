@@ -99,6 +99,22 @@ def test_the_mean_angle_leaves_out_matrices_whose_top_k_is_the_whole_space():
     assert claims._angle(table.assign(angle_u_mean_deg=np.nan)).startswith("undefined")
 
 
+def test_claim_modules_choose_the_matrices_claims_3_and_4_pool(monkeypatch):
+    """spectra.claim_modules: () pools every 2-D weight (PAPER_SPEC 5); the authors' angle script read
+    q/k/v/down_proj only. A rotated q_proj and a rescaled up_proj: σ's share is 0% of one, 100% of the two."""
+    (turned, t_arrays), (scaled, s_arrays) = _svd_pair(rescale=1.0, turn=0.3), _svd_pair(rescale=1.1, turn=0.0)
+    table = pd.concat([turned.assign(name="q", module="q_proj"), scaled.assign(name="up", module="up_proj")],
+                      ignore_index=True).assign(rel_dsigma_absmax=0.01, angle_u_mean_deg=10.0, k=24, rank=24)
+    arrays = {"q": {**t_arrays["w"], "rot_u": np.zeros(24)}, "up": {**s_arrays["w"], "rot_u": np.zeros(24)}}
+    monkeypatch.setattr(claims, "_paper_pairs", lambda cfg: [("SFT", "base", "sft-0080")])
+    monkeypatch.setattr(claims.spectra, "load_pair", lambda out, a, b: (table, arrays))
+    pooled = claims.sigma_and_rotation(config.load("tiny"))[0]
+    assert "median of 2 matrices" in pooled["measured"] and pooled["case"] == "SFT: base → sft-0080"
+    upstream = claims.sigma_and_rotation(config.load("tiny", spectra__claim_modules=["q_proj", "k_proj"]))[0]
+    assert upstream["measured"].startswith("σ accounts for 0.0% of ‖ΔW‖F² (median of 1 matrices")
+    assert upstream["case"] == "SFT: base → sft-0080 (q_proj, k_proj)" and upstream["verdict"] == claims.HOLDS
+
+
 def _rotations(edge_deg: float, bulk_deg: float, matrices: int = 12, k: int = 50):
     rng = np.random.default_rng(1)
     names = [f"m{i}" for i in range(matrices)]
