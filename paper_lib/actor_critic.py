@@ -86,11 +86,13 @@ def sequence_logp(token_logps: torch.Tensor, weights: torch.Tensor, dtype: str =
     """An action's log-probability, Σᵢ wᵢ log pᵢ per row of [B, R] (weights 0 on padding; rl.logprob_dtype).
     "bfloat16" as upstream (model_tz_llama.py, evaluate): each log pᵢ rounded to bf16, the thought (w < 1)
     and the action (w = 1) summed apart in bf16, then coef·thought + action in bf16, so near a sum of -30
-    the value moves in steps of 1/8 and a ratio is 1 or at least e^(1/8), past a clip of 0.1."""
+    the value moves in steps of 1/8: a ratio stays 1 or moves by at least e^(1/8), past a clip of 0.1."""
     if dtype == "float32":
         return (token_logps * weights).sum(1)
+    if dtype != "bfloat16":
+        raise ValueError(f"rl.logprob_dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     low = token_logps.to(torch.bfloat16)
-    thought, action = (weights > 0) & (weights < 1), weights == 1
+    thought, action = (weights > 0) & (weights != 1), weights == 1  # padding has weight 0
     coef = weights.masked_fill(~thought, 0).amax(1).to(torch.bfloat16)  # the row's thought weight
     return (coef * (low * thought.to(low.dtype)).sum(1) + (low * action.to(low.dtype)).sum(1)).float()
 

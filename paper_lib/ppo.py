@@ -28,8 +28,9 @@ calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so 
 unpublished ds_zero2_offload.json; ours clips at the paper's rl.max_grad_norm, with or without DeepSpeed.
 An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
 llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch. A step whose
-gradient is not finite is skipped and counted in metrics.csv's nonfinite_steps (upstream skipped a micro-
-batch whose log-prob was NaN, rl/trainer/algo/ppo.py, which across processes would desynchronise them).
+gradient is not finite is skipped and counted in metrics.csv's nonfinite_steps (under DeepSpeed the engine
+stepped inside backward: only counted); upstream skipped a micro-batch whose log-prob was NaN
+(rl/trainer/algo/ppo.py), which across processes would desynchronise them.
 
 `rl.algo: grpo` runs TRL's GRPOTrainer instead (paper_lib/grpo.py: single turn, the verifier's reward of
 the first attempt), writing the same checkpoint layout, so the two algorithms can be compared.
@@ -56,20 +57,12 @@ from . import artifacts, launch, models
 from .actor_critic import (ActorCritic, Rollouts, Step, ValueHead, gae, hidden_size, k3_kl, pad_rows, ppo_loss,
                            save_value_head, score, sequence_logp)
 from .config import Config
-from .rl_run import (METRICS, REDO_RL, Grade, init_checkpoint, prepare_run, run_spec, validate_init,  # noqa: F401
-                     checkpoints, verifier)  # ppo.checkpoints / ppo.verifier, as the notebooks read them
+from .rl_run import (METRICS, REDO_RL, Grade, default_envs, init_checkpoint, prepare_run, run_spec,  # noqa: F401
+                     validate_init, checkpoints, verifier)  # ppo.checkpoints / ppo.verifier, as the notebooks read them
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ training
-def default_envs(cfg: Config) -> int:
-    """Slots per process where rl.env_slots is 0: the largest divisor of steps_per_update that leaves every
-    slot at least max_attempts rounds, so generation is batched and each update sees whole episodes
-    (upstream plays one slot per process: rl.env_slots 1)."""
-    steps = cfg.rl.steps_per_update
-    return max(d for d in range(1, steps + 1) if steps % d == 0 and steps // d >= min(cfg.eval.max_attempts, steps))
-
-
 def _load_policy(cfg: Config, init: Path, acc) -> tuple[Any, Any]:
     """The policy to train and its tokenizer, on this process's device."""
     # Adam steps of lr 1e-6 vanish in bf16 weights: train in fp32 unless DeepSpeed keeps fp32 master weights

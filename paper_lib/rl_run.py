@@ -51,9 +51,19 @@ def checkpoints(cfg: Config) -> dict[int, Path]:
     return artifacts.numbered_checkpoints(artifacts.rl_dir(cfg))
 
 
+def default_envs(cfg: Config) -> int:
+    """Slots per process where rl.env_slots is 0: the largest divisor of steps_per_update that leaves every
+    slot at least max_attempts rounds, so generation is batched and each update sees whole episodes
+    (upstream plays one slot per process: rl.env_slots 1)."""
+    steps = cfg.rl.steps_per_update
+    return max(d for d in range(1, steps + 1) if steps % d == 0 and steps // d >= min(cfg.eval.max_attempts, steps))
+
+
 def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
-    """What a finished run's manifest must match for it to be reused."""
-    return {"stage": "rl", "rl": dataclasses.asdict(cfg.rl), "max_attempts": cfg.eval.max_attempts,
+    """What a finished run's manifest must match for it to be reused (rl.env_slots as played: 0 and the
+    count it stands for are one run)."""
+    rl = {**dataclasses.asdict(cfg.rl), "env_slots": cfg.rl.env_slots or default_envs(cfg)}
+    return {"stage": "rl", "rl": rl, "max_attempts": cfg.eval.max_attempts,
             "target": cfg.data.target, "init": artifacts.portable_path(init), "init_weights": artifacts.fingerprint(init),
             "reward": grade_name,
             "code": artifacts.code_hash("ppo")}

@@ -255,13 +255,20 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
 
 def warmup_log(step: int, warmup_steps: int) -> float:
     """The learning-rate factor of DeepSpeed's WarmupLR (warmup_type "log", min lr 0), the schedule the
-    authors' SFT ran: ln(step + 1) / ln(warmup_steps) for the first warmup_steps optimizer steps, then 1."""
+    authors' SFT ran, at its `step`-th scheduler step: ln(step + 1) / ln(warmup_steps), then 1."""
     warmup_steps = max(2, warmup_steps)  # as WarmupLR: ln(1) would divide by zero
     return math.log(step + 1) / math.log(warmup_steps) if step < warmup_steps else 1.0
 
 
+def warmup_log_used(step: int, warmup_steps: int) -> float:
+    """The factor optimizer step `step` (0-based) ran at under WarmupLR: it sets the lr to 0 when built and
+    steps after each optimizer step, from its own step 0, so the first two steps run at 0, then
+    warmup_log(step - 1). (The authors' log prints the rate of the step to come: 0.0, ln 2 / ln 376, ...)"""
+    return warmup_log(max(step - 1, 0), warmup_steps)
+
+
 def _with_log_warmup(trainer_class: type) -> type:
-    """trainer_class whose scheduler is warmup_log over the args' warmup steps (a subclass, not a patched
+    """trainer_class whose scheduler is WarmupLR's over the args' warmup steps (a subclass, not a patched
     method: transformers' DeepSpeed path builds the scheduler on a shallow copy of the trainer)."""
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -270,7 +277,7 @@ def _with_log_warmup(trainer_class: type) -> type:
             if self.lr_scheduler is None:
                 warmup = self.args.get_warmup_steps(num_training_steps)
                 self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
-                                             functools.partial(warmup_log, warmup_steps=warmup))
+                                             functools.partial(warmup_log_used, warmup_steps=warmup))
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 

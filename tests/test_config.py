@@ -37,7 +37,8 @@ def test_paper_settings_in_the_large_presets():
     assert config.load("qwen7b").sft.text_format == "upstream_qwen"  # the authors' data_qwen.py text
     # upstream's key ids were Llama-3's (Qwen always took the last-5-tokens fallback); bf16 log-probs in both
     assert (rl.thought_split, rl.logprob_dtype) == ("last_tokens", "bfloat16")
-    assert (config.load("llama11b").rl.thought_split, config.load("llama11b").rl.logprob_dtype) == ("formula_key", "bfloat16")
+    llama = config.load("llama11b").rl
+    assert (llama.thought_split, llama.logprob_dtype) == ("formula_key", "bfloat16")
 
 
 def test_overrides_in_every_form():

@@ -148,7 +148,10 @@ def test_bfloat16_log_probs_round_as_upstreams_and_a_small_change_jumps_or_stays
                          - actor_critic.sequence_logp(long, torch.ones(1, 30), "bfloat16")), 6)
              for bump in (torch.eye(30)[i:i + 1] * d for i in (0, 7) for d in (0.01, -0.01, 0.07, -0.07))}
     assert moved == {0.0, 0.125, -0.125}
-    assert actor_critic.sequence_logp(long + 1e-3 * torch.eye(30)[:1], torch.ones(1, 30)).item() == pytest.approx(-29.999)
+    exact = actor_critic.sequence_logp(long + 1e-3 * torch.eye(30)[:1], torch.ones(1, 30))
+    assert exact.item() == pytest.approx(-29.999)
+    heavy = torch.tensor([[2.0, 2.0, 1.0, 1.0]])  # a coefficient above 1 still weighs the thought
+    assert actor_critic.sequence_logp(-torch.ones(1, 4), heavy, "bfloat16").item() == -6.0
 
 
 def test_score_matches_a_plain_forward(tiny_base):
@@ -356,6 +359,9 @@ def test_env_slots_sets_the_episodes_played_in_lockstep(sft_ready, monkeypatch):
     for slots in (1, 0):
         ppo.train(config.load("tiny", rl__env_slots=slots, **small), force=True, micro_batch_size=5, progress=False)
     assert played == [1, 2] == [1, ppo.default_envs(config.load("tiny", **small))]
+    init = ppo.init_checkpoint(config.load("tiny", **small))  # 0 and the count it stands for are one run
+    explicit = config.load("tiny", rl__env_slots=2, **small)
+    assert ppo.run_spec(config.load("tiny", **small), init) == ppo.run_spec(explicit, init)
     with pytest.raises(ValueError, match="rl.env_slots=3 must divide rl.steps_per_update=10"):
         ppo.train(config.load("tiny", rl__env_slots=3, **small), force=True, progress=False)
 
@@ -404,7 +410,8 @@ def test_metrics_row_turns_the_sums_of_every_process_into_ratios():
     assert (row["update"], row["attempts"], row["episodes"]) == (3, 8, 2)
     assert row["mean_reward"] == -0.75 and row["success_rate"] == 0.5 and row["attempts_per_episode"] == 3
     assert row["clip_fraction"] == 0.25 and row["entropy"] == 0.1 and row["approx_kl"] == 0.005
-    assert row["grad_norm"] == 0.25 and row["nonfinite_steps"] == 1 and row["rollout_seconds"] == 2.0 and row["rollout_tokens_per_s"] == 40.0
+    assert row["grad_norm"] == 0.25 and row["nonfinite_steps"] == 1
+    assert row["rollout_seconds"] == 2.0 and row["rollout_tokens_per_s"] == 40.0
     assert row["kl_ref"] == 0.05
     assert math.isnan(ppo.metrics_row({**sums, "episodes": 0}, 2, 3, 1e-6, 5.0, False)["success_rate"])
     assert "kl_ref" not in ppo.metrics_row(sums, 2, 3, 1e-6, 5.0, False)

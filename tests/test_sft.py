@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -135,20 +136,35 @@ def test_prompt_tokens_are_masked_in_a_collated_batch():
 
 
 def test_warmup_log_is_the_deepspeed_schedule_the_authors_sft_ran(tmp_path, monkeypatch):
-    """Their log (RL_Heals_SFT analysis/sft_6579897_4294967294.out, 12,501 steps) reads lr 0.0 at step 1,
-    1.1689632515815068e-07 = 1e-6 ln 2 / ln 376 at step 2, and 1e-06 from step 376 to the end; a run here
-    logs the same curve (the lr each step used), with the authors' AdamW beta2 and eps."""
-    assert sft.warmup_log(0, 376) == 0.0 and sft.warmup_log(376, 376) == sft.warmup_log(12500, 376) == 1.0
-    assert 1e-6 * sft.warmup_log(1, 376) == pytest.approx(1.1689632515815068e-07, rel=1e-12)
+    """Their log (RL_Heals_SFT analysis/sft_6579897_4294967294.out, 12,501 steps), which prints after each
+    step the rate of the next, reads 0.0, then 1.1689632515815068e-07 = 1e-6 ln 2 / ln 376, and 1e-06 from
+    step 376 on: steps 1 and 2 ran at 0, step 3 at 1e-6 ln 2 / ln 376, step 377 on at 1e-6. A run here steps
+    the same rates, with the authors' AdamW beta2 and eps."""
+    from transformers import TrainerCallback
+
+    logged = [0.0] + [1e-6 * sft.warmup_log(s, 376) for s in range(1, 12501)]  # printed after steps 1, 2, ...
+    assert logged[1] == pytest.approx(1.1689632515815068e-07, rel=1e-12) and logged[374] < 1e-6 == logged[375]
+    used = [1e-6 * sft.warmup_log_used(s, 376) for s in range(12501)]  # what steps 1, 2, ... ran at
+    assert used[0] == 0.0 and used[1:] == logged[:-1]
+
+    class UsedRate(TrainerCallback):
+        def __init__(self):
+            self.rates, self.betas = [], set()
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self.rates.append(optimizer.param_groups[0]["lr"])
+            self.betas |= {(g["betas"], g["eps"]) for g in optimizer.param_groups}
     monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path))
-    cfg = config.load("tiny", **{**SMALL, "sft.eval_steps": 1}, sft__lr_scheduler="warmup_log",
-                      sft__warmup_steps=4, sft__max_steps=6, sft__learning_rate=1e-3)
+    cfg = config.load("tiny", **SMALL, sft__lr_scheduler="warmup_log", sft__warmup_steps=4, sft__max_steps=6,
+                      sft__learning_rate=1e-3)
+    seen = UsedRate()
     with one_thread():
         trainer = sft.build_trainer(cfg)
+        trainer.add_callback(seen)
         trainer.train()
-    logged = [row["learning_rate"] for row in trainer.state.log_history if "learning_rate" in row]
-    assert logged == pytest.approx([1e-3 * sft.warmup_log(step - 1, 4) for step in range(1, 7)])
-    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-7 for g in trainer.optimizer.param_groups)
+    assert seen.rates == pytest.approx([1e-3 * sft.warmup_log_used(s, 4) for s in range(6)])
+    assert seen.rates[:3] == pytest.approx([0.0, 0.0, 1e-3 * math.log(2) / math.log(4)]) and seen.rates[-1] == 1e-3
+    assert seen.betas == {((0.9, 0.98), 1e-7)}
 
 
 # Llama-3.x's date logic: today's date unless the caller passes date_string
