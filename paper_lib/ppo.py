@@ -167,6 +167,11 @@ class PPOTrainer:
     def _score(self, model, steps: list, entropy: bool = False):
         return score(model, steps, self.rl.temperature, self.tokenizer.pad_token_id, entropy)
 
+    def _action_logp(self, token_logps: torch.Tensor, steps: list) -> torch.Tensor:
+        """The steps' action log-probs; one function for old and new, so the first ratio is exactly 1."""
+        weights = pad_rows([s.weights for s in steps], token_logps.shape, token_logps.device)
+        return sequence_logp(token_logps, weights, self.rl.logprob_dtype)
+
     @torch.no_grad()
     def _rollout_pass(self, steps: list[Step]) -> tuple[float, float]:
         """Old log-probs and values of the rollout policy (the same code as the update, so the first ratio
@@ -174,8 +179,7 @@ class PPOTrainer:
         entropy = tokens = 0.0
         for chunk in self._chunks(steps):
             tok, mask, values, ent = self._score(self.unwrapped, chunk, entropy=True)
-            weights = pad_rows([s.weights for s in chunk], tok.shape, tok.device)
-            logp = sequence_logp(tok, weights, self.rl.logprob_dtype)
+            logp = self._action_logp(tok, chunk)
             for s, lp, v, row in zip(chunk, logp.tolist(), values.tolist(), tok.tolist()):
                 s.old_logp, s.old_value, s.ref_logps = lp, v, row[:len(s.response_ids)]
             entropy, tokens = entropy + ent.sum().item(), tokens + mask.sum().item()
@@ -207,7 +211,7 @@ class PPOTrainer:
                 with acc.accumulate(self.model):
                     tok, mask, values, _ = self._score(self.model, chunk)
                     dev = tok.device
-                    logp = sequence_logp(tok, pad_rows([s.weights for s in chunk], tok.shape, dev), rl.logprob_dtype)
+                    logp = self._action_logp(tok, chunk)
                     old = lambda name: torch.tensor([getattr(s, name) for s in chunk], device=dev)
                     pl, vl, clipped = ppo_loss(logp, old("old_logp"), advantages[idx].to(dev), values,
                                                old("old_value"), returns[idx].to(dev), rl.clip_eps)
