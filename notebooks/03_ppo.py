@@ -22,7 +22,8 @@
 # finding is that this recovers most of the OOD success SFT lost (Figure 1, notebook 04) while the weights'
 # singular values barely move (05). Where the authors' code ran otherwise (a sixth, ungraded answer after
 # five failures: `rl.episode_end`; the cosine stepped once per GPU: `rl.lr_steps_per_update`; Qwen's
-# thought split by its last 5 tokens: `rl.thought_split`; log-probs summed in bf16: `rl.logprob_dtype`),
+# thought split by its last 5 tokens: `rl.thought_split`; log-probs summed in bf16: `rl.logprob_dtype`;
+# the first two answer tokens left out: `rl.scored_tokens`),
 # the README's Faithfulness section says so and names the option.
 #
 # This notebook runs the stage (`python -m paper_lib.ppo`, or `accelerate launch` on the preset's GPUs)

@@ -62,24 +62,60 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tenso
     return policy, value, (ratio - 1).abs() > clip_eps
 
 
-def thought_weights(tokenizer: Any, response_ids: list[int], coef: float, split: str = "formula_key") -> list[float]:
-    """Weight of each response token in the action's log-probability (rl.thought_split): coef for the
-    "thought", 1 for the action. "formula_key": the thought is the tokens wholly before the last `"formula"`
+def thought_weights(tokenizer: Any, response_ids: list[int], coef: float, split: str = "formula_key",
+                    scored: str = "all") -> list[float]:
+    """Weight of each response token in the action's log-probability: coef for the "thought", 1 for the
+    action (rl.thought_split). "formula_key": the thought is the tokens wholly before the last `"formula"`
     key, the action runs from the token that holds its opening quote (upstream, where its key ids matched);
     an answer without the key, and every answer under "last_tokens", takes upstream's fallback: the last
-    ACTION_TAIL tokens are the action."""
+    ACTION_TAIL tokens are the action. rl.scored_tokens "upstream" then drops what upstream's slicing
+    dropped (upstream_scored)."""
     n = len(response_ids)
-    tail = [coef] * max(n - ACTION_TAIL, 0) + [1.0] * min(n, ACTION_TAIL)
-    if split == "last_tokens":
-        return tail
+    start = _key_start(tokenizer, response_ids) if split == "formula_key" else None
+    if scored == "upstream":
+        return upstream_scored(response_ids, start if start is not None else _upstream_tail_start(response_ids), coef)
+    if start is None:
+        start = max(n - ACTION_TAIL, 0)
+    return [coef] * start + [1.0] * (n - start)
+
+
+def _key_start(tokenizer: Any, response_ids: list[int]) -> int | None:
+    """Index of the token that holds the opening quote of the last `"formula"` key; None without one."""
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
     key = text.rfind(THOUGHT_KEY)
     if key < 0:
-        return tail
+        return None
     # The first token whose decoded prefix reaches the key's first character (prefix lengths only grow).
-    first = bisect.bisect_left(range(n), key + 1,
-                               key=lambda k: len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True)))
-    return [coef] * first + [1.0] * (n - first)
+    return bisect.bisect_left(range(len(response_ids)), key + 1,
+                              key=lambda k: len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True)))
+
+
+# Upstream's mask for padding, `output_ids != 0`. Id 0 is '!' in Llama-3's and Qwen2.5's vocabularies, so an
+# answer's '!' went unscored too.
+UPSTREAM_MASKED_ID = 0
+
+
+def _upstream_tail_start(response_ids: list[int]) -> int | None:
+    """Upstream's fallback action start: one before the 4th-last scored token of id != 0 (n - 5 when none is
+    0); None where fewer than 4 are left, where upstream returned a constant log-prob (no gradient)."""
+    kept = [k for k in range(1, len(response_ids)) if response_ids[k] != UPSTREAM_MASKED_ID]
+    return kept[-4] - 1 if len(kept) >= 4 else None
+
+
+def upstream_scored(response_ids: list[int], start: int | None, coef: float) -> list[float]:
+    """Weights as upstream's slicing gave them (SFTvsRL rl/trainer/model_tz_llama.py, evaluate). Its row of
+    log-probs starts at the second response token (row[j] scores token j + 1: the first is never scored);
+    the thought is row[1:start - 1] (the second token neither), the action row[start - 1:], with Python's
+    negative indices where start < 1; tokens of id UPSTREAM_MASKED_ID weigh 0. start None: all 0."""
+    weights = [0.0] * len(response_ids)
+    if start is None:
+        return weights
+    row = range(len(response_ids) - 1)
+    for j in row[1:start - 1]:
+        weights[j + 1] = coef
+    for j in row[start - 1:]:
+        weights[j + 1] = 1.0
+    return [0.0 if token == UPSTREAM_MASKED_ID else w for w, token in zip(weights, response_ids)]
 
 
 def sequence_logp(token_logps: torch.Tensor, weights: torch.Tensor, dtype: str = "float32") -> torch.Tensor:
@@ -177,7 +213,7 @@ def score(model: nn.Module, steps: list, temperature: float, pad_id: int, entrop
     value_index = torch.tensor([len(s.prompt_ids) - 1 for s in steps])
     logits, values = model(ids.to(device), mask.to(device), value_index.to(device), width - first)
     # logits row r is sequence position first + r; the token at position p is predicted at p - 1. Every
-    # response token counts (upstream's slicing leaves the first out, and the second out of the thought).
+    # response token is scored; the weights pick which count (rl.scored_tokens "upstream" drops the first two).
     rows = torch.tensor([[min(len(s.prompt_ids) - 1 + j, lengths[i] - 1) - first for j in range(targets.shape[1])]
                          for i, s in enumerate(steps)], device=device)
     picked = logits[torch.arange(len(steps), device=device)[:, None], rows].float() / temperature
@@ -216,15 +252,15 @@ class Rollouts:
     def _new(self) -> cards.Episode:
         return cards.start_episode(cards.sample_hand(self.rng, "id", self.target), self.target)
 
-    def collect(self, generator, rounds: int, coef: float, split: str = "formula_key"
+    def collect(self, generator, rounds: int, coef: float, split: str = "formula_key", scored: str = "all"
                 ) -> tuple[list[list[Step]], list[cards.Episode]]:
-        """rounds x envs steps, and the episodes that ended meanwhile."""
+        """rounds x envs steps, and the episodes that ended meanwhile (coef, split, scored: thought_weights)."""
         steps, finished = [], []
         for _ in range(rounds):
             row = []
             for e, generation in enumerate(generator.generate_tokens([list(ep.messages) for ep in self.slots])):
                 episode = self.slots[e]
-                weights = thought_weights(generator.tokenizer, generation.response_ids, coef, split)
+                weights = thought_weights(generator.tokenizer, generation.response_ids, coef, split, scored)
                 if cards.is_finished(episode, self.max_attempts):  # upstream's answer past the limit: ungraded
                     row.append(Step(generation.prompt_ids, generation.response_ids, weights, STEP_LIMIT_REWARD, False))
                     finished.append(episode)

@@ -148,6 +148,10 @@ class RLConfig:
     # "bfloat16": each token's log-prob rounded to bf16 and the sums taken in bf16, as upstream's evaluate
     # did, so a ratio after a step is 1 or jumps past the clip; "float32", exact (actor_critic.sequence_logp).
     logprob_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Which response tokens the action's log-prob sums (actor_critic.upstream_scored): "all", or "upstream"
+    # (qwen7b, llama11b) as upstream's slicing: never the first, the second only in an action, no id-0 token
+    # (its padding mask; "!" in Llama-3's and Qwen2.5's vocabularies); an answer under 5 tokens gets no gradient.
+    scored_tokens: Literal["all", "upstream"] = "all"
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update
     # Episode slots per process, played in lockstep so one generate call serves them all; 0: ppo.default_envs

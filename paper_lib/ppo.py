@@ -21,8 +21,9 @@ The recipe, as upstream:
   accelerate steps upstream's); grad-norm clip.
 Differences, each said where it is made: by default the last failed attempt of an episode is terminal, as
 PAPER_SPEC 2.5 (rl.episode_end "upstream", qwen7b and llama11b: a sixth, ungraded "step_limit_reached"
-answer at -1, and GAE runs on into the next episode); every response token counts (upstream drops the
-first two); an episode carried over an update keeps its conversation (upstream's left the ungraded answer
+answer at -1, and GAE runs on into the next episode); every response token counts (rl.scored_tokens
+"upstream", qwen7b and llama11b: the first two drop out, and tokens of id 0, as upstream's slicing and
+mask dropped them); an episode carried over an update keeps its conversation (upstream's left the ungraded answer
 it generated for the bootstrap value in it, then repeated the last feedback). Gradient clipping: upstream
 calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so its clipping came from its
 unpublished ds_zero2_offload.json; ours clips at the paper's rl.max_grad_norm, with or without DeepSpeed.
@@ -258,7 +259,8 @@ class PPOTrainer:
         """Collect steps_per_update attempts, take the optimizer steps of ppo_epochs passes; the metrics of
         all processes."""
         rl, t0 = self.rl, time.time()
-        table, finished = self.rollouts.collect(self.generator, self.rounds, rl.thought_prob_coef, rl.thought_split)
+        table, finished = self.rollouts.collect(self.generator, self.rounds, rl.thought_prob_coef, rl.thought_split,
+                                                rl.scored_tokens)
         rollout_seconds = time.time() - t0
         steps = [s for row in table for s in row]
         entropy, tokens = self._rollout_pass(steps)

@@ -39,6 +39,8 @@ def test_paper_settings_in_the_large_presets():
     assert (rl.thought_split, rl.logprob_dtype) == ("last_tokens", "bfloat16")
     llama = config.load("llama11b").rl
     assert (llama.thought_split, llama.logprob_dtype) == ("formula_key", "bfloat16")
+    # the answer tokens upstream's slicing scored, in the paper presets only
+    assert [config.load(p).rl.scored_tokens for p in ("qwen7b", "llama11b", "smol", "tiny")] == ["upstream"] * 2 + ["all"] * 2
 
 
 def test_overrides_in_every_form():

@@ -132,6 +132,53 @@ def test_thought_tokens_get_the_coefficient(tokenizer):
     assert actor_critic.thought_weights(tokenizer, no_key[:3], 0.5) == [1.0] * 3
 
 
+def _upstreams_sum(token_logps: torch.Tensor, ids: torch.Tensor, coef: float, key: int | None) -> float:
+    """Upstream's evaluate (SFTvsRL rl/trainer/model_tz_llama.py) on one answer, re-enacted with its tensor
+    slicing: token_logps[k] is log p of answer token k, key the index of its last key match (None: none)."""
+    mask = (ids != 0)[None, 1:]
+    selected = mask * token_logps[None, 1:]
+    if key is None:
+        try:
+            key = int(mask.nonzero(as_tuple=False)[-4, 1])
+        except IndexError:
+            return -2.0  # upstream's constant: no gradient
+    return float(coef * selected[:, 1:key - 1].sum(1) + selected[:, key - 1:].sum(1))
+
+
+def test_upstream_scored_tokens_sum_what_upstreams_slicing_summed():
+    """rl.scored_tokens "upstream": for random answers (some tokens of id 0, the key anywhere or nowhere),
+    the weighted sum equals upstream's; where upstream returned a constant, every weight is 0."""
+    gen = torch.Generator().manual_seed(0)
+    seen_constant = seen_negative_start = 0
+    for trial in range(400):
+        n = int(torch.randint(3, 14, (1,), generator=gen))  # upstream's unfold crashed under 3 tokens
+        ids = torch.randint(0, 4, (n,), generator=gen)  # 0 often: upstream's masked id
+        logps = -torch.rand(n, generator=gen, dtype=torch.float64)
+        key = None if trial % 2 else int(torch.randint(0, n, (1,), generator=gen))
+        start = key if key is not None else actor_critic._upstream_tail_start(ids.tolist())
+        weights = torch.tensor(actor_critic.upstream_scored(ids.tolist(), start, 0.5), dtype=torch.float64)
+        expected = _upstreams_sum(logps, ids, 0.5, key)
+        if start is None:
+            seen_constant += 1
+            assert expected == -2.0 and not weights.any()
+        else:
+            seen_negative_start += start < 1
+            assert (weights * logps).sum().item() == pytest.approx(expected, abs=1e-12), (ids, key)
+    assert seen_constant and seen_negative_start  # the edge cases were reached
+
+
+def test_upstream_scored_tokens_drop_the_first_two_of_a_real_answer(tokenizer):
+    hand = cards.Hand(("A", "3", "K", "10"), "id")
+    ids = tokenizer(cards.answer_text(hand, "10+10+3+1"), add_special_tokens=False)["input_ids"]
+    assert 0 not in ids
+    for split in ("formula_key", "last_tokens"):
+        every = actor_critic.thought_weights(tokenizer, ids, 0.5, split)
+        upstream = actor_critic.thought_weights(tokenizer, ids, 0.5, split, scored="upstream")
+        assert upstream == [0.0, 0.0] + every[2:] and every[:2] == [0.5, 0.5]
+    bang = ids[:6] + [0] + ids[6:]  # an id-0 token ('!' for Llama-3 and Qwen2.5) is unscored upstream
+    assert actor_critic.thought_weights(tokenizer, bang, 0.5, "last_tokens", scored="upstream")[6] == 0.0
+
+
 def test_bfloat16_log_probs_round_as_upstreams_and_a_small_change_jumps_or_stays():
     """rl.logprob_dtype "bfloat16": thought and action summed apart in bf16, then 0.5·thought + action; near
     -30 a bf16 sum moves in steps of 1/8, so a change in one token leaves it or moves it by 1/8."""
@@ -333,16 +380,17 @@ def test_a_non_finite_gradient_skips_its_step(sft_ready, monkeypatch):
 
 
 def test_the_thought_split_and_the_log_prob_dtype_reach_the_update(sft_ready, monkeypatch):
-    """rl.thought_split picks each attempt's weights; rl.logprob_dtype the sums whose ratio PPO clips."""
+    """rl.thought_split and rl.scored_tokens pick each attempt's weights; rl.logprob_dtype the sums whose
+    ratio PPO clips."""
     splits, dtypes = [], []
     real_weights, real_logp = actor_critic.thought_weights, ppo.sequence_logp
-    monkeypatch.setattr(actor_critic, "thought_weights",
-                        lambda tok, ids, coef, split: splits.append(split) or real_weights(tok, ids, coef, split))
+    monkeypatch.setattr(actor_critic, "thought_weights", lambda tok, ids, coef, split, scored: splits.append(
+        (split, scored)) or real_weights(tok, ids, coef, split, scored))
     monkeypatch.setattr(ppo, "sequence_logp", lambda tok, w, dtype: dtypes.append(dtype) or real_logp(tok, w, dtype))
     cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8,
-                      rl__thought_split="last_tokens", rl__logprob_dtype="bfloat16")
+                      rl__thought_split="last_tokens", rl__logprob_dtype="bfloat16", rl__scored_tokens="upstream")
     out = ppo.train(cfg, force=True, micro_batch_size=4, progress=False)
-    assert set(splits) == {"last_tokens"} and len(splits) == 4 and set(dtypes) == {"bfloat16"}
+    assert set(splits) == {("last_tokens", "upstream")} and len(splits) == 4 and set(dtypes) == {"bfloat16"}
     assert math.isfinite(pd.read_csv(out / "metrics.csv").iloc[0]["policy_loss"])
 
 
