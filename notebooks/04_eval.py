@@ -13,10 +13,11 @@
 # %% [markdown]
 # # 04 · Success across checkpoints (Figure 1)
 #
-# Every checkpoint plays the 234 ID and 234 OOD test hands by the multi-turn protocol (PAPER_SPEC §2.5):
-# up to 5 graded attempts, each failure answered with `You failed this trial because …`. A hand counts
-# as a success when an attempt is correct. The checkpoints are the base model, every SFT checkpoint and
-# every RL checkpoint that exists.
+# Every checkpoint plays the ID and OOD test hands (`data.test_size` per rule: 234 in the paper, 32 on
+# tiny) by the multi-turn protocol (PAPER_SPEC §2.5): up to 5 graded attempts, each failure answered
+# with `You failed this trial because …`. A hand counts as a success when an attempt is correct. The
+# checkpoints are the base model, the SFT checkpoints `eval.sft_every` picks (every one where it is 0)
+# and every RL checkpoint that exists.
 #
 # The paper's finding: ID success rises steadily through SFT, while OOD success peaks early at
 # **Inter_SFT** and then falls. RL, started from the end of SFT, recovers most of the lost OOD success.

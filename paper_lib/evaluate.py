@@ -11,6 +11,7 @@ under eval/own/<label>/, with its table in eval/own/<label>.parquet. With severa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -35,8 +36,9 @@ OWN_STAGE = "other"  # a checkpoint given on the command line, not one the pipel
 OWN_DIR = "own"  # under eval/: its episodes and table, apart from every pipeline result
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default); (nan, nan) for n = 0."""
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); (nan, nan) for n = 0. successes
+    may be fractional (a sum of per-hand rates over repeated passes: summarize)."""
     if n == 0:
         return float("nan"), float("nan")
     p = successes / n
@@ -113,10 +115,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = episodes_dir(cfg, checkpoint)
     artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
+    data.build(cfg)
+    splits = data.load(cfg)
+    hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     spec = {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
             "weights": artifacts.fingerprint(checkpoint.path),
-            "data_stage": artifacts.stage_key(data.build(cfg)),
-            "eval": asdict(cfg.eval), "data": asdict(cfg.data),
+            # what the episodes depend on, no more: a new SFT set or sweep keeps the base model's episodes
+            "hands": _hands_key(hands), "target": cfg.data.target, "eval": episode_settings(cfg),
             "code": artifacts.code_hash("evaluate")}
 
     redo = f"evaluating {checkpoint.label} again"
@@ -127,8 +132,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     cached = artifacts.read_cached(out, spec, episodes_table, redo, force)
     if cached is not None:
         return cached
-    splits = data.load(cfg)
-    hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     log.info("evaluating %s (%s) on %d process(es)", checkpoint.label, checkpoint.path, state.num_processes)
     started = time.time()
     records = _play(cfg, checkpoint.path, hands, state)
@@ -141,6 +144,16 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
                                      attempts=sum(r["attempts"] for r in records))
     state.wait_for_everyone()
     return episodes_table(out)
+
+
+def episode_settings(cfg: Config) -> dict:
+    """The eval settings that change a checkpoint's episodes; eval.sft_every only picks checkpoints."""
+    return {k: v for k, v in asdict(cfg.eval).items() if k != "sft_every"}
+
+
+def _hands_key(hands: dict[str, list[cards.Hand]]) -> str:
+    text = json.dumps({rule: [list(h.cards) for h in group] for rule, group in sorted(hands.items())})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def episodes_dir(cfg: Config, checkpoint: Checkpoint) -> Path:
@@ -161,13 +174,18 @@ def episodes_table(out: Path) -> pd.DataFrame:
 
 def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:
     """One row per rule: successes, success rate with its Wilson 95% interval, mean attempts, and under
-    sampled decoding the spread of the success rate over the repeated passes (min, max, std)."""
+    sampled decoding the spread of the success rate over the repeated passes (min, max, std).
+
+    The interval counts hands, not episodes: repeated passes replay the same hands, so n is the number of
+    hands and k their summed per-hand success rate (a mean of per-hand rates in [0, 1] varies no more
+    than a binomial rate over as many hands, so the interval stays valid)."""
     rows = []
     if "repeat" not in episodes:
         episodes = episodes.assign(repeat=0)
     for rule, group in episodes.groupby("rule"):
         k, n = int(group["success"].sum()), len(group)
-        lo, hi = wilson_interval(k, n)
+        per_hand = group.groupby("hand")["success"].mean()
+        lo, hi = wilson_interval(float(per_hand.sum()), len(per_hand))
         per_pass = group.groupby("repeat")["success"].mean()
         rows.append({"label": checkpoint.label, "stage": checkpoint.stage, "step": checkpoint.step, "rule": rule,
                      "successes": k, "episodes": n, "success_rate": k / n, "ci_low": lo, "ci_high": hi,

@@ -73,6 +73,19 @@ def test_wilson_interval():
     assert all(math.isnan(x) for x in evaluate.wilson_interval(0, 0))
 
 
+def test_repeated_passes_over_the_same_hands_do_not_narrow_the_interval():
+    """eval.repeats replays the same hands: three identical passes are one pass's evidence, not three."""
+    one = pd.DataFrame({"rule": "ood", "hand": range(40), "repeat": 0, "success": [i < 10 for i in range(40)],
+                        "attempts": 1})
+    three = pd.concat([one.assign(repeat=r) for r in range(3)])
+    ckpt = Checkpoint("x", "sft", 1, Path("."))
+    row1, row3 = evaluate.summarize(ckpt, one)[0], evaluate.summarize(ckpt, three)[0]
+    assert (row3["ci_low"], row3["ci_high"]) == (row1["ci_low"], row1["ci_high"]) == evaluate.wilson_interval(10, 40)
+    assert row3["success_rate"] == row1["success_rate"] == 0.25 and row3["episodes"] == 120
+    mixed = three.assign(success=lambda d: d["success"] & ~((d["repeat"] == 1) & (d["hand"] == 0)))
+    assert evaluate.summarize(ckpt, mixed)[0]["ci_low"] == evaluate.wilson_interval(10 - 1 / 3, 40)[0]
+
+
 def _episodes(successes):
     return pd.DataFrame({"rule": "ood", "hand": range(len(successes)), "success": successes})
 

@@ -173,6 +173,17 @@ def test_going_back_to_earlier_eval_settings_reads_their_episodes(evaluated, cap
     assert len(played) == 3  # force evaluates again, whatever was kept
 
 
+def test_settings_that_leave_the_episodes_alone_keep_them(evaluated):
+    """Which SFT checkpoints the sweep picks and how the SFT set is built do not change a checkpoint's
+    episodes; another draw of test hands does."""
+    cfg, checkpoint, first, played = evaluated
+    for same in ({"eval.sft_every": 7}, {"data.sft_size": 48, "data.answer_choice": "first"}):
+        assert evaluate.evaluate_checkpoint(config.load("tiny", **same), checkpoint).equals(first)
+    assert len(played) == 1
+    evaluate.evaluate_checkpoint(config.load("tiny", **{"data.test_seed": 7}), checkpoint)
+    assert len(played) == 2
+
+
 def test_going_back_to_earlier_spectra_settings_reads_them_and_the_svd_cache_stays(tmp_path, monkeypatch):
     cfg, other = config.load("tiny", **{"spectra.k": 4}), config.load("tiny", **{"spectra.k": 3})
     checkpoints = {"a": tiny_qwen(tmp_path / "a", 0), "b": tiny_qwen(tmp_path / "b", 1)}
