@@ -87,6 +87,7 @@ display(summary.style.format("{:.3g}"))
 # Mean principal angle and the largest |Δσ| relative to σ₁, per layer × module, from base to full SFT.
 # A blank angle is a module whose top-k left subspace is the whole space (k ≥ its rows, e.g. k/v_proj
 # at full rank): every angle is 0 there by construction, so the tables say NaN rather than "no rotation".
+# Short of that, the first 2k − rows angles are 0 by force (`angle_u_trivial`) and each mean leaves them out.
 
 # %%
 fig = plots.layer_module_heatmap(spec_table[spec_table["pair"] == f"base__{full}"], f"base → {full}")

@@ -202,18 +202,20 @@ def _compare(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, facto
         # relative to σ_max, not to σ_i: near-zero tail singular values would blow a per-index ratio up
         "rel_dsigma_absmax": float(np.abs(dsigma).max() / sb[0]) if sb[0] else float("nan"),
     }
-    for name in ("angles_u", "angles_v", "rot_u", "rot_v"):
-        deg = np.degrees(arrays[name])
-        stem = name.replace("angles_", "angle_")
-        row[f"{stem}_mean_deg"] = float(deg.mean())
-        if name.startswith("angles"):
-            row[f"{stem}_max_deg"] = float(deg.max())
-    # Where the top k span the whole space (k >= rows for U, as in k/v_proj at full rank; k >= cols for V)
-    # every principal angle is 0 by construction: undefined, not "no rotation", so the table says NaN and
-    # the means over matrices leave it out. The arrays keep the zeros, as the authors' script computed them.
+    for name in ("rot_u", "rot_v"):
+        row[f"{name}_mean_deg"] = float(np.degrees(arrays[name]).mean())
+    # Two k-dimensional subspaces of a d-dimensional space share at least 2k - d dimensions, so the first
+    # max(0, 2k - d) principal angles are 0 whatever training did (Llama's k/v_proj, 1024 rows at k 768:
+    # 512 of them). They say nothing of rotation: the mean leaves them out (angle_*_trivial counts them),
+    # and where they are all (k >= d: the top k span the whole side) mean and max are NaN, undefined, and
+    # the means over matrices leave the matrix out. The arrays keep the zeros, as the authors' script did.
     for side, dim in (("u", rows), ("v", cols)):
-        if k >= dim:
-            row[f"angle_{side}_mean_deg"] = row[f"angle_{side}_max_deg"] = float("nan")
+        deg = np.degrees(arrays[f"angles_{side}"])
+        trivial = min(max(0, 2 * len(deg) - dim), len(deg))
+        row[f"angle_{side}_trivial"] = trivial
+        rotated = deg[trivial:]
+        row[f"angle_{side}_mean_deg"] = float(rotated.mean()) if len(rotated) else float("nan")
+        row[f"angle_{side}_max_deg"] = float(rotated.max()) if len(rotated) else float("nan")
     if not (sb[0] and sa[0]):  # a zero matrix has no singular directions: no angle is defined
         for column in [c for c in row if c.endswith("_deg")]:
             row[column] = float("nan")

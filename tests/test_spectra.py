@@ -162,9 +162,11 @@ def qwen_pair(tmp_path_factory):
     return base, perturbed_copy(base, root / "tuned")
 
 
-def test_streaming_equals_in_memory(qwen_pair, tmp_path):
+@pytest.mark.parametrize("k", [16, 12])
+def test_streaming_equals_in_memory(qwen_pair, tmp_path, k):
+    """k 16: k/v_proj (16 x 32) at full rank, their top-16 left subspace is the whole space; k 12: two
+    12-dimensional subspaces of 16 share at least 8 dimensions, so 8 of their 12 angles are 0 by force."""
     base, tuned = qwen_pair
-    k = 16  # k/v_proj (16 x 32) at full rank: their top-16 left subspace is the whole space
     table = analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path, k=k, dtype="float64",
                           device="cpu", progress=False)
     loaded, arrays = load_pair(tmp_path, "base", "tuned")
@@ -187,12 +189,17 @@ def test_streaming_equals_in_memory(qwen_pair, tmp_path):
         np.testing.assert_allclose(got["rot_u"], rotation_angles(Ub, Ua).numpy(), atol=1e-9)  # every index
         np.testing.assert_allclose(got["rot_v"], rotation_angles(Vhb.T, Vha.T).numpy(), atol=1e-9)
         for side, dim in (("u", row.rows), ("v", row.cols)):
-            mean = getattr(row, f"angle_{side}_mean_deg")
-            if kk < dim:
-                np.testing.assert_allclose(mean, np.degrees(got[f"angles_{side}"]).mean())
+            mean, trivial = getattr(row, f"angle_{side}_mean_deg"), getattr(row, f"angle_{side}_trivial")
+            angles = got[f"angles_{side}"]
+            assert trivial == min(max(0, 2 * kk - dim), kk) and np.abs(angles[:trivial]).max(initial=0) < 1e-6
+            if kk < dim:  # the forced zeros are left out of the mean
+                np.testing.assert_allclose(mean, np.degrees(angles[trivial:]).mean())
+                assert not trivial or angles[trivial:].min() > 1e-4  # and they are all the zeros there are
             else:  # the top k span the whole space: 0 by construction, undefined in the table
-                assert np.isnan(mean) and not got[f"angles_{side}"].any(), (row.name, side)
-    assert table["angle_u_mean_deg"].isna().any() and table["angle_u_mean_deg"].notna().any()
+                assert np.isnan(mean) and not angles.any(), (row.name, side)
+    assert table["angle_u_mean_deg"].notna().any()
+    assert (table["angle_u_trivial"] > 0).any()  # k/v_proj's 16 rows at either k
+    assert table["angle_u_mean_deg"].isna().any() == (k == 16)
     # Untied embed/lm_head: one alignment row per checkpoint.
     align = __import__("pandas").read_parquet(tmp_path / "embed_lm_head.parquet")
     assert sorted(align["checkpoint"]) == ["base", "tuned"]
