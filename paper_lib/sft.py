@@ -245,7 +245,15 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
         return split.map(lambda row: upstream_qwen_tokens(tokenizer, row["prompt"], row["completion"]),
                          remove_columns=split.column_names)
 
-    eval_sets = {"id_test": as_text(splits["id_test"].select(range(n_loss))), "ood": as_text(splits["ood_loss"])}
+    ood = splits["ood_loss"]
+    if cfg.data.ood_loss_format == "upstream" and cfg.sft.text_format == "chat_template":
+        # its answers begin with a newline, which a tokenizer may fuse with the prompt's last (Llama-3: one
+        # "\n\n\n" token after the header); the authors tokenized prompt and answer apart, as here
+        ood = ood.map(lambda row: chat_tokens_apart(tokenizer, row["prompt"], row["completion"]),
+                      remove_columns=ood.column_names)
+    else:
+        ood = as_text(ood)
+    eval_sets = {"id_test": as_text(splits["id_test"].select(range(n_loss))), "ood": ood}
     trainer_class = _with_log_warmup(SFTTrainer) if cfg.sft.lr_scheduler == "warmup_log" else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=as_text(splits["sft_train"]),
                          eval_dataset=eval_sets, processing_class=tokenizer)
@@ -298,6 +306,22 @@ def upstream_qwen_tokens(tokenizer: Any, prompt: list[dict], completion: list[di
     prompt_ids = tokenizer(UPSTREAM_QWEN_PROMPT.format(user=user["role"], content=user["content"],
                                                        assistant=answer["role"]), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(UPSTREAM_QWEN_ANSWER.format(content=answer["content"]), add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
+
+
+def chat_tokens_apart(tokenizer: Any, prompt: list[dict], completion: list[dict]) -> dict[str, list[int]]:
+    """One prompt-completion row under the chat template, tokenized as the authors' Llama SFT did
+    (sft/src/training/data.py): the templated prompt with its generation prompt, then the rest of the
+    templated conversation, each tokenized apart, so the answer starts at the token generation would start
+    from. TRL tokenizes the whole text at once, where a tokenizer may fuse the two sides' boundary."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False,
+                                                **cards.TEMPLATE_KWARGS)
+    whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False, **cards.TEMPLATE_KWARGS)
+    if not whole.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently once the answer follows it; "
+                         "its prompt and answer cannot be tokenized apart")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(whole[len(prompt_text):], add_special_tokens=False)["input_ids"]
     return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
 
 

@@ -191,6 +191,43 @@ def test_a_dated_chat_template_reads_one_fixed_date_in_sft_rollouts_and_evaluati
     assert "Today Date: 26 Jul 2024" in rendered
 
 
+class _NewlineFusing:
+    """A tokenizer that reads every run of newlines as one token and every other character as one, as
+    Llama-3's pre-tokenizer fuses the header's "\n\n" with an answer's leading "\n"."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False, **kwargs):
+        text = "".join(f"<{m['role']}>\n\n{m['content']}</s>" for m in messages)
+        return text + ("<assistant>\n\n" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        import re
+        return {"input_ids": [hash(piece) % 10**6 for piece in re.findall(r"\n+|.", text, re.S)]}
+
+
+def test_an_answer_that_starts_with_a_newline_is_tokenized_apart_from_its_prompt():
+    """data.ood_loss_format upstream: its answers begin with a newline. Tokenized apart, as the authors'
+    Llama SFT did, the prompt keeps the tokens generation starts from; tokenized whole, the boundary fuses."""
+    tok = _NewlineFusing()
+    prompt, completion = [{"role": "user", "content": "hand"}], [{"role": "assistant", "content": "\n{1}"}]
+    row = sft.chat_tokens_apart(tok, prompt, completion)
+    generation_prompt = tok(tok.apply_chat_template(prompt, add_generation_prompt=True))["input_ids"]
+    start = row["completion_mask"].index(1)
+    assert row["input_ids"][:start] == generation_prompt and all(row["completion_mask"][start:])
+    assert row["input_ids"][start:] == tok("\n{1}</s>")["input_ids"]
+    whole = tok(tok.apply_chat_template(prompt + completion))["input_ids"]
+    assert whole[:start] != generation_prompt and len(whole) == len(row["input_ids"]) - 1  # fused
+
+    cfg = config.load("tiny", **SMALL, **{"data.ood_loss_format": "upstream"})
+    with one_thread():
+        trainer = sft.build_trainer(cfg)
+    real = trainer.processing_class
+    first, source = trainer.eval_dataset["ood"][0], data.load(cfg)["ood_loss"][0]
+    start = next(i for i, label in enumerate(first["labels"]) if label != -100)
+    assert first["input_ids"][:start] == real.apply_chat_template(source["prompt"], add_generation_prompt=True,
+                                                                   tokenize=True, return_dict=False)
+    assert real.decode(first["input_ids"][start:]).startswith("\n{") and first["labels"][start:] == first["input_ids"][start:]
+
+
 def test_upstream_qwen_text_format_trains_on_the_authors_strings():
     """sft.text_format upstream_qwen: the authors' Qwen SFT text, Llama-3 headers as plain text and a
     literal backslash-n, no chat template, no EOS added; the loss on the answer and its "<|eot_id|>\\n"."""
