@@ -24,10 +24,10 @@
 # SFT and RL curves nearly on top of each other.
 #
 # As in the paper's captions, each stage is measured from the checkpoint it started at: SFT as base → full
-# SFT, RL as full SFT → RL. Base → RL (the two stages together), base → Inter_SFT and Inter_SFT → full
-# SFT (the pair of the authors' angle script, analysis/raw_metrics_angle.py) are extra tables, clearly
-# labelled, not Figure 3. Tensors stream from the shards one at a time; the decompositions are
-# cached for 06_restore.
+# SFT, RL as full SFT → RL. The authors' own plots and angle script (analysis/raw_metrics_angle.py)
+# measured SFT from Inter_SFT instead: `spectra.sft_before = "inter_sft"` shows that pair. Base → RL (the
+# two stages together), base → Inter_SFT and the other SFT pair are extra tables, clearly labelled, not
+# Figure 3. Tensors stream from the shards one at a time; the decompositions are cached for 06_restore.
 
 # %% tags=["parameters"]
 preset = "tiny"
@@ -41,11 +41,9 @@ from paper_lib import artifacts, config, evaluate, plots, spectra
 
 cfg = config.load(preset, **overrides)
 table, named = evaluate.load_results(cfg)  # written by 04_eval
-base, inter, full, rl = named.base, named.inter_sft, named.full_sft, named.rl
-paper_pairs = [(base, full)] + ([(full, rl)] if rl else [])  # Figures 3 and 4
-extra_pairs = [(base, inter), (inter, full)] + ([(base, rl)] if rl else [])
-# Inter_SFT may be the full-SFT checkpoint on a short run: no pair of a checkpoint with itself
-pairs = [pair for pair in dict.fromkeys(paper_pairs + extra_pairs) if pair[0] != pair[1]]
+figure = spectra.paper_pairs(cfg.spectra.sft_before, named)  # Figures 3 and 4: (stage, before, after)
+paper_pairs = [(before, after) for _, before, after in figure]
+pairs = spectra.analysed_pairs(named)  # the figures' pairs and the extras, each computed once
 by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
 checkpoints = {label: by_label[label].path for pair in pairs for label in pair}
 print("Figures 3-4:", ", ".join(f"{a} → {b}" for a, b in paper_pairs),
@@ -57,9 +55,7 @@ out = artifacts.spectra_dir(cfg)
 # ## Figure 3: singular values barely move
 
 # %%
-shown = {f"SFT: base → {full}": spectra.load_pair(out, base, full)}
-if rl:
-    shown[f"RL: {full} → {rl}"] = spectra.load_pair(out, full, rl)
+shown = {f"{stage}: {before} → {after}": spectra.load_pair(out, before, after) for stage, before, after in figure}
 fig = plots.singular_values(shown)
 plots.save_figure(fig, "fig3_singular_values", cfg, notebook="05_spectra", sources=[out]);
 
@@ -71,7 +67,7 @@ fig = plots.principal_angle_spectrum(shown, module="up_proj")
 plots.save_figure(fig, "fig4_principal_angles", cfg, notebook="05_spectra", sources=[out]);
 
 # %% [markdown]
-# ## Extra, not Figure 3: base → RL, both stages together, and the authors' Inter_SFT → full SFT
+# ## Every pair, Figure 3's and the extras
 # Per module kind, the largest |Δσ| relative to σ₁ and the mean principal angle, for each pair. Base → RL
 # adds SFT's change to RL's, so it is not what the paper's Figure 3 shows for RL. Inter_SFT → full SFT is
 # what the authors' angle script compared (their checkpoint-140 against 1100).
@@ -84,13 +80,14 @@ display(summary.style.format("{:.3g}"))
 
 # %% [markdown]
 # ## Every layer and module
-# Mean principal angle and the largest |Δσ| relative to σ₁, per layer × module, from base to full SFT.
+# Mean principal angle and the largest |Δσ| relative to σ₁, per layer × module, for Figure 3's SFT pair.
 # A blank angle is a module whose top-k left subspace is the whole space (k ≥ its rows, e.g. k/v_proj
 # at full rank): every angle is 0 there by construction, so the tables say NaN rather than "no rotation".
 # Short of that, the first 2k − rows angles are 0 by force (`angle_u_trivial`) and each mean leaves them out.
 
 # %%
-fig = plots.layer_module_heatmap(spec_table[spec_table["pair"] == f"base__{full}"], f"base → {full}")
+(_, sft_from, sft_to), *_ = figure
+fig = plots.layer_module_heatmap(spec_table[spec_table["pair"] == f"{sft_from}__{sft_to}"], f"{sft_from} → {sft_to}")
 plots.save_figure(fig, "spectra_heatmap", cfg, notebook="05_spectra", sources=[out], data=spec_table);  # every pair
 
 # %% [markdown]

@@ -73,10 +73,9 @@ def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
 
 
 def _paper_pairs(cfg: Config) -> list[tuple[str, str, str]]:
-    """Figures 3-4's pairs, as 05_spectra analysed them: SFT from base, RL from the full-SFT checkpoint."""
+    """Figures 3-4's pairs, as 05_spectra showed them (spectra.sft_before)."""
     _, named = evaluate.load_results(cfg)
-    pairs = [("SFT", named.base, named.full_sft)]
-    return pairs + ([("RL", named.full_sft, named.rl)] if named.rl else [])
+    return spectra.paper_pairs(cfg.spectra.sft_before, named)
 
 
 def sigma_share(table: pd.DataFrame, arrays: dict) -> pd.Series:

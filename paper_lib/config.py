@@ -201,6 +201,10 @@ class SpectraConfig:
     # KEY_PATTERNS) read q_proj, k_proj, v_proj and down_proj only.
     claim_modules: tuple[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                  "embed_tokens", "lm_head"], ...] = ()
+    # Figures 3-4's SFT pair (and claims 3-4's): "base" -> full SFT, as the captions read ("before and after
+    # the respective post-training stage"), or "inter_sft" -> full SFT, as the authors' own plots
+    # (analysis/singular_value_sft-*.pdf, "ΔΣ(SFT-SFT_premax)") and raw_metrics_angle.py. Both are computed.
+    sft_before: Literal["base", "inter_sft"] = "base"
 
 
 @dataclass(frozen=True)

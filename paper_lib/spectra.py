@@ -27,7 +27,7 @@ import sys
 import time
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -503,6 +503,24 @@ def clear_svd_cache(cfg) -> int:
     return freed
 
 
+def paper_pairs(sft_before: str, named: Any) -> list[tuple[str, str, str]]:
+    """Figures 3-4's (stage, before, after) of evaluate's named checkpoints: SFT from base or from Inter_SFT
+    (spectra.sft_before), RL from the full-SFT checkpoint it started at."""
+    before = named.inter_sft if sft_before == "inter_sft" else named.base
+    if before == named.full_sft:
+        raise SpectraError(f"Inter_SFT is the full-SFT checkpoint ({before}) in this run, so spectra.sft_before "
+                           f"inter_sft leaves SFT no pair; use spectra.sft_before base")
+    return [("SFT", before, named.full_sft)] + ([("RL", named.full_sft, named.rl)] if named.rl else [])
+
+
+def analysed_pairs(named: Any) -> list[tuple[str, str]]:
+    """Every pair 05_spectra computes: both readings of Figure 3's SFT pair, RL's, and base -> Inter_SFT and
+    base -> RL; never a checkpoint with itself (Inter_SFT may be full SFT on a short run)."""
+    base, inter, full, rl = named.base, named.inter_sft, named.full_sft, named.rl
+    pairs = [(base, full), (inter, full), (base, inter)] + ([(full, rl), (base, rl)] if rl else [])
+    return [pair for pair in dict.fromkeys(pairs) if pair[0] != pair[1]]
+
+
 def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[str, str]],
               force: bool = False) -> pd.DataFrame:
     """The notebook's stage: analyze_pairs under runs/<preset>/spectra with cfg.spectra's k, dtype and
@@ -511,7 +529,8 @@ def run_stage(cfg, checkpoints: dict[str, str | os.PathLike], pairs: list[tuple[
     from dataclasses import asdict
 
     out = artifacts.spectra_dir(cfg)
-    settings = {k: v for k, v in asdict(cfg.spectra).items() if k != "claim_modules"}  # read by claims only
+    # which pairs the figures and claims read: every candidate pair is computed either way
+    settings = {k: v for k, v in asdict(cfg.spectra).items() if k not in ("claim_modules", "sft_before")}
     spec = {"stage": "spectra", "pairs": [list(p) for p in pairs], "spectra": settings,
             "checkpoints": {label: artifacts.fingerprint(path) for label, path in checkpoints.items()},
             "code": artifacts.code_hash("spectra")}

@@ -199,6 +199,8 @@ def test_going_back_to_earlier_spectra_settings_reads_them_and_the_svd_cache_sta
     assert spectra.run_stage(cfg, checkpoints, [("a", "b")]).equals(first) and computed == [4, 3]  # moved back
     pooled = config.load("tiny", **{"spectra.k": 4, "spectra.claim_modules": ["q_proj"]})  # read by claims only
     assert spectra.run_stage(pooled, checkpoints, [("a", "b")]).equals(first) and computed == [4, 3]
+    figure = config.load("tiny", **{"spectra.k": 4, "spectra.sft_before": "inter_sft"})  # picks among the pairs
+    assert spectra.run_stage(figure, checkpoints, [("a", "b")]).equals(first) and computed == [4, 3]
 
 
 def test_an_svd_cache_at_its_earlier_place_is_moved_not_decomposed_again():

@@ -536,3 +536,19 @@ def test_a_k_that_spans_a_whole_side_is_one_warning_and_a_zero_matrix_has_no_ang
     assert all(math.isnan(zero[c]) for c in ("angle_u_mean_deg", "angle_v_mean_deg", "rot_u_mean_deg"))
     other = table[table["name"] == "model.layers.0.mlp.gate_proj.weight"].iloc[0]  # 64 x 32, k < both
     assert other["angle_u_mean_deg"] < 1e-2 and other["rot_u_mean_deg"] < 1e-2
+
+
+def test_figure_3_pairs_follow_spectra_sft_before_and_every_reading_is_computed():
+    from paper_lib.evaluate import Named
+
+    named = Named("base", "sft-0140", "sft-1100", "rl-0300")
+    assert spectra.paper_pairs("base", named) == [("SFT", "base", "sft-1100"), ("RL", "sft-1100", "rl-0300")]
+    # the authors' plots: ΔΣ(SFT − SFT_premax)
+    assert spectra.paper_pairs("inter_sft", named)[0] == ("SFT", "sft-0140", "sft-1100")
+    computed = spectra.analysed_pairs(named)
+    assert all((a, b) in computed for reading in ("base", "inter_sft") for _, a, b in spectra.paper_pairs(reading, named))
+    assert len(computed) == len(set(computed)) == 5
+    short = Named("base", "sft-0004", "sft-0004", None)  # Inter_SFT is full SFT: no self-pair, a clear error
+    assert spectra.analysed_pairs(short) == [("base", "sft-0004")]
+    with pytest.raises(SpectraError, match="spectra.sft_before base"):
+        spectra.paper_pairs("inter_sft", short)
