@@ -184,7 +184,7 @@ def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:
         episodes = episodes.assign(repeat=0)
     for rule, group in episodes.groupby("rule"):
         k, n = int(group["success"].sum()), len(group)
-        per_hand = group.groupby("hand")["success"].mean()
+        per_hand = group.groupby("hand")["success"].mean() if "hand" in group else group["success"]
         lo, hi = wilson_interval(float(per_hand.sum()), len(per_hand))
         per_pass = group.groupby("repeat")["success"].mean()
         rows.append({"label": checkpoint.label, "stage": checkpoint.stage, "step": checkpoint.step, "rule": rule,
