@@ -115,8 +115,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = episodes_dir(cfg, checkpoint)
     artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
-    data.build(cfg)
-    splits = data.load(cfg)
+    splits = data.load(cfg)  # built first where needed
     hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
     spec = {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
             "weights": artifacts.fingerprint(checkpoint.path),

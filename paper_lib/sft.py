@@ -237,22 +237,19 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
     if model is None:
         model, tokenizer = models.load(cfg, dtype="float32", device=None)
 
-    def as_text(split):
-        if cfg.sft.text_format == "chat_template":  # TRL passes a row's chat_template_kwargs to the template
+    def as_text(split, apart: bool = False):
+        chat = cfg.sft.text_format == "chat_template"
+        if chat and not apart:  # TRL passes a row's chat_template_kwargs to the template
             return split.select_columns(columns).add_column("chat_template_kwargs",
                                                             [cards.TEMPLATE_KWARGS] * len(split))
-        # upstream_qwen: tokenized here, so TRL neither templates nor adds an EOS
-        return split.map(lambda row: upstream_qwen_tokens(tokenizer, row["prompt"], row["completion"]),
+        # tokenized here, so TRL neither templates nor adds an EOS
+        tokens = chat_tokens_apart if chat else upstream_qwen_tokens
+        return split.map(lambda row: tokens(tokenizer, row["prompt"], row["completion"]),
                          remove_columns=split.column_names)
 
-    ood = splits["ood_loss"]
-    if cfg.data.ood_loss_format == "upstream" and cfg.sft.text_format == "chat_template":
-        # its answers begin with a newline, which a tokenizer may fuse with the prompt's last (Llama-3: one
-        # "\n\n\n" token after the header); the authors tokenized prompt and answer apart, as here
-        ood = ood.map(lambda row: chat_tokens_apart(tokenizer, row["prompt"], row["completion"]),
-                      remove_columns=ood.column_names)
-    else:
-        ood = as_text(ood)
+    # The upstream-format OOD answers begin with a newline, which a tokenizer may fuse with the prompt's last
+    # (Llama-3: one "\n\n\n" token after the header); the authors tokenized prompt and answer apart, as here.
+    ood = as_text(splits["ood_loss"], apart=cfg.data.ood_loss_format == "upstream")
     eval_sets = {"id_test": as_text(splits["id_test"].select(range(n_loss))), "ood": ood}
     trainer_class = _with_log_warmup(SFTTrainer) if cfg.sft.lr_scheduler == "warmup_log" else SFTTrainer
     trainer = trainer_class(model=model, args=args, train_dataset=as_text(splits["sft_train"]),
@@ -303,10 +300,9 @@ def upstream_qwen_tokens(tokenizer: Any, prompt: list[dict], completion: list[di
     """One prompt-completion row as the authors' Qwen SFT tokenized it: prompt and answer text tokenized
     apart, without special tokens, the loss on the answer only (TRL's completion_mask)."""
     (user,), (answer,) = prompt, completion
-    prompt_ids = tokenizer(UPSTREAM_QWEN_PROMPT.format(user=user["role"], content=user["content"],
-                                                       assistant=answer["role"]), add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(UPSTREAM_QWEN_ANSWER.format(content=answer["content"]), add_special_tokens=False)["input_ids"]
-    return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
+    return _tokens_apart(tokenizer, UPSTREAM_QWEN_PROMPT.format(user=user["role"], content=user["content"],
+                                                                assistant=answer["role"]),
+                         UPSTREAM_QWEN_ANSWER.format(content=answer["content"]))
 
 
 def chat_tokens_apart(tokenizer: Any, prompt: list[dict], completion: list[dict]) -> dict[str, list[int]]:
@@ -320,8 +316,14 @@ def chat_tokens_apart(tokenizer: Any, prompt: list[dict], completion: list[dict]
     if not whole.startswith(prompt_text):
         raise ValueError("the chat template renders the prompt differently once the answer follows it; "
                          "its prompt and answer cannot be tokenized apart")
+    return _tokens_apart(tokenizer, prompt_text, whole[len(prompt_text):])
+
+
+def _tokens_apart(tokenizer: Any, prompt_text: str, answer_text: str) -> dict[str, list[int]]:
+    """The two texts tokenized apart, without special tokens; the loss on the answer only (TRL's
+    completion_mask)."""
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(whole[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
     return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
 
 
