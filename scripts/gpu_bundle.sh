@@ -25,8 +25,11 @@ margin_mib=4  # headroom for files the working tree gains before the call
 
 # Packages missing on the machine: this project's runtime needs and the notebooks' kernel, with their
 # own missing needs (the closure of pyproject's dependencies minus the image's package list, 2026-11).
+# transformers >= 5.25 needs huggingface-hub 2.x (the image has 1.33), which needs httpx2, and kernels:
+# the rehearsal (scripts/rehearse_device.sh) found them, on 2026-12-07.
 PACKAGES=(
   transformers trl datasets dill multiprocess gguf tzdata
+  huggingface-hub httpx2 httpcore2 truststore kernels tomlkit
   papermill jupytext nbformat nbclient fastjsonschema jsonschema jsonschema-specifications referencing rpds-py
   jupyter-client jupyter-core traitlets platformdirs pyzmq tornado entrypoints tenacity mdit-py-plugins
   ipykernel ipython ipython-pygments-lexers comm matplotlib-inline pexpect ptyprocess
