@@ -351,6 +351,17 @@ def _check_range(where: str, value: Any) -> None:
         choices = sorted(p.stem for p in FILE_CHOICES[where].glob("*.yaml"))
         if value not in choices:
             raise ConfigError(f"{where} must be one of {choices} (files in {FILE_CHOICES[where]}), got {value!r}")
+        if where == "rl.accelerate_config" and zero_stage(FILE_CHOICES[where] / f"{value}.yaml") == 3:
+            raise ConfigError(f"rl.accelerate_config {value!r} is ZeRO-3, which PPO cannot save: its checkpoints "
+                              "take the policy's weights from one process; use zero2 or zero2_offload")
+
+
+def zero_stage(accelerate_config: str | os.PathLike) -> int | None:
+    """The DeepSpeed ZeRO stage an accelerate config file asks for; None without DeepSpeed."""
+    raw = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+    if raw.get("distributed_type") != "DEEPSPEED":
+        return None
+    return int((raw.get("deepspeed_config") or {}).get("zero_stage", 0))
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

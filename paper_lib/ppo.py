@@ -29,8 +29,8 @@ calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so 
 unpublished ds_zero2_offload.json; ours clips at the paper's rl.max_grad_norm, with or without DeepSpeed.
 An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
 llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch. A step whose
-gradient is not finite is skipped and counted in metrics.csv's nonfinite_steps (under DeepSpeed the engine
-stepped inside backward: only counted); upstream skipped a micro-batch whose log-prob was NaN
+gradient is not finite is skipped and counted in metrics.csv's nonfinite_steps (under DeepSpeed, by ZeRO's
+bf16 check_grad_overflow, which skip_nonfinite_bf16_steps sets); upstream skipped a micro-batch whose log-prob was NaN
 (rl/trainer/algo/ppo.py), which across processes would desynchronise them.
 
 `rl.algo: grpo` runs TRL's GRPOTrainer instead (paper_lib/grpo.py: single turn, the verifier's reward of
@@ -131,10 +131,16 @@ class PPOTrainer:
         self.optimizer_steps = per_update // self.step_samples  # ppo_epochs by default
         self.n_micro = math.ceil(self.step_samples / micro)
         self.accelerator = acc = Accelerator(cpu=launch.use_cpu(), gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
-        if acc.state.deepspeed_plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm
-            acc.state.deepspeed_plugin.deepspeed_config.update(
-                train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=self.n_micro,
-                gradient_clipping=self.rl.max_grad_norm)
+        plugin = acc.state.deepspeed_plugin
+        if plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm
+            if plugin.zero_stage == 3:  # save_checkpoint takes the weights from the main process
+                raise ValueError("PPO cannot run under DeepSpeed ZeRO-3, whose processes each hold a slice of "
+                                 "the weights; launch it with configs/accelerate/zero2.yaml or zero2_offload.yaml")
+            plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=self.n_micro,
+                                           gradient_clipping=self.rl.max_grad_norm)
+            if not skip_nonfinite_bf16_steps(plugin.deepspeed_config):
+                log.warning("this DeepSpeed's bf16 config has no check_grad_overflow: a step whose gradient is "
+                            "not finite would be applied (NaN weights); install a DeepSpeed that has it (0.19.8 does)")
         set_seed(self.rl.seed)  # the same value-head init on every process
         policy, self.tokenizer = _load_policy(cfg, init, acc)
         model = ActorCritic(policy, ValueHead(hidden_size(policy)).to(acc.device))
@@ -161,6 +167,13 @@ class PPOTrainer:
                                    batch_size=envs, repetition_penalty=self.rl.repetition_penalty, sampling=sampling)
         self.probe: list[Step] = []  # the first update's samples, with the start policy's log-probs
         set_seed(self.rl.seed + acc.process_index)  # different hands and samples per process (upstream: seed + rank)
+
+    def apply_scheduled_lr(self) -> None:
+        """Give the optimizer that steps the schedule's rate. The schedule holds the Adam built here; under
+        zero2_offload DeepSpeed steps a CPU Adam that shares its parameter groups only until a resume loads
+        new ones, after which the rate would stay at the loaded value."""
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def _chunks(self, steps: list) -> list[list]:
         return [steps[i:i + self.micro] for i in range(0, len(steps), self.micro)]
@@ -230,10 +243,11 @@ class PPOTrainer:
                         norm = float("nan") if reported is None else float(reported)
                         # A NaN/inf gradient would make every later weight NaN: skip the step. Every process
                         # holds the same reduced gradient, so all skip together. DeepSpeed's engine stepped
-                        # inside backward (and may report no norm); there the count only reports it.
-                        step = math.isfinite(norm) or acc.state.deepspeed_plugin is not None
-                        stats["nonfinite_steps"] += reported is not None and not math.isfinite(norm)
-                        if math.isfinite(norm):
+                        # inside backward, skipping such a step itself (skip_nonfinite_bf16_steps).
+                        finite = math.isfinite(norm) and norm >= 0  # DeepSpeed reports a NaN/inf norm as -1
+                        step = finite or acc.state.deepspeed_plugin is not None
+                        stats["nonfinite_steps"] += reported is not None and not finite
+                        if finite:
                             stats["grad_norm"] += norm
                             stats["normed_steps"] += 1
                     if step:
@@ -274,6 +288,7 @@ class PPOTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         for _ in range(self.lr_steps):
             self.scheduler.step()
+        self.apply_scheduled_lr()
         drift, drift_tokens = self._drift()
 
         # sums over processes, then ratios
@@ -291,6 +306,20 @@ class PPOTrainer:
                                                        device=self.accelerator.device), "sum").tolist()
         return metrics_row(dict(zip(local, reduced)), self.accelerator.num_processes, number, lr,
                            time.time() - t0, self.ref is not None)
+
+
+def skip_nonfinite_bf16_steps(deepspeed_config: dict) -> bool:
+    """Have DeepSpeed's ZeRO optimizer skip a bf16 step whose gradient is not finite, as the single-process
+    path skips it (bf16.check_grad_overflow: on by default in 0.19.8, off or absent in older versions, which
+    apply the step). False where the installed DeepSpeed has no such setting."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return False
+    if "check_grad_overflow" not in getattr(DeepSpeedBF16Config, "model_fields", {}):
+        return False
+    deepspeed_config.setdefault("bf16", {"enabled": False})["check_grad_overflow"] = True
+    return True
 
 
 # ---------------------------------------------------------------------------------- a run's checkpoints
@@ -334,6 +363,7 @@ def resume(trainer: PPOTrainer, out: Path) -> int:
         raise ValueError(f"{found[update]} was written by another number of processes; resume with the same "
                          f"number, or pass force=True to start over")
     acc.load_state(str(state))  # weights, optimizer, schedule, every process's RNG
+    trainer.apply_scheduled_lr()
     with open(state / f"rollouts_{acc.process_index}.pkl", "rb") as fh:
         saved = pickle.load(fh)
     trainer.rollouts.load_state_dict(saved["rollouts"])

@@ -85,3 +85,13 @@ def test_section_hash_tracks_only_the_named_sections():
     assert a.section_hash("data") == b.section_hash("data")
     assert a.section_hash("sft") != b.section_hash("sft")
     assert a.section_hash() != b.section_hash()
+
+
+def test_ppo_refuses_a_zero3_accelerate_config():
+    """ZeRO-3 partitions the weights, and a PPO checkpoint takes them from one process."""
+    assert config.zero_stage(config.ACCELERATE_DIR / "zero2.yaml") == 2
+    assert config.zero_stage(config.ACCELERATE_DIR / "zero3.yaml") == 3
+    assert config.zero_stage(config.ACCELERATE_DIR / "single.yaml") is None
+    with pytest.raises(config.ConfigError, match="ZeRO-3"):
+        config.load("tiny", rl__accelerate_config="zero3")
+    assert config.load("tiny", sft__accelerate_config="zero3").sft.accelerate_config == "zero3"

@@ -358,6 +358,59 @@ def test_samples_per_step_accumulates_across_epochs(sft_ready):
     assert moved("per epoch") > 1.3 * moved("accumulated") > 0
 
 
+def test_deepspeeds_nan_norm_sentinel_counts_as_a_non_finite_step(sft_ready, monkeypatch):
+    """DeepSpeed reports a NaN/inf gradient norm as -1 (mask_nan_or_inf_with_val_inplace): that step is not
+    finite either, so it is skipped and counted, and -1 stays out of the mean grad_norm."""
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.clip_grad_norm_, []
+
+    def sentinel_first(self, *args, **kwargs):
+        norm = real(self, *args, **kwargs)
+        calls.append(1)
+        return torch.tensor(-1.0) if len(calls) == 1 else norm
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", sentinel_first)
+    cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8, rl__ppo_epochs=2,
+                      rl__learning_rate=1e-3, rl__min_learning_rate=1e-3)
+    row = pd.read_csv(ppo.train(cfg, force=True, micro_batch_size=4, progress=False) / "metrics.csv").iloc[0]
+    assert len(calls) == 2 and row["nonfinite_steps"] == 1 and row["grad_norm"] > 0
+
+
+def test_deepspeed_is_asked_to_skip_non_finite_bf16_steps_where_it_can(monkeypatch):
+    import types
+
+    def fake_deepspeed(fields):
+        module = types.ModuleType("deepspeed.runtime.precision_config")
+        module.DeepSpeedBF16Config = type("DeepSpeedBF16Config", (), {"model_fields": dict.fromkeys(fields)})
+        monkeypatch.setitem(sys.modules, "deepspeed.runtime.precision_config", module)
+
+    fake_deepspeed(["enabled", "immediate_grad_update", "check_grad_overflow"])
+    ds_config = {"bf16": {"enabled": True}}
+    assert ppo.skip_nonfinite_bf16_steps(ds_config) and ds_config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    fake_deepspeed(["enabled", "immediate_grad_update"])  # an older DeepSpeed: the key would be refused
+    ds_config = {"bf16": {"enabled": True}}
+    assert not ppo.skip_nonfinite_bf16_steps(ds_config) and ds_config == {"bf16": {"enabled": True}}
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.precision_config", None)  # none installed
+    assert not ppo.skip_nonfinite_bf16_steps({})
+
+
+def test_the_scheduled_rate_reaches_an_optimizer_with_groups_of_its_own():
+    """zero2_offload: DeepSpeed steps a CPU Adam that, after a resume loads its state, no longer shares the
+    scheduled Adam's parameter groups; apply_scheduled_lr hands it the schedule's rate anyway."""
+    import types
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    scheduled = torch.optim.Adam([weight], lr=1.0)
+    stepping = torch.optim.Adam([weight], lr=1.0)  # its own group dicts, as after load_state_dict
+    trainer = types.SimpleNamespace(optimizer=stepping,
+                                    scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(scheduled, T_max=4, eta_min=0.0))
+    trainer.scheduler.step()
+    assert stepping.param_groups[0]["lr"] == 1.0  # what the rate would stay at
+    ppo.PPOTrainer.apply_scheduled_lr(trainer)
+    assert trainer.scheduler.get_last_lr()[0] < 1.0
+    assert stepping.param_groups[0]["lr"] == pytest.approx(trainer.scheduler.get_last_lr()[0])
+
+
 def test_a_non_finite_gradient_skips_its_step(sft_ready, monkeypatch):
     """A NaN in one step's loss would make every later weight NaN: the step is skipped and counted, and
     the next one trains."""
