@@ -7,8 +7,8 @@ table and the feedback sentences. Deliberate differences, each safer and never a
   score `8/(3-8/3)` as wrong; here it is correct);
 - only ASCII digits count as digits (upstream's `\\d` also matched other scripts' digits);
 - `solve` returns every distinct solution written with minimal parentheses; upstream's solver wrote
-  its (fewer) solutions from a fixed set of bracket placements. Solutions matter to the reward only
-  through prefix matching (PARTIAL and the NO_SOLUTION message).
+  its (fewer) solutions from a fixed set of bracket placements. The NO_SOLUTION sentence names the longest
+  prefix of upstream's strings (`upstream_solutions`), as upstream's did, so the feedback is upstream's.
 - suits are drawn upstream but never shown to a language model; they are not drawn here.
 - PARTIAL (an unfinished formula that uses every number) is judged by the arithmetic: the formula earns it
   when closing its open parentheses makes it equal the target exactly. Upstream gave it when the text was
@@ -236,12 +236,14 @@ def verify_formula(formula: str, numbers: Sequence[int], target: int = TARGET,
         penalties.append(("INCORRECT_NUMBER", f"you didn't use numbers: {unused}"))
 
     if not penalties:
-        upstream = partial_credit == "upstream"
-        solutions = upstream_solutions(tuple(sorted(have.elements())), target) if upstream else solve(numbers, target)
+        # upstream's solver strings: its PARTIAL rule (partial_credit "upstream") and, under either rule, the
+        # NO_SOLUTION sentence's prefix, so the feedback reads as upstream's
+        solutions = upstream_solutions(tuple(sorted(have.elements())), target)
         value = evaluate(tokens)
         if value is not None and value == target:
             return Verdict("CORRECT", REWARDS["CORRECT"], "Correct solution.")
-        partial = any(s.startswith(formula) for s in solutions) if upstream else completes_to_target(tokens, target)
+        partial = (any(s.startswith(formula) for s in solutions) if partial_credit == "upstream"
+                   else completes_to_target(tokens, target))
         if value is None and partial:
             return Verdict("PARTIAL", REWARDS["PARTIAL"], "partial solution.")
         # The longest token prefix that some solution starts with, for the feedback sentence.

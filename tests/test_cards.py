@@ -151,6 +151,11 @@ def test_parse_formula(text, formula):
     ("1*3*10-10", [1, 3, 10, 10], "NO_SOLUTION", -1,
      "1 is partially correct but the full formula does not match any solution."),
     ("3*8-8+3", [3, 3, 8, 8], "NO_SOLUTION", -1, "your formula does not match any solution."),
+    # the prefix is upstream's: its solver wrote (2+10)*2... with brackets that `solve` leaves out
+    ("((2+10)+10)*2", [2, 2, 10, 10], "NO_SOLUTION", -1,
+     "( is partially correct but the full formula does not match any solution."),
+    ("10+(2*2/10)", [2, 2, 10, 10], "NO_SOLUTION", -1,
+     "10+(2*2 is partially correct but the full formula does not match any solution."),
     ("10+11+3", [1, 3, 10, 10], "INCORRECT_NUMBER", -4,
      "you used invalid numbers: [11], you didn't use numbers: [1, 10]."),
     ("10+10+10+3", [1, 3, 10, 10], "INCORRECT_NUMBER", -4,
