@@ -33,6 +33,7 @@
 preset = "tiny"
 overrides = {}  # e.g. {"sft.max_steps": 200, "model.name": "/path/to/model"}
 force = False  # retrain from scratch even if a finished run matches the config
+fig2_xscale = "symlog"  # Figure 2's step axis: "symlog" (the authors') or "linear"
 
 # %%
 import pandas as pd
@@ -59,13 +60,15 @@ display(pd.DataFrame({
 # %% [markdown]
 # ## Figure 2
 # Losses every `sft.eval_steps` steps; the ID train point is the mean training loss since the previous
-# point. Dotted lines mark the checkpoints the paper names (Inter_SFT and full SFT) when the run reaches them.
+# point. Dotted lines mark the checkpoints the paper names (Inter_SFT and full SFT) when the run reaches them;
+# the Inter_SFT of the later notebooks is picked from the evaluations (04_eval) and may be another step.
+# The step axis is the authors' (`fig2_xscale = "symlog"`: linear to step 100, then log); "linear" is plain.
 
 # %%
 table = sft.loss_table(cfg)
 display(table.pivot(index="step", columns="curve", values="loss").round(3))
-marks = {"Inter_SFT": cfg.sft.inter_sft_step, "full SFT": cfg.sft.full_sft_step}
-fig = plots.sft_loss(table, marks=marks)
+marks = {"Inter_SFT (the paper's step)": cfg.sft.inter_sft_step, "full SFT": cfg.sft.full_sft_step}
+fig = plots.sft_loss(table, marks=marks, xscale=fig2_xscale)
 plots.save_figure(fig, "fig2_sft_loss", cfg, notebook="02_sft", sources=[out / sft.LOSS_TABLE], data=table);
 
 # %% [markdown]

@@ -46,7 +46,7 @@ display(table.pivot(index="label", columns="rule", values="success_rate").reinde
 # %%
 has_sft = (table["stage"] == "sft").any()
 named = evaluate.named_checkpoints(cfg, table) if has_sft else None
-fig = plots.success_across_checkpoints(table, inter_sft=named.inter_sft if named else None)
+fig = plots.success_across_checkpoints(table, named=named)
 plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", sources=[artifacts.eval_dir(cfg) / "results.parquet"],
                   data=table);
 

@@ -21,7 +21,9 @@
 #
 # The paper's finding: σ barely moves (|Δσ| ≲ 0.005, centred on zero), while the singular *directions*
 # rotate. Angles start near 25–30° for the leading directions and rise toward 90° in the tail, with the
-# SFT and RL curves nearly on top of each other.
+# SFT and RL curves nearly on top of each other. Principal angles come sorted, though, so their rise is
+# there by construction and says nothing about *which* directions turned: Figure 4's second row plots
+# each singular vector's own turn against its index (claim 4's measure), where that can be read.
 #
 # As in the paper's captions, each stage is measured from the checkpoint it started at: SFT as base → full
 # SFT, RL as full SFT → RL. The authors' own plots and angle script (analysis/raw_metrics_angle.py)
@@ -33,6 +35,9 @@
 preset = "tiny"
 overrides = {}
 force = False
+# Figure 3: "whole", every singular value on a log σ axis; "authors", the top spectra.k on a linear axis, as
+# the authors' plots (analysis/singular_value_*.pdf) and the paper's "0 to 0.005" reading of them
+fig3_view = "whole"
 
 # %%
 from IPython.display import display
@@ -56,11 +61,13 @@ out = artifacts.spectra_dir(cfg)
 
 # %%
 shown = {f"{stage}: {before} → {after}": spectra.load_pair(out, before, after) for stage, before, after in figure}
-fig = plots.singular_values(shown)
+fig = plots.singular_values(shown, view=fig3_view, top=cfg.spectra.k)
 plots.save_figure(fig, "fig3_singular_values", cfg, notebook="05_spectra", sources=[out]);
 
 # %% [markdown]
 # ## Figure 4: the principal-angle spectrum, layer-0 up_proj
+# Top row, the paper's figure: the sorted principal angles. Bottom row: the angle between each singular
+# vector before and after, by its index.
 
 # %%
 fig = plots.principal_angle_spectrum(shown, module="up_proj")

@@ -65,8 +65,8 @@ plots.save_figure(fig, "fig5_restore_layers", cfg, notebook="06_restore", data=l
 
 # %%
 ranks = results[results["kind"] == "ranks"]
-fig = plots.restore_success(ranks, references, "restored ranks (top k)",
-                            f"Directions restored into {named.full_sft}, top-k ranks of every matrix")
+fig = plots.restore_success(ranks, references, "restored ranks (top k, log scale)",
+                            f"Directions restored into {named.full_sft}, top-k ranks of every matrix", numeric=True)
 plots.save_figure(fig, "fig6_restore_ranks", cfg, notebook="06_restore", data=ranks,
                   sources=[artifacts.restore_dir(cfg) / "variants.csv"]);
 

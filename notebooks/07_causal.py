@@ -48,7 +48,9 @@ imposed = {name: restore.restored_checkpoint(
     rl, full, plan, force) for name, plan in plans.items()}
 causal = evaluate.sweep(cfg, force=force, checkpoints=list(imposed.values()), table_name="causal_results")
 both = pd.concat([table[table["label"] == rl.label].assign(variant=f"RL ({rl.label})")]
-                 + [causal[causal["label"] == c.label].assign(variant=f"RL with {full.label}'s directions ({name})")
+                 + [causal[causal["label"] == c.label].assign(
+                     variant=f"RL with {full.label}'s directions ({name})"
+                             + (f": {full.label}'s weights" if restore.replaced_whole(c.path) else ""))
                     for name, c in imposed.items()])
 display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.format(
     {"success_rate": "{:.1%}", "ci_low": "{:.1%}", "ci_high": "{:.1%}"}))
@@ -57,7 +59,9 @@ display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.for
 # ## Figure 7
 
 # %%
-fig = plots.causal(both)
+references = pd.concat([table[table["label"] == label].assign(name=name)
+                        for name, label in (("Inter_SFT", named.inter_sft), ("full SFT", named.full_sft))])
+fig = plots.causal(both, references)
 plots.save_figure(fig, "fig7_causal", cfg, notebook="07_causal", data=both,
                   sources=[artifacts.eval_dir(cfg) / "results.parquet", artifacts.eval_dir(cfg) / "causal_results.parquet"]);
 

@@ -71,10 +71,23 @@ def solutions_per_hand(table: pd.DataFrame) -> plt.Figure:
 
 
 STAGE_ORDER = {"base": 0, "sft": 1, "rl": 2, "other": 3}
+STAGE_BARS = (("Inter_SFT", "inter_sft"), ("full SFT", "full_sft"), ("RL", "rl"))  # the authors' three stages
+MAX_TICK_LABELS = 30  # past this many checkpoints, Figure 1 labels every n-th so the labels stay legible
 
 
-def success_across_checkpoints(table: pd.DataFrame, inter_sft: str | None = None) -> plt.Figure:
-    """Figure 1: ID and OOD success rate (Wilson 95% intervals) at every checkpoint, base -> SFT -> RL.
+def _interval(rows: pd.DataFrame) -> list:
+    """errorbar's yerr, in percent, from a table's success_rate, ci_low and ci_high."""
+    return [100 * (rows["success_rate"] - rows["ci_low"]), 100 * (rows["ci_high"] - rows["success_rate"])]
+
+
+def success_across_checkpoints(table: pd.DataFrame, named: Any = None) -> plt.Figure:
+    """Figure 1: ID and OOD success rate (Wilson 95% intervals).
+
+    Left, every checkpoint, base -> SFT -> RL (PAPER_SPEC 9). RL's line starts at the full-SFT checkpoint
+    it was trained from (dashed to its first point), not at the last SFT step, which may lie further on.
+    Right, given `named` (evaluate.Named), the three stages of the authors' own Figure 1
+    (RL_Heals_SFT analysis/task1_grouped.png: "Premax", "Moderate", "RL"): Inter_SFT, full SFT and the
+    last RL checkpoint, side by side per test set.
 
     `table` is evaluate.sweep's: label, stage, step, rule, success_rate, ci_low, ci_high.
     """
@@ -82,47 +95,91 @@ def success_across_checkpoints(table: pd.DataFrame, inter_sft: str | None = None
     order = (table.drop_duplicates("label").assign(key=lambda t: t["stage"].map(STAGE_ORDER))
              .sort_values(["key", "step"])["label"].tolist())
     x = {label: i for i, label in enumerate(order)}
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * len(order) + 2), 3.8))
+    stage = table.drop_duplicates("label").set_index("label")["stage"]
+    width = min(16.0, max(6.5, 0.45 * len(order) + 2))
+    if named is None:
+        fig, ax = plt.subplots(figsize=(width, 3.8))
+    else:
+        fig, (ax, bars) = plt.subplots(1, 2, figsize=(width + 4.0, 3.8), width_ratios=[width, 4.0])
+    full = getattr(named, "full_sft", None)
     for rule, group in table.groupby("rule"):
         group = group.assign(x=group["label"].map(x)).sort_values("x")
-        ax.errorbar(group["x"], 100 * group["success_rate"],
-                    yerr=[100 * (group["success_rate"] - group["ci_low"]), 100 * (group["ci_high"] - group["success_rate"])],
-                    marker="o", capsize=3, color=RULE_COLORS.get(rule), label=rule.upper())
-    for stage, shade in (("sft", "#f2f2f2"), ("rl", "#e6f0e6")):
-        xs = [x[l] for l in order if table.loc[table["label"] == l, "stage"].iloc[0] == stage]
+        color = RULE_COLORS.get(rule)
+        before_rl = group[group["label"].map(stage) != "rl"]
+        ax.errorbar(before_rl["x"], 100 * before_rl["success_rate"], yerr=_interval(before_rl), marker="o",
+                    capsize=3, color=color, label=rule.upper())
+        rl = group[group["label"].map(stage) == "rl"]
+        if len(rl):
+            ax.errorbar(rl["x"], 100 * rl["success_rate"], yerr=_interval(rl), marker="s", capsize=3, color=color)
+            start = group[group["label"] == full]
+            if len(start):  # RL continues from full SFT, wherever SFT went on after it
+                ax.plot([start["x"].iloc[0], rl["x"].iloc[0]],
+                        [100 * start["success_rate"].iloc[0], 100 * rl["success_rate"].iloc[0]],
+                        color=color, ls="--", lw=1, alpha=0.6)
+    for name, shade in (("sft", "#f2f2f2"), ("rl", "#e6f0e6")):
+        xs = [x[l] for l in order if stage[l] == name]
         if xs:
             ax.axvspan(min(xs) - 0.5, max(xs) + 0.5, color=shade, zorder=0)
-            ax.text((min(xs) + max(xs)) / 2, 1.0, stage.upper(), transform=ax.get_xaxis_transform(),
+            ax.text((min(xs) + max(xs)) / 2, 1.0, name.upper(), transform=ax.get_xaxis_transform(),
                     ha="center", va="bottom", fontsize=9, color="0.35")
-    if inter_sft in x:
-        ax.axvline(x[inter_sft], color="0.4", ls="--", lw=1)
-        ax.text(x[inter_sft], 0.02, " Inter_SFT", transform=ax.get_xaxis_transform(), fontsize=8, color="0.3")
-    ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
+    for label, text in ((getattr(named, "inter_sft", None), " Inter_SFT"), (full, " full SFT (RL's start)")):
+        if label in x:
+            ax.axvline(x[label], color="0.4", ls="--", lw=1)
+            ax.text(x[label], 0.02, text, transform=ax.get_xaxis_transform(), fontsize=8, color="0.3", rotation=90,
+                    va="bottom")
+    every = -(-len(order) // MAX_TICK_LABELS)
+    shown = {l for i, l in enumerate(order) if i % every == 0} | {getattr(named, n, None) for _, n in STAGE_BARS}
+    ax.set_xticks(range(len(order)), [l if l in shown else "" for l in order], rotation=45, ha="right")
     ax.set_ylabel("success rate (%)")
     ax.set_ylim(bottom=0)
-    ax.legend(title="test set", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if named is None:
+        ax.legend(title="test set", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.legend(title="test set", loc="upper left", fontsize=8)
+        _stage_bars(bars, table, named)
     fig.tight_layout()
     return fig
+
+
+def _stage_bars(ax: plt.Axes, table: pd.DataFrame, named: Any) -> None:
+    """Figure 1's right panel: Inter_SFT, full SFT and RL per test set, as the authors drew it."""
+    stages = [(name, getattr(named, attr)) for name, attr in STAGE_BARS if getattr(named, attr, None)]
+    width = 0.8 / len(stages)
+    for k, (name, label) in enumerate(stages):
+        rows = table[table["label"] == label].set_index("rule").reindex(["id", "ood"])
+        xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(2)]
+        ax.bar(xs, 100 * rows["success_rate"], width, yerr=_interval(rows), capsize=3, label=f"{name} ({label})",
+               color=sns.color_palette("Greys", len(stages) + 1)[k + 1], edgecolor="black", lw=0.6)
+        for xi, rate in zip(xs, rows["success_rate"]):
+            ax.text(xi, 100 * rate, f"{100 * rate:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([0, 1], ["ID", "OOD"])
+    ax.set_ylim(bottom=0)
+    ax.set_title("the three stages", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
 
 REFERENCE_STYLES = {"base": ("0.2", ":"), "Inter_SFT": ("#2ca02c", "--"), "full SFT": ("#9467bd", "-.")}
 
 
-def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, title: str) -> plt.Figure:
+def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, title: str,
+                    numeric: bool = False) -> plt.Figure:
     """Figures 5 and 6: ID and OOD success after restoring directions, the variants side by side (one line
     per `variant`, points at column `x` in table order), with the base, Inter_SFT and full-SFT rates as
     horizontal lines. The claim's point (`claim_point`) is ringed.
 
-    `references` has columns name (base / Inter_SFT / full SFT), rule, success_rate.
+    `references` has columns name (base / Inter_SFT / full SFT), rule, success_rate. numeric=True places
+    `x` (numbers, e.g. Figure 6's top k) on a log2 axis, so 512 -> 717 is not drawn as wide as 1024 -> 2048.
     """
     style()
     order = list(dict.fromkeys(table["x"]))
+    position = ([float(v) for v in order] if numeric else list(range(len(order))))
     names = list(dict.fromkeys(table["variant"]))
     fig, axes = plt.subplots(1, 2, figsize=(max(8.5, 1.0 * len(order) + 5), 3.8), sharey=False)
     palette = sns.color_palette("deep", len(names))
     for ax, rule in zip(axes, ("id", "ood")):
         for k, (name, color) in enumerate(zip(names, palette)):
             part = table[(table["rule"] == rule) & (table["variant"] == name)].set_index("x").reindex(order)
-            xs = [i + (k - (len(names) - 1) / 2) * 0.08 for i in range(len(order))]  # dodge the intervals
+            dodge = (k - (len(names) - 1) / 2) * 0.08  # the intervals side by side
+            xs = [p * 2 ** (dodge / 2) if numeric else p + dodge for p in position]
             ax.errorbar(xs, 100 * part["success_rate"],
                         yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
                         marker="o", ms=4, capsize=2, color=color, label=name)
@@ -133,7 +190,10 @@ def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, 
         for _, ref in references[references["rule"] == rule].iterrows():
             color, ls = REFERENCE_STYLES.get(ref["name"], ("0.5", "--"))
             ax.axhline(100 * ref["success_rate"], color=color, ls=ls, lw=1.2, label=ref["name"])
-        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        if numeric:
+            ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+        ax.set_xticks(position, order, rotation=30, ha="right")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("success rate (%)")
         ax.set_title(f"{rule.upper()} test set")
@@ -144,11 +204,13 @@ def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, 
     return fig
 
 
-def causal(table: pd.DataFrame) -> plt.Figure:
+def causal(table: pd.DataFrame, references: pd.DataFrame | None = None) -> plt.Figure:
     """Figure 7: the RL model against the RL model with the SFT model's singular directions, ID and OOD
-    success with Wilson 95% intervals. `table` has columns variant, rule, success_rate, ci_low, ci_high."""
+    success with Wilson 95% intervals. `table` has columns variant, rule, success_rate, ci_low, ci_high;
+    `references` (name, rule, success_rate; e.g. full SFT, Inter_SFT) are short lines over each test set's
+    bars, the levels the paper's "a loss of over a third of its generalization advantage" is measured by."""
     style()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
     variants = list(dict.fromkeys(table["variant"]))
     width = 0.8 / len(variants)
     for k, variant in enumerate(variants):
@@ -157,9 +219,14 @@ def causal(table: pd.DataFrame) -> plt.Figure:
         ax.bar(xs, 100 * part["success_rate"], width, label=variant,
                yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
                capsize=4)
+    for _, ref in (references if references is not None else pd.DataFrame()).iterrows():
+        color, ls = REFERENCE_STYLES.get(ref["name"], ("0.5", "--"))
+        i = ("id", "ood").index(ref["rule"])
+        ax.hlines(100 * ref["success_rate"], i - 0.45, i + 0.45, colors=color, linestyles=ls, lw=1.2,
+                  label=ref["name"] if ref["rule"] == "id" else None)
     ax.set_xticks([0, 1], ["ID", "OOD"])
     ax.set_ylabel("success rate (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("Imposing SFT's directions on the RL model")
     fig.tight_layout()
     return fig
@@ -194,26 +261,42 @@ def _layer0(table: pd.DataFrame, modules: tuple[str, ...]) -> dict[str, str]:
     return {r["module"]: r["name"] for _, r in rows.iterrows()}
 
 
-def singular_values(pairs: dict[str, tuple[pd.DataFrame, dict]], modules=("q_proj", "k_proj", "v_proj")) -> plt.Figure:
-    """Figure 3: σ before and after (left axis, log) and Δσ = σ_after − σ_before (right axis) of layer 0's
-    q/k/v, one row per pair (e.g. base→SFT, base→RL). `pairs` maps a title to spectra.load_pair's output."""
+FIG3_VIEWS = ("whole", "authors")
+
+
+def singular_values(pairs: dict[str, tuple[pd.DataFrame, dict]], modules=("q_proj", "k_proj", "v_proj"),
+                    view: str = "whole", top: int | None = None) -> plt.Figure:
+    """Figure 3: σ before and after (left axis) and Δσ = σ_after − σ_before (right axis) of layer 0's
+    q/k/v, one row per pair (e.g. base→SFT, full SFT→RL). `pairs` maps a title to spectra.load_pair's output.
+
+    Every panel's Δσ axis has the same symmetric limits, as in the authors' plots (±0.02 on every SFT and
+    RL panel), so a small Δσ looks small beside a large one. view "whole": every index, σ on a log axis;
+    "authors": the top `top` indices (their plots: the top spectra.k) with σ on a linear axis."""
+    if view not in FIG3_VIEWS:
+        raise ValueError(f"Figure 3's view must be one of {list(FIG3_VIEWS)}, got {view!r}")
     style()
+    shown = slice(None, top if view == "authors" else None)
+    panels = [(title, module, arrays[_layer0(table, modules)[module]])
+              for title, (table, arrays) in pairs.items() for module in modules]
+    limit = 1.05 * max(float(np.max(np.abs(a["sigma_after"][shown] - a["sigma_before"][shown]), initial=0))
+                       for _, _, a in panels) or 1.0
     fig, axes = plt.subplots(len(pairs), len(modules), figsize=(4.2 * len(modules), 3.2 * len(pairs)), squeeze=False)
-    for row, (title, (table, arrays)) in zip(axes, pairs.items()):
-        names = _layer0(table, modules)
-        for ax, module in zip(row, modules):
-            a = arrays[names[module]]
-            idx = range(len(a["sigma_before"]))
-            ax.plot(idx, a["sigma_before"], lw=2, color="0.6", label="σ before")
-            ax.plot(idx, a["sigma_after"], lw=1, ls="--", color="#1f77b4", label="σ after")
+    for ax, (title, module, a) in zip(axes.flat, panels):
+        before, after = a["sigma_before"][shown], a["sigma_after"][shown]
+        idx = range(len(before))
+        ax.plot(idx, before, lw=2, color="0.6", label="σ before")
+        ax.plot(idx, after, lw=1, ls="--", color="#1f77b4", label="σ after")
+        if view == "whole":
             ax.set_yscale("log")
-            twin = ax.twinx()
-            twin.plot(idx, a["sigma_after"] - a["sigma_before"], lw=0.8, color="#d62728", alpha=0.8, label="Δσ")
-            twin.axhline(0, color="#d62728", lw=0.5, alpha=0.5)
-            twin.set_ylabel("Δσ", color="#d62728")
-            twin.grid(False)
-            ax.set_title(f"{title}: layer 0 {module}", fontsize=10)
-            ax.set_xlabel("index i")
+        twin = ax.twinx()
+        twin.plot(idx, after - before, lw=0.8, color="#d62728", alpha=0.8, label="Δσ")
+        twin.axhline(0, color="#d62728", lw=0.5, alpha=0.5)
+        twin.set_ylim(-limit, limit)
+        twin.set_ylabel("Δσ", color="#d62728")
+        twin.grid(False)
+        ax.set_title(f"{title}: layer 0 {module}", fontsize=10)
+        ax.set_xlabel("singular value index i")
+    for row in axes:
         row[0].set_ylabel("σᵢ")
     axes[0][0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -221,27 +304,35 @@ def singular_values(pairs: dict[str, tuple[pd.DataFrame, dict]], modules=("q_pro
 
 
 def principal_angle_spectrum(pairs: dict[str, tuple[pd.DataFrame, dict]], module: str = "up_proj") -> plt.Figure:
-    """Figure 4: principal angles (degrees, ascending) between the top-k left and right singular subspaces
-    of layer 0's `module`, one curve per pair (the paper: SFT and RL nearly overlap)."""
+    """Figure 4 (top row): principal angles (degrees, ascending) between the top-k left and right singular
+    subspaces of layer 0's `module`, one curve per pair (the paper: SFT and RL nearly overlap).
+
+    Principal angles come sorted, so the top row rises whatever training did; it cannot say which singular
+    vectors turned. The bottom row can: the angle between the i-th singular vector before and after
+    (spectra's rot_u, rot_v, claim 4's measure) against the index i."""
     style()
-    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.6), sharey="row")
     whole = {}  # side -> k, where the top k span the whole space (spectra: the angles are NaN in the table)
     for title, (table, arrays) in pairs.items():
         name = _layer0(table, (module,))[module]
         row = table[table["name"] == name].iloc[0]
-        for ax, side in zip(axes, ("u", "v")):
+        for ax, below, side in zip(axes[0], axes[1], ("u", "v")):
             ax.plot(np.degrees(arrays[name][f"angles_{side}"]), label=title)
+            below.plot(np.degrees(arrays[name][f"rot_{side}"]), lw=0.8, alpha=0.8, label=title)
             if not np.isfinite(row[f"angle_{side}_mean_deg"]):
                 whole[side] = row["k"]
-    for ax, side in zip(axes, ("u", "v")):
+    for ax, side in zip(axes[0], ("u", "v")):
         if side in whole:
             ax.text(0.5, 0.5, f"the top {whole[side]} span the whole space:\nevery angle is 0 by construction",
                     transform=ax.transAxes, ha="center", fontsize=8, color="0.3")
-    for ax, side in zip(axes, ("left (U)", "right (V)")):
+    for ax, below, side in zip(axes[0], axes[1], ("left (U)", "right (V)")):
         ax.set_title(f"layer 0 {module}, {side} singular subspace", fontsize=10)
-        ax.set_xlabel("principal angle index")
-    axes[0].set_ylabel("angle (degrees)")
-    axes[1].legend(fontsize=8)
+        ax.set_xlabel("principal angle index (sorted)")
+        below.set_title(f"each {side[-2]} vector's own turn", fontsize=10)
+        below.set_xlabel("singular vector index i")
+    axes[0][0].set_ylabel("principal angle (degrees)")
+    axes[1][0].set_ylabel("angle(before, after) (degrees)")
+    axes[0][1].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -268,12 +359,16 @@ SFT_CURVES = {"id_train": ("ID train", "#1f77b4", "-"), "id_test": ("ID test", "
               "ood": ("OOD", "#d62728", "-")}
 
 
-def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None) -> plt.Figure:
+def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None, xscale: str = "symlog") -> plt.Figure:
     """Figure 2: ID train loss, ID test loss and OOD loss (answer tokens only) during SFT, against the step.
 
     `table` is sft.loss_table's: step, curve (id_train, id_test, ood), loss. `marks` names checkpoints to
     draw as vertical lines, e.g. {"Inter_SFT": 120, "full SFT": 800}; those beyond the last step are left out.
+    xscale "symlog" is the authors' axis (sft/sft_scripts/loss-analysis.py: linear to step 100, then log),
+    which gives the first 100 steps, where the OOD minimum lies, room; "linear" is the plain one.
     """
+    if xscale not in ("symlog", "linear"):
+        raise ValueError(f"Figure 2's xscale must be 'symlog' or 'linear', got {xscale!r}")
     style()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for curve, (label, color, ls) in SFT_CURVES.items():
@@ -291,7 +386,9 @@ def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None) -> plt.Fi
         low = ood.loc[ood["loss"].idxmin()]
         ax.annotate(f"OOD min {low['loss']:.2f} @ {int(low['step'])}", (low["step"], low["loss"]),
                     xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8, color="#d62728")
-    ax.set_xlabel("SFT step")
+    if xscale == "symlog":
+        ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("SFT step" + (" (linear to 100, then log)" if xscale == "symlog" and last > 100 else ""))
     ax.set_ylabel("loss (answer tokens)")
     ax.set_title("SFT: ID train / ID test / OOD loss")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
