@@ -94,10 +94,17 @@ class SFTConfig:
     # would otherwise need ~56 GB of activations per device at batch 16 (`./run_all.sh P --dry-run`).
     gradient_checkpointing: bool = True
     accelerate_config: str = "zero3"
-    # How an example becomes text: "chat_template" (the model's own, which RL and evaluation use too) or
-    # "upstream_qwen", the authors' Qwen SFT (RL_Heals_SFT data_qwen.py): Llama-3 header strings as plain
-    # text with a literal two-character \n, no system turn, answer + "<|eot_id|>\n"; loss on the answer.
-    text_format: Literal["chat_template", "upstream_qwen"] = "chat_template"
+    # How an example becomes text: "chat_template" (the model's own, which RL and evaluation use too);
+    # "upstream_llama", the authors' Llama SFT (RL_Heals_SFT data.py): the same template, prompt and answer
+    # tokenized apart, the answer followed by one more "\n" after its end token, in every loss set; or
+    # "upstream_qwen", the authors' Qwen SFT (data_qwen.py): Llama-3 header strings as plain text with a
+    # literal two-character \n, no system turn, answer + "<|eot_id|>\n". The loss is on the answer.
+    text_format: Literal["chat_template", "upstream_llama", "upstream_qwen"] = "chat_template"
+    # How the loss is averaged over processes: True, one token mean over every process's batch (transformers
+    # 5's default); False, each process's own token mean, the gradients then averaged (transformers 4.46.3,
+    # which the authors pinned).
+    average_tokens_across_devices: bool = True
+    eval_batch_size: int = 0  # per process, for the loss curves; 0: per_device_batch_size (upstream: 8, the default)
     inter_sft_step: int = 120  # checkpoints the paper names
     full_sft_step: int = 800
     seed: int = 42
@@ -238,7 +245,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "sft.warmup_ratio", "sft.warmup_steps", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
     "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
-    "rl.samples_per_step", "rl.env_slots",
+    "rl.samples_per_step", "rl.env_slots", "sft.eval_batch_size",
     "data.loss_set_size", "eval.sft_every",
 }
 FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}

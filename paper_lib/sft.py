@@ -21,7 +21,8 @@ What a run leaves in runs/<preset>/sft/ (`artifacts.sft_dir`):
 The loss is on the answer only: TRL's SFTTrainer tokenizes a conversational prompt-completion row as the
 chat-templated prompt (with the generation prompt) followed by the completion, and masks the prompt
 tokens' labels with -100; `sft.text_format: upstream_qwen` tokenizes the authors' Qwen text instead
-(`upstream_qwen_tokens`), masked the same way. A killed run resumes from its newest complete checkpoint
+(`upstream_qwen_tokens`) and `upstream_llama` their Llama text (`chat_tokens_apart` with a "\n" after the
+end token), masked the same way. A killed run resumes from its newest complete checkpoint
 (Trainer's resume_from_checkpoint: weights, optimizer, scheduler, RNG and data order), and the loss table drops
 the rows logged after that checkpoint, so it continues without duplicates. A finished run whose
 manifest matches (cfg.sft, cfg.data, the base model's identity, this module's code) is not redone;
@@ -188,7 +189,8 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
     return SFTConfig(
         output_dir=str(artifacts.sft_dir(cfg)),
         per_device_train_batch_size=s.per_device_batch_size,
-        per_device_eval_batch_size=s.per_device_batch_size,
+        per_device_eval_batch_size=s.eval_batch_size or s.per_device_batch_size,
+        average_tokens_across_devices=s.average_tokens_across_devices,
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         learning_rate=s.learning_rate,
         num_train_epochs=s.epochs,
@@ -237,13 +239,17 @@ def build_trainer(cfg: Config, resume: bool = False, model: Any = None, tokenize
     if model is None:
         model, tokenizer = models.load(cfg, dtype="float32", device=None)
 
+    text_format = cfg.sft.text_format
+
     def as_text(split, apart: bool = False):
-        chat = cfg.sft.text_format == "chat_template"
-        if chat and not apart:  # TRL passes a row's chat_template_kwargs to the template
+        if text_format == "chat_template" and not apart:  # TRL passes a row's chat_template_kwargs on
             return split.select_columns(columns).add_column("chat_template_kwargs",
                                                             [cards.TEMPLATE_KWARGS] * len(split))
         # tokenized here, so TRL neither templates nor adds an EOS
-        tokens = chat_tokens_apart if chat else upstream_qwen_tokens
+        if text_format == "upstream_qwen":
+            tokens = upstream_qwen_tokens
+        else:  # data.py wrote the answer "{answer}<|eot_id|>\n"
+            tokens = functools.partial(chat_tokens_apart, suffix="\n" if text_format == "upstream_llama" else "")
         return split.map(lambda row: tokens(tokenizer, row["prompt"], row["completion"]),
                          remove_columns=split.column_names)
 
@@ -305,18 +311,20 @@ def upstream_qwen_tokens(tokenizer: Any, prompt: list[dict], completion: list[di
                          UPSTREAM_QWEN_ANSWER.format(content=answer["content"]))
 
 
-def chat_tokens_apart(tokenizer: Any, prompt: list[dict], completion: list[dict]) -> dict[str, list[int]]:
+def chat_tokens_apart(tokenizer: Any, prompt: list[dict], completion: list[dict],
+                      suffix: str = "") -> dict[str, list[int]]:
     """One prompt-completion row under the chat template, tokenized as the authors' Llama SFT did
     (sft/src/training/data.py): the templated prompt with its generation prompt, then the rest of the
-    templated conversation, each tokenized apart, so the answer starts at the token generation would start
-    from. TRL tokenizes the whole text at once, where a tokenizer may fuse the two sides' boundary."""
+    templated conversation and `suffix` (theirs: "\n"), each tokenized apart, so the answer starts at the
+    token generation would start from. TRL tokenizes the whole text at once, where a tokenizer may fuse the
+    two sides' boundary."""
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False,
                                                 **cards.TEMPLATE_KWARGS)
     whole = tokenizer.apply_chat_template(prompt + completion, tokenize=False, **cards.TEMPLATE_KWARGS)
     if not whole.startswith(prompt_text):
         raise ValueError("the chat template renders the prompt differently once the answer follows it; "
                          "its prompt and answer cannot be tokenized apart")
-    return _tokens_apart(tokenizer, prompt_text, whole[len(prompt_text):])
+    return _tokens_apart(tokenizer, prompt_text, whole[len(prompt_text):] + suffix)
 
 
 def _tokens_apart(tokenizer: Any, prompt_text: str, answer_text: str) -> dict[str, list[int]]:

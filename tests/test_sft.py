@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from paper_lib import artifacts, config, data, launch, models, sft
+from paper_lib import artifacts, cards, config, data, launch, models, sft
 
 # 8 steps of 8 examples; checkpoints at 3, 6 and the last step, 8; loss points every 2 steps.
 SMALL = {"data.sft_size": 64, "data.test_size": 8, "data.loss_set_size": 8, "sft.per_device_batch_size": 8,
@@ -226,6 +226,39 @@ def test_an_answer_that_starts_with_a_newline_is_tokenized_apart_from_its_prompt
     assert first["input_ids"][:start] == real.apply_chat_template(source["prompt"], add_generation_prompt=True,
                                                                    tokenize=True, return_dict=False)
     assert real.decode(first["input_ids"][start:]).startswith("\n{") and first["labels"][start:] == first["input_ids"][start:]
+
+
+def test_upstream_llama_text_format_trains_one_newline_past_the_end_token():
+    """sft.text_format upstream_llama (llama11b): the authors' data.py wrote each answer
+    "{answer}<|eot_id|>\\n" after the templated generation prompt, tokenized apart, in the training set and
+    in both loss sets; the "\\n" is trained on."""
+    cfg = config.load("tiny", **SMALL, sft__text_format="upstream_llama")
+    with one_thread():
+        trainer = sft.build_trainer(cfg)
+    tok = trainer.processing_class
+    splits = data.load(cfg)
+    for rows, source in ((trainer.train_dataset, splits["sft_train"]), (trainer.eval_dataset["id_test"], splits["id_test"]),
+                         (trainer.eval_dataset["ood"], splits["ood_loss"])):
+        first, row = rows[0], source[0]  # TRL folds the completion mask into the labels
+        ids, labels = first["input_ids"], first["labels"]
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        assert ids[:start] == tok(tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False,
+                                                          **cards.TEMPLATE_KWARGS), add_special_tokens=False)["input_ids"]
+        whole = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False, **cards.TEMPLATE_KWARGS)
+        assert tok.decode(ids[start:]) == whole[len(tok.decode(ids[:start])):] + "\n" and labels[start:] == ids[start:]
+
+
+def test_sft_loss_average_and_eval_batch_are_settings():
+    """qwen7b and llama11b average the loss per process (transformers 4.46.3's default, pinned upstream)
+    and evaluate the loss curves 8 rows at a time; tiny keeps transformers 5's global token mean."""
+    plain = sft.sft_args(config.load("tiny"))
+    assert plain.average_tokens_across_devices and plain.per_device_eval_batch_size == plain.per_device_train_batch_size
+    args = sft.sft_args(config.load("tiny", sft__average_tokens_across_devices=False, sft__eval_batch_size=8))
+    assert not args.average_tokens_across_devices and args.per_device_eval_batch_size == 8
+    for preset in ("qwen7b", "llama11b"):
+        cfg = config.load(preset)
+        assert not cfg.sft.average_tokens_across_devices and cfg.sft.eval_batch_size == 8
+    assert config.load("llama11b").sft.text_format == "upstream_llama"
 
 
 def test_upstream_qwen_text_format_trains_on_the_authors_strings():
