@@ -10,7 +10,10 @@ parameter of 16-bit weights, 2 of gradients, 12 of optimizer state (fp32 master 
 ZeRO-2 shards gradients and optimizer state over the N processes, ZeRO-3 the weights too, and optimizer
 offload moves the 12 bytes to CPU memory. Activations are an estimate: 34·s·b·h bytes a layer (Korthikanti
 et al. 2022, without the attention-score term, which flash/SDPA attention does not keep), or 2·s·b·h a
-layer under gradient checkpointing. Rough by design: it says whether a run fits, not to the gigabyte.
+layer under gradient checkpointing. Three kinds come and go and are never held at once, so the peak adds
+the largest: those activations; the fp32 gradients of its partition a ZeRO optimizer builds at each step
+(4 bytes a parameter over N, on the CPU under offload); and PPO's key/value cache while it generates.
+Rough by design: it says whether a run fits, not to the gigabyte.
 """
 from __future__ import annotations
 
@@ -89,21 +92,45 @@ def params_of(s: Shape) -> int:
 
 def zero_settings(accelerate_config: str) -> tuple[int, bool, int]:
     """(ZeRO stage (0 = none), optimizer offloaded, processes) from configs/accelerate/<name>.yaml."""
-    raw = yaml.safe_load((config.ACCELERATE_DIR / f"{accelerate_config}.yaml").read_text()) or {}
+    path = config.ACCELERATE_DIR / f"{accelerate_config}.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
     ds = raw.get("deepspeed_config") or {}
-    return int(ds.get("zero_stage", 0)), ds.get("offload_optimizer_device", "none") not in ("none", None), \
+    return config.zero_stage(path) or 0, ds.get("offload_optimizer_device", "none") not in ("none", None), \
         int(raw.get("num_processes", 1))
 
 
+TRANSIENT = ("activations", "step gradients", "kv cache")  # never held at once: peak() takes the largest
+
+
 def gpu_memory(params: int, shape: Shape, stage: int, offload: bool, processes: int, batch: int, seq: int,
-               checkpointing: bool) -> dict[str, float]:
-    """Bytes per device: weights, gradients, optimizer states, activations (see the module docstring)."""
+               checkpointing: bool, kv_tokens: int = 0) -> dict[str, float]:
+    """Bytes per device: weights, gradients, optimizer states, and what comes and goes: activations in the
+    backward pass, the fp32 gradients of its partition a ZeRO optimizer builds at each step (on CPU under
+    offload), and the key/value cache of `kv_tokens` generated-over tokens (see the module docstring)."""
     n = max(processes, 1)
     weights = 2 * params / (n if stage >= 3 else 1)
     grads = 2 * params / (n if stage >= 2 else 1)
     optim = 0.0 if offload else 12 * params / (n if stage >= 1 else 1)
     per_layer = (2 if checkpointing else 34) * seq * batch * shape.hidden
-    return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": per_layer * shape.layers}
+    step_grads = 4 * params / n if stage >= 1 and not offload else 0.0
+    kv = 2 * shape.layers * shape.kv_heads * (shape.hidden // shape.heads) * 2 * kv_tokens  # K and V, 16-bit
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": per_layer * shape.layers,
+            "step gradients": step_grads, "kv cache": kv}
+
+
+def peak(memory: dict[str, float]) -> float:
+    """The most a device holds: what stays, plus the largest of what comes and goes."""
+    return (sum(v for k, v in memory.items() if k not in TRANSIENT)
+            + max((v for k, v in memory.items() if k in TRANSIENT), default=0.0))
+
+
+def rollout_tokens(cfg: Config) -> int:
+    """Tokens the key/value cache holds in a PPO generate call at most: every slot's conversation at its
+    last attempt (the prompt, ~300 tokens, then max_new_tokens and ~100 of feedback an attempt)."""
+    from .rl_run import default_envs  # here: rl_run imports the model code, which a plan needs nowhere else
+
+    slots = cfg.rl.env_slots or default_envs(cfg)
+    return slots * (300 + cfg.eval.max_attempts * (cfg.rl.max_new_tokens + 100))
 
 
 def checkpoint_bytes(params: int, dtype_bytes: int) -> tuple[float, float]:
@@ -144,7 +171,7 @@ def plan(cfg: Config) -> dict:
     head = 4 * shape.hidden
     stages["rl"] = {"checkpoints": n_rl, "disk": (n_rl - 1) * (weights_only + head) + latest + head,
                     "memory": gpu_memory(params, shape, zr, offr, cfg.rl.num_processes, 1, cfg.rl.max_new_tokens + 512,
-                                         cfg.rl.gradient_checkpointing),
+                                         cfg.rl.gradient_checkpointing, kv_tokens=rollout_tokens(cfg)),
                     "zero": (zr, offr), "setting": "rl.save_every"}
     restored = restored_checkpoints(cfg, shape)
     hands = 2 * cfg.data.test_size  # ID and OOD
@@ -222,12 +249,13 @@ def render(p: dict, free: float, times: dict[str, str] | None = None) -> str:
     lines = [f"plan for preset '{p['preset']}': {p['model']}, {p['params'] / 1e9:.3g} B parameters"]
     for name, s in p["stages"].items():
         mem = s["memory"]
-        total = sum(mem.values())
+        total = peak(mem)
         stage, off = s["zero"]
         lines.append(f"  {name}: {s['checkpoints']} checkpoints, {s['disk'] / GB:.3g} GB on disk "
                      f"(weights only but the newest; set by {s['setting']})")
         lines.append(f"    GPU memory per device (ZeRO-{stage}{' + optimizer offload' if off else ''}): "
-                     + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in mem.items()) + f"; total {total / GB:.3g} GB"
+                     + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in mem.items() if v)
+                     + f"; peak {total / GB:.3g} GB ({' / '.join(TRANSIENT)} come and go: it counts the largest)"
                      + (f"  WARNING: over {GPU_GB} GB: set {name}.gradient_checkpointing or a smaller per-device batch"
                         if total > GPU_GB * GB else ""))
         lines.append(f"    time: {times.get(name, 'no measurement (no earlier run of this preset here)')}")
