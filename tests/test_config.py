@@ -31,6 +31,7 @@ def test_paper_settings_in_the_large_presets():
     assert (rl.sampling, rl.repetition_penalty, rl.samples_per_step) == ("model", 1.05, 128)
     assert config.load("llama11b").rl.samples_per_step == 128
     assert (rl.save_every, config.load("llama11b").rl.save_every) == (50, 5)  # upstream's RL checkpoints
+    assert (rl.seed, config.load("llama11b").rl.seed) == (0, 0)  # their launch scripts' --seed=0
     # the authors' env and scheduler: a 6th ungraded answer after 5 failures; the cosine stepped per process
     assert {(config.load(p).rl.episode_end, config.load(p).rl.lr_steps_per_update) for p in ("qwen7b", "llama11b")} == {
         ("upstream", "processes")}
