@@ -359,6 +359,9 @@ SFT_CURVES = {"id_train": ("ID train", "#1f77b4", "-"), "id_test": ("ID test", "
               "ood": ("OOD", "#d62728", "-")}
 
 
+SYMLOG_LINEAR_TO = 100  # Figure 2's step axis: linear to here, then log (the authors' linthresh)
+
+
 def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None, xscale: str = "symlog") -> plt.Figure:
     """Figure 2: ID train loss, ID test loss and OOD loss (answer tokens only) during SFT, against the step.
 
@@ -386,9 +389,13 @@ def sft_loss(table: pd.DataFrame, marks: dict[str, int] | None = None, xscale: s
         low = ood.loc[ood["loss"].idxmin()]
         ax.annotate(f"OOD min {low['loss']:.2f} @ {int(low['step'])}", (low["step"], low["loss"]),
                     xytext=(0, 8), textcoords="offset points", ha="center", fontsize=8, color="#d62728")
-    if xscale == "symlog":
-        ax.set_xscale("symlog", linthresh=100)
-    ax.set_xlabel("SFT step" + (" (linear to 100, then log)" if xscale == "symlog" and last > 100 else ""))
+    symlog = xscale == "symlog" and last > SYMLOG_LINEAR_TO  # a shorter run is all in the linear part
+    if symlog:
+        ax.set_xscale("symlog", linthresh=SYMLOG_LINEAR_TO)
+        ticks = [t for t in (0, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000) if t <= last]
+        ax.set_xticks(ticks, [str(t) for t in ticks])  # the authors' ticks; symlog's own read 10^2
+        ax.minorticks_off()
+    ax.set_xlabel("SFT step" + (f" (linear to {SYMLOG_LINEAR_TO}, then log)" if symlog else ""))
     ax.set_ylabel("loss (answer tokens)")
     ax.set_title("SFT: ID train / ID test / OOD loss")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
