@@ -9,7 +9,8 @@ table and the feedback sentences. Deliberate differences, each safer and never a
 - `solve` returns every distinct solution written with minimal parentheses; upstream's solver wrote
   its (fewer) solutions from a fixed set of bracket placements. The NO_SOLUTION sentence names the longest
   prefix of upstream's strings (`upstream_solutions`), as upstream's did, so the feedback is upstream's.
-- suits are drawn upstream but never shown to a language model; they are not drawn here.
+- suits are drawn upstream but never shown to a language model; they are not drawn here, except that
+  `sample_hand(env_draws=True)` takes their draws from the stream, to replay upstream's test hands.
 - PARTIAL (an unfinished formula that uses every number) is judged by the arithmetic: the formula earns it
   when closing its open parentheses makes it equal the target exactly. Upstream gave it when the text was
   a prefix of one of its solver's strings, so the reward hung on which bracket placements that solver
@@ -18,6 +19,7 @@ table and the feedback sentences. Deliberate differences, each safer and never a
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -31,6 +33,7 @@ from .arithmetic import (MAX_DIGITS, TARGET, completes_to_target, evaluate, is_s
                          token_kind, upstream_solutions)
 
 RULES = ("id", "ood")
+SUITS = ["H", "S", "D", "C"]  # upstream draws them (never shown to a language model): env_draws only
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")  # rank r is RANKS[r - 1]
 
 PARTIAL_CREDIT = ("arithmetic", "upstream")  # how PARTIAL is decided; see the module docstring
@@ -101,11 +104,13 @@ class Hand:
         return tuple(card_value(c, self.rule) for c in self.cards)
 
 
-def sample_hand(rng: random.Random, rule: str, target: int = TARGET) -> Hand:
+def sample_hand(rng: random.Random, rule: str, target: int = TARGET, env_draws: bool = False) -> Hand:
     """A hand solvable under `rule`, drawn as upstream does (PAPER_SPEC 2.2).
 
     ID: four ranks uniform in 1..13. OOD: three ranks in 1..13 and one in 11..13, shuffled, so every
-    OOD hand holds a face card. Resampled until solvable under the rule.
+    OOD hand holds a face card. Resampled until solvable under the rule. env_draws: take from `rng` what
+    upstream's env took from its stream besides the ranks (general_points_oneline: four suits, then its
+    solver's shuffle of the hand's distinct orderings), so that a stream seeded as upstream's gives its hands.
     """
     _check_rule(rule)
     while True:
@@ -115,6 +120,10 @@ def sample_hand(rng: random.Random, rule: str, target: int = TARGET) -> Hand:
             ranks = [rng.randint(1, 13) for _ in range(3)] + [rng.randint(11, 13)]
             rng.shuffle(ranks)
         hand = Hand(tuple(RANKS[r - 1] for r in ranks), rule)
+        if env_draws:
+            for _ in range(4):
+                rng.choice(SUITS)
+            rng.shuffle([None] * len(set(itertools.permutations(hand.numbers))))  # only the length draws
         if is_solvable(hand.numbers, target):
             return hand
 

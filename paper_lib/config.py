@@ -57,6 +57,9 @@ class DataConfig:
     sft_size: int = 1024  # SFT examples; the large presets need >= 64 x 1600
     test_size: int = 234  # hands per rule in the ID and OOD test sets (PAPER_SPEC 2.6)
     test_seed: int = 42
+    # The test hands: "own", upstream's sampling rule from a stream of their own; "upstream", the very hands
+    # upstream's evaluator played (data.sample_split's replay of its seeded env; PAPER_SPEC 2.6)
+    test_hands: Literal["own", "upstream"] = "own"
     loss_set_size: int = 64  # hands in the ID-test and OOD loss sets of Figure 2
     target: int = 24
     # Which solver solution becomes the SFT answer: "random" (seeded, spread over all) or "first".

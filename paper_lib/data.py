@@ -3,7 +3,8 @@
 Splits (each row one hand; `prompt`/`completion` are TRL's conversational prompt-completion format):
 - sft_train: ID-rule hands with a solver answer, `data.sft_size` rows, seed `data.seed`;
 - id_test, ood_test: `data.test_size` hands per rule (234 in the paper), each drawn with seed
-  `data.test_seed` (42); the first `data.loss_set_size` rows of id_test give Figure 2's ID test loss;
+  `data.test_seed` (42), or (`data.test_hands: upstream`) the very hands upstream's evaluator played with
+  it; the first `data.loss_set_size` rows of id_test give Figure 2's ID test loss;
 - ood_loss: `data.loss_set_size` OOD hands with answers for Figure 2's OOD loss, seed `data.seed + 1`; in
   the SFT answer's format, or (`data.ood_loss_format: upstream`) in that of the authors' OOD loss data.
 Hands repeat across splits as they do upstream: with 715 distinct ID multisets, a 100k-example SFT set
@@ -43,19 +44,24 @@ def example(hand: cards.Hand, formula: str, target: int = cards.TARGET) -> dict[
 
 
 def sample_split(n: int, rule: str, seed: int, answer_choice: str = "random",
-                 target: int = cards.TARGET) -> list[dict[str, Any]]:
+                 target: int = cards.TARGET, upstream_env: bool = False) -> list[dict[str, Any]]:
     """n hands of a rule from one seeded generator, each with a solver answer.
 
-    answer_choice "random" draws the answer uniformly among all solutions from the same generator
+    answer_choice "random" draws the answer uniformly among all solutions from another seeded generator
     (upstream does not publish its choice); "first" takes the first in solve()'s order (shortest).
+    upstream_env replays the hands upstream's evaluator played with `seed` (SFTvsRL base_evaluator.py:
+    init_seed, then gym.make, whose constructor's reset draws a hand it never plays, then a reset per
+    trajectory; every draw from Python's one `random` stream, as cards.sample_hand(env_draws=True)).
     """
     if answer_choice not in ("random", "first"):
         raise ValueError(f"data.answer_choice must be 'random' or 'first', got {answer_choice!r}")
     # Two streams, so that the answer choice never changes which hands are drawn (the test sets above all)
     rng, answer_rng = random.Random(seed), random.Random(f"answers-{seed}")
+    if upstream_env:
+        cards.sample_hand(rng, rule, target, env_draws=True)  # the constructor's hand
     rows = []
     for _ in tqdm(range(n), desc=f"{rule} hands (seed {seed})", disable=n < 2000, leave=False):
-        hand = cards.sample_hand(rng, rule, target)
+        hand = cards.sample_hand(rng, rule, target, env_draws=upstream_env)
         solutions = cards.solve(hand.numbers, target)
         formula = answer_rng.choice(solutions) if answer_choice == "random" else solutions[0]
         rows.append(example(hand, formula, target))
@@ -102,10 +108,11 @@ def build_splits(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     d = cfg.data
     if d.sft_size < 1 or d.test_size < 1 or d.loss_set_size < 1:
         raise ValueError("data.sft_size, data.test_size and data.loss_set_size must be positive")
+    replay = d.test_hands == "upstream"
     return {
         "sft_train": sample_split(d.sft_size, "id", d.seed, d.answer_choice, d.target),
-        "id_test": sample_split(d.test_size, "id", d.test_seed, d.answer_choice, d.target),
-        "ood_test": sample_split(d.test_size, "ood", d.test_seed, d.answer_choice, d.target),
+        "id_test": sample_split(d.test_size, "id", d.test_seed, d.answer_choice, d.target, upstream_env=replay),
+        "ood_test": sample_split(d.test_size, "ood", d.test_seed, d.answer_choice, d.target, upstream_env=replay),
         "ood_loss": (upstream_ood_loss_split(d.loss_set_size, d.seed + 1, d.target) if d.ood_loss_format == "upstream"
                      else sample_split(d.loss_set_size, "ood", d.seed + 1, d.answer_choice, d.target)),
     }

@@ -90,3 +90,19 @@ def test_solvable_share_is_exact_over_raw_draws():
     share = data.solvable_share("ood")
     assert 0 < share < 1
     assert share * 13 ** 3 * 3 == round(share * 13 ** 3 * 3)  # a count over all 6591 OOD draws
+
+
+def test_upstream_test_hands_are_the_ones_upstreams_evaluator_played():
+    """data.test_hands upstream replays upstream's env from seed 42: its constructor's hand is skipped and
+    each reset also draws four suits and its solver's shuffle. The hands below are what upstream's own
+    general_points_oneline.py gave (run on 2026-12-07 with gymnasium and the card images stubbed out,
+    random.seed(42), GeneralPointEnv_oneline(...), 234 x reset(seed=42)); all 234 of each rule matched."""
+    expected = {"id": [["K", "5", "2", "4"], ["7", "5", "2", "4"], ["A", "Q", "Q", "5"]],
+                "ood": [["Q", "2", "7", "6"], ["J", "Q", "J", "J"], ["J", "A", "K", "K"]]}
+    cfg = config.load("tiny", data__test_hands="upstream", data__test_size=3)
+    splits = data.build_splits(cfg)
+    for rule in ("id", "ood"):
+        assert [row["cards"] for row in splits[f"{rule}_test"]] == expected[rule]
+    own = data.build_splits(config.load("tiny", data__test_size=3))
+    assert [row["cards"] for row in own["id_test"]] != expected["id"]  # the default draws no suits
+    assert config.load("qwen7b").data.test_hands == config.load("llama11b").data.test_hands == "upstream"
