@@ -18,7 +18,9 @@
 # as 10; the **out-of-distribution (OOD)** rule counts them as 11, 12 and 13. SFT trains on ID hands only.
 #
 # This notebook builds, or reuses, every split under `runs/<preset>/data`. It shows the exact prompt and
-# answer for each rule and how hard the hands are. Later notebooks read the splits from disk.
+# answer for each rule and how hard the hands are. Later notebooks read the splits from disk. The test
+# hands are upstream's own 234 per rule where `data.test_hands` is `upstream` (qwen7b, llama11b), else
+# drawn by upstream's rule from `data.test_seed`.
 
 # %% tags=["parameters"]
 preset = "tiny"
