@@ -136,7 +136,8 @@ class PPOTrainer:
             if plugin.zero_stage == 3:  # save_checkpoint takes the weights from the main process
                 raise ValueError("PPO cannot run under DeepSpeed ZeRO-3, whose processes each hold a slice of "
                                  "the weights; launch it with configs/accelerate/zero2.yaml or zero2_offload.yaml")
-            plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=self.n_micro,
+            plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro,
+                                           gradient_accumulation_steps=self.n_micro,
                                            gradient_clipping=self.rl.max_grad_norm)
             if not skip_nonfinite_bf16_steps(plugin.deepspeed_config):
                 log.warning("this DeepSpeed's bf16 config has no check_grad_overflow: a step whose gradient is "
