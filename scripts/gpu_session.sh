@@ -15,7 +15,8 @@
 #   scripts/gpu_session.sh drive PRESET            the driver `start` launches: run_all.sh, the run's timings,
 #                                                  the archive; then extras, each only if it fits the deadline
 #   scripts/gpu_session.sh deepspeed PRESET        a few SFT steps under zero3.yaml and PPO updates under
-#                                                  zero2.yaml, one process each, in a scratch runs dir
+#                                                  zero2.yaml (then a PPO run killed and resumed from its
+#                                                  engine state), one process each, in a scratch runs dir
 #
 # Everything the session writes lives in $GPU_SESSION_DIR (default /tmp/gpu_session), outside the repo copy,
 # which the device tool re-syncs at every call: runs/, figures/, the benchmarks page and the logs.
@@ -202,7 +203,7 @@ cmd_drive() {
       --spectra-on cuda,cuda:gesvdj,cpu
     extra 90 "evaluation batched against one episode at a time" \
       "$PY" benchmarks/bench_eval.py --preset "$preset" --checkpoint "$full" --hands 4 --batch-size 512 --write-docs
-    extra 150 "the DeepSpeed configs" "$root/scripts/gpu_session.sh" deepspeed "$preset"
+    extra 200 "the DeepSpeed configs" "$root/scripts/gpu_session.sh" deepspeed "$preset"
   fi
   echo "$rc" > "$S/driver.rc"
 }
@@ -225,6 +226,19 @@ cmd_deepspeed() {  # into a scratch runs dir that shares only the base model and
     "$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$rl_acc.yaml" --num_processes 1 \
       -m paper_lib.ppo --preset "$preset" --override $steps "sft.accelerate_config=$sft_acc" rl.num_updates=2 \
       rl.save_every=2 "rl.accelerate_config=$rl_acc" && echo "== PPO ok"
+    # a resume from the saved engine state: killed once checkpoint-1 is written, then run again; the cosine
+    # must go on from there (ppo.apply_scheduled_lr), as metrics.csv's learning_rate shows
+    echo "== PPO resume, 3 updates, configs/accelerate/$rl_acc.yaml: killed after checkpoint-1, run again"
+    local ppo=("$PY" -m accelerate.commands.launch --config_file "configs/accelerate/$rl_acc.yaml" --num_processes 1
+               -m paper_lib.ppo --preset "$preset" --override $steps "sft.accelerate_config=$sft_acc"
+               rl.num_updates=3 rl.save_every=1 "rl.accelerate_config=$rl_acc")
+    local rl_dir="$scratch/$preset/rl" pid
+    setsid "${ppo[@]}" & pid=$!
+    while kill -0 "$pid" 2>/dev/null && [ ! -d "$rl_dir/checkpoint-1" ]; do sleep 0.2; done
+    kill -9 -- "-$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    "${ppo[@]}" && grep -q "resuming from .*checkpoint-1" "$log" && echo "== PPO resume ok"
+    "$PY" -c "import pandas as pd, sys; print(pd.read_csv(sys.argv[1])[['update', 'learning_rate']].to_string(index=False))" \
+      "$rl_dir/metrics.csv"
   } > "$log" 2>&1 || true
   grep -E "^== " "$log"
   tail -n 5 "$log"

@@ -60,7 +60,7 @@ SECONDS=0
 GPU_RUN_BUDGET_S=1500 scripts/gpu_session.sh start tiny 1500
 echo "rehearse_device: the driver ran ./run_all.sh tiny and packed it in ${SECONDS}s"
 ds="$(DS_SFT_CONFIG=single DS_RL_CONFIG=single scripts/gpu_session.sh deepspeed tiny)" && echo "$ds"
-grep -q "== PPO ok" <<< "$ds"
+grep -q "== PPO ok" <<< "$ds" && grep -q "== PPO resume ok" <<< "$ds"
 scripts/gpu_session.sh collect 10
 ls -l "$OUT"
 
