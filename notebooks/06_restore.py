@@ -35,7 +35,6 @@ overrides = {}
 force = False  # rewrite and re-evaluate every restored checkpoint
 
 # %%
-import pandas as pd
 from IPython.display import display
 
 from paper_lib import artifacts, config, evaluate, plots, restore
@@ -46,9 +45,7 @@ print(evaluate.INTER_SFT_RULE)
 print(f"target {named.full_sft} (full SFT); sources: base, Inter_SFT = {named.inter_sft}")
 results = restore.run_sweeps(cfg, named, force=force)
 results["x"] = results["setting"]
-references = pd.concat([
-    table[table["label"] == label].assign(name=name)
-    for name, label in (("base", named.base), ("Inter_SFT", named.inter_sft), ("full SFT", named.full_sft))])
+references = evaluate.reference_rates(table, named)  # base, Inter_SFT and full SFT
 
 # %% [markdown]
 # ## Figure 5: restoring layer ranges

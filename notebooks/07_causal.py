@@ -59,8 +59,7 @@ display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.for
 # ## Figure 7
 
 # %%
-references = pd.concat([table[table["label"] == label].assign(name=name)
-                        for name, label in (("Inter_SFT", named.inter_sft), ("full SFT", named.full_sft))])
+references = evaluate.reference_rates(table, named, ("Inter_SFT", "full SFT"))
 fig = plots.causal(both, references)
 plots.save_figure(fig, "fig7_causal", cfg, notebook="07_causal", data=both,
                   sources=[artifacts.eval_dir(cfg) / "results.parquet", artifacts.eval_dir(cfg) / "causal_results.parquet"]);

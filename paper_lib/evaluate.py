@@ -260,6 +260,16 @@ def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
                  tuple(_sft_ood(table, up_to)["label"].astype(str)))
 
 
+REFERENCE_NAMES = {"base": "base", "Inter_SFT": "inter_sft", "full SFT": "full_sft"}  # name -> Named field
+
+
+def reference_rates(table: pd.DataFrame, named: Named, names: tuple[str, ...] = tuple(REFERENCE_NAMES)) -> pd.DataFrame:
+    """The rows of the named checkpoints (base, Inter_SFT, full SFT) in a success table, with a `name`
+    column: the reference levels Figures 5-7 draw."""
+    return pd.concat([table[table["label"] == getattr(named, REFERENCE_NAMES[name])].assign(name=name)
+                      for name in names])
+
+
 def load_results(cfg: Config) -> tuple[pd.DataFrame, Named]:
     """04_eval's success table (runs/<preset>/eval/results.parquet) and the named checkpoints chosen from it,
     as the later notebooks and paper_lib.claims read them."""

@@ -180,9 +180,8 @@ def restore_success(table: pd.DataFrame, references: pd.DataFrame, xlabel: str, 
             part = table[(table["rule"] == rule) & (table["variant"] == name)].set_index("x").reindex(order)
             dodge = (k - (len(names) - 1) / 2) * 0.08  # the intervals side by side
             xs = [p * 2 ** (dodge / 2) if numeric else p + dodge for p in position]
-            ax.errorbar(xs, 100 * part["success_rate"],
-                        yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
-                        marker="o", ms=4, capsize=2, color=color, label=name)
+            ax.errorbar(xs, 100 * part["success_rate"], yerr=_interval(part), marker="o", ms=4, capsize=2,
+                        color=color, label=name)
             if "claim_point" in part:
                 ring = part["claim_point"].fillna(False).astype(bool).to_numpy()
                 ax.scatter([x for x, r in zip(xs, ring) if r], 100 * part["success_rate"][ring], s=110,
@@ -216,9 +215,7 @@ def causal(table: pd.DataFrame, references: pd.DataFrame | None = None) -> plt.F
     for k, variant in enumerate(variants):
         part = table[table["variant"] == variant].set_index("rule").loc[["id", "ood"]]
         xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(2)]
-        ax.bar(xs, 100 * part["success_rate"], width, label=variant,
-               yerr=[100 * (part["success_rate"] - part["ci_low"]), 100 * (part["ci_high"] - part["success_rate"])],
-               capsize=4)
+        ax.bar(xs, 100 * part["success_rate"], width, label=variant, yerr=_interval(part), capsize=4)
     for _, ref in (references if references is not None else pd.DataFrame()).iterrows():
         color, ls = REFERENCE_STYLES.get(ref["name"], ("0.5", "--"))
         i = ("id", "ood").index(ref["rule"])

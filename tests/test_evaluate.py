@@ -151,6 +151,18 @@ def test_inter_sft_is_chosen_up_to_full_sft_only():
     assert evaluate.named_checkpoints(config.load("tiny", sft__full_sft_step=70), table).full_sft == "sft-0080"
 
 
+def test_reference_rates_are_the_named_checkpoints_rows_under_their_names():
+    table = pd.DataFrame([{"label": label, "rule": rule, "success_rate": rate}
+                          for label, rate in (("base", 0.1), ("sft-0020", 0.3), ("sft-0060", 0.2), ("rl-0010", 0.4))
+                          for rule in ("id", "ood")])
+    named = evaluate.Named("base", "sft-0020", "sft-0060", "rl-0010")
+    refs = evaluate.reference_rates(table, named)
+    assert list(refs["name"]) == ["base", "base", "Inter_SFT", "Inter_SFT", "full SFT", "full SFT"]
+    assert list(refs["success_rate"]) == [0.1, 0.1, 0.3, 0.3, 0.2, 0.2]
+    two = evaluate.reference_rates(table, named, ("Inter_SFT", "full SFT"))
+    assert list(two["label"]) == ["sft-0020", "sft-0020", "sft-0060", "sft-0060"]
+
+
 def test_the_ood_drop_interval_allows_for_inter_sft_being_picked_on_the_same_hands():
     """Ten SFT checkpoints and full SFT, all solving each of 234 hands with the same chance: there is no
     drop, yet the best of the ten beats full SFT by luck. Its interval alone calls the drop real far more
