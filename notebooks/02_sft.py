@@ -17,7 +17,7 @@
 # on the answer tokens only: the chat-templated prompt is masked. Paper settings: lr 1e-6, one epoch,
 # global batch 64 (16 per GPU × 4), cosine schedule with 3% warmup, no weight decay, bf16, DeepSpeed
 # ZeRO-3, a checkpoint every 20 steps. The authors' runs, which qwen7b and llama11b follow, held 1e-6 after
-# a log-shaped warmup instead (`sft.lr_scheduler: warmup_log`; README, Faithfulness). Every checkpoint is
+# a log-shaped warmup instead (`sft.lr_scheduler: warmup_log`; docs/faithfulness.md). Every checkpoint is
 # kept under `runs/<preset>/sft/checkpoint-<step>` for the later stages (evaluation, RL, spectra, restore).
 #
 # **Figure 2** follows three losses during SFT: the ID training loss, the loss on held-out ID test

@@ -24,7 +24,7 @@
 # five failures: `rl.episode_end`; the cosine stepped once per GPU: `rl.lr_steps_per_update`; Qwen's
 # thought split by its last 5 tokens: `rl.thought_split`; log-probs summed in bf16: `rl.logprob_dtype`;
 # the first two answer tokens left out: `rl.scored_tokens`),
-# the README's Faithfulness section says so and names the option.
+# docs/faithfulness.md says so and names the option.
 #
 # This notebook runs the stage (`python -m paper_lib.ppo`, or `accelerate launch` on the preset's GPUs)
 # and plots its per-update metrics. Checkpoints land in `runs/<preset>/rl/checkpoint-<update>`, where
