@@ -32,7 +32,7 @@ force = False  # re-evaluate every checkpoint
 # %%
 from IPython.display import display
 
-from paper_lib import artifacts, config, evaluate, plots
+from paper_lib import artifacts, config, evaluate, plots, recovery
 
 cfg = config.load(preset, **overrides)
 checkpoints = evaluate.discover_checkpoints(cfg)
@@ -47,7 +47,7 @@ display(table.pivot(index="label", columns="rule", values="success_rate").reinde
 has_sft = (table["stage"] == "sft").any()
 named = evaluate.named_checkpoints(cfg, table) if has_sft else None
 fig = plots.success_across_checkpoints(table, named=named)
-plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", sources=[artifacts.eval_dir(cfg) / "results.parquet"],
+plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", sources=[artifacts.eval_table(cfg)],
                   data=table);
 
 # %% [markdown]
@@ -62,7 +62,7 @@ plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", sources=[artifac
 print(evaluate.INTER_SFT_RULE)
 if named:
     print(f"here: Inter_SFT = {named.inter_sft}, full SFT = {named.full_sft}, RL = {named.rl}")
-    quantities = evaluate.headline(cfg, named)
+    quantities = recovery.headline(cfg, named)
     display(quantities)
 else:
     print("no SFT checkpoint yet: run 02_sft first")
@@ -85,8 +85,7 @@ for _, ep in eps[(eps["rule"] == "ood") & ~eps["success"]].head(3).iterrows():
 
 # %%
 assert set(table["label"]) == {c.label for c in checkpoints}
-passes = cfg.eval.repeats if cfg.eval.decoding == "model" else 1
-assert (table["episodes"] == cfg.data.test_size * passes).all(), "every checkpoint played every test hand"
+assert (table["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all(), "every checkpoint played every test hand"
 if named:
     step = dict(zip(table["label"], table["step"]))
     assert step[named.inter_sft] <= step[named.full_sft], "Inter_SFT is chosen up to full SFT"

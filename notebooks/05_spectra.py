@@ -49,7 +49,7 @@ table, named = evaluate.load_results(cfg)  # written by 04_eval
 figure = spectra.paper_pairs(cfg.spectra.sft_before, named)  # Figures 3 and 4: (stage, before, after)
 paper_pairs = [(before, after) for _, before, after in figure]
 pairs = spectra.analysed_pairs(named)  # the figures' pairs and the extras, each computed once
-by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
+by_label = evaluate.checkpoints_by_label(cfg)
 checkpoints = {label: by_label[label].path for pair in pairs for label in pair}
 print("Figures 3-4:", ", ".join(f"{a} → {b}" for a, b in paper_pairs),
       "| extra:", ", ".join(f"{a} → {b}" for a, b in pairs if (a, b) not in paper_pairs))

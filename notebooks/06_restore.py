@@ -37,13 +37,13 @@ force = False  # rewrite and re-evaluate every restored checkpoint
 # %%
 from IPython.display import display
 
-from paper_lib import artifacts, config, evaluate, plots, restore
+from paper_lib import artifacts, config, evaluate, plots, restore, restore_eval
 
 cfg = config.load(preset, **overrides)
 table, named = evaluate.load_results(cfg)  # written by 04_eval
 print(evaluate.INTER_SFT_RULE)
 print(f"target {named.full_sft} (full SFT); sources: base, Inter_SFT = {named.inter_sft}")
-results = restore.run_sweeps(cfg, named, force=force)
+results = restore_eval.run_sweeps(cfg, named, force=force)
 results["x"] = results["setting"]
 references = evaluate.reference_rates(table, named)  # base, Inter_SFT and full SFT
 
@@ -55,7 +55,7 @@ layers = results[results["kind"] == "layers"]
 fig = plots.restore_success(layers, references, "restored layers",
                             f"Directions restored into {named.full_sft}, by layer range")
 plots.save_figure(fig, "fig5_restore_layers", cfg, notebook="06_restore", data=layers,
-                  sources=[artifacts.restore_dir(cfg) / "variants.csv"]);
+                  sources=[artifacts.variants_table(cfg)]);
 
 # %% [markdown]
 # ## Figure 6: restoring the top-k ranks
@@ -65,7 +65,7 @@ ranks = results[results["kind"] == "ranks"]
 fig = plots.restore_success(ranks, references, "restored ranks (top k, log scale)",
                             f"Directions restored into {named.full_sft}, top-k ranks of every matrix", numeric=True)
 plots.save_figure(fig, "fig6_restore_ranks", cfg, notebook="06_restore", data=ranks,
-                  sources=[artifacts.restore_dir(cfg) / "variants.csv"]);
+                  sources=[artifacts.variants_table(cfg)]);
 
 # %% [markdown]
 # ## The paper's claim on this preset
@@ -86,11 +86,11 @@ display(ood.pivot_table(index=["kind", "setting"], columns="variant", values="sh
 # ## Checks
 
 # %%
-target = {c.label: c for c in evaluate.discover_checkpoints(cfg)}[named.full_sft]
+target = evaluate.checkpoints_by_label(cfg)[named.full_sft]
 first_quarter, top20 = restore.claim_points(*restore.model_dims(target.path))
 assert set(results["variant"]) == {v.name for v in restore.variants(cfg)}
 assert (claim["kind"] == "layers").sum() == len(restore.variants(cfg)) and (claim["kind"] == "ranks").sum() == len(restore.variants(cfg))
 assert set(claim.loc[claim["kind"] == "ranks", "setting"]) == {str(top20)}
 assert set(claim.loc[claim["kind"] == "layers", "setting"]) == {f"{first_quarter[0]}-{first_quarter[1]}"}
-assert (results["episodes"] == cfg.data.test_size * (cfg.eval.repeats if cfg.eval.decoding == "model" else 1)).all()
+assert (results["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all()
 print("all checks passed")

@@ -35,23 +35,11 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from paper_lib import artifacts, config, evaluate, gauge, plots, restore
+from paper_lib import artifacts, config, evaluate, gauge, plots, restore_eval
 
 cfg = config.load(preset, **overrides)
 table, named = evaluate.load_results(cfg)  # written by 04_eval
-assert named.rl, "no RL checkpoint: run 03_ppo (and 04_eval) first"
-by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
-rl, full = by_label[named.rl], by_label[named.full_sft]
-plans = restore.causal_plans(cfg)  # {"every rank": ..., "top k": ...}
-imposed = {name: restore.restored_checkpoint(
-    cfg, f"causal-{rl.label}-with-{full.label}-directions" + ("" if plan.top is None else f"-top-{plan.top:04d}"),
-    rl, full, plan, force) for name, plan in plans.items()}
-causal = evaluate.sweep(cfg, force=force, checkpoints=list(imposed.values()), table_name="causal_results")
-both = pd.concat([table[table["label"] == rl.label].assign(variant=f"RL ({rl.label})")]
-                 + [causal[causal["label"] == c.label].assign(
-                     variant=f"RL with {full.label}'s directions ({name})"
-                             + (f": {full.label}'s weights" if restore.replaced_whole(c.path) else ""))
-                    for name, c in imposed.items()])
+both = restore_eval.run_causal(cfg, named, force=force)  # the RL model, then each restore.causal_plans
 display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.format(
     {"success_rate": "{:.1%}", "ci_low": "{:.1%}", "ci_high": "{:.1%}"}))
 
@@ -62,7 +50,7 @@ display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.for
 references = evaluate.reference_rates(table, named, ("Inter_SFT", "full SFT"))
 fig = plots.causal(both, references)
 plots.save_figure(fig, "fig7_causal", cfg, notebook="07_causal", data=both,
-                  sources=[artifacts.eval_dir(cfg) / "results.parquet", artifacts.eval_dir(cfg) / "causal_results.parquet"]);
+                  sources=[artifacts.eval_table(cfg), artifacts.eval_table(cfg, artifacts.CAUSAL_RESULTS)]);
 
 # %% [markdown]
 # ## Appendix A: the orthogonal gauge
@@ -84,7 +72,7 @@ plots.save_figure(fig, "figA_gauge", cfg, notebook="07_causal", slopes=slopes);
 # ## Checks
 
 # %%
-assert (causal["episodes"] == cfg.data.test_size * (cfg.eval.repeats if cfg.eval.decoding == "model" else 1)).all()
+assert (both["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all()
 for key in ("product_change", "sigma_change_W1", "sigma_change_W2", "fro_change", "procrustes_error"):
     assert invariance[key] < 1e-10, key
 assert abs(slopes["gauge"] - 2) < 0.1 and abs(slopes["sigma"] - 1) < 0.1, slopes

@@ -1,7 +1,7 @@
 """paper_lib: the library behind the notebooks that reproduce "RL Is Neither a Panacea Nor a Mirage".
 
-Modules: config (presets), cards (the GeneralPoints game), data, models, artifacts (run-dir paths and
-manifests), plots (figures with provenance). See DESIGN in the README for the data flow.
+One idea per module, each listed in the README's Layout section, with the data flow from one notebook's
+stage to the next; runs/<preset>/ holds what passes between them (artifacts names every path).
 """
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ class Checkpoint:
     """A checkpoint as the stages name it: an evaluation label, the stage that made it, its step, its directory."""
 
     label: str  # "base", "sft-0120", "rl-0003", or a user's label
-    stage: str  # base, sft, rl or other
+    stage: str  # base, sft, rl, restore, or other (evaluate.OWN_STAGE: a checkpoint given on the command line)
     step: int
     path: Path
 
@@ -77,6 +77,25 @@ def spectra_dir(cfg: Config) -> Path:
 
 def restore_dir(cfg: Config) -> Path:
     return run_dir(cfg) / "restore"
+
+
+RESULTS, RESTORE_RESULTS, CAUSAL_RESULTS = "results", "restore_results", "causal_results"  # eval tables, by notebook
+
+
+def eval_table(cfg: Config, name: str = RESULTS) -> Path:
+    """runs/<preset>/eval/<name>.parquet, a table of success rates: RESULTS (04_eval's checkpoints),
+    RESTORE_RESULTS (06_restore's restored ones), CAUSAL_RESULTS (07_causal's)."""
+    return eval_dir(cfg) / f"{name}.parquet"
+
+
+def recovery_table(cfg: Config) -> Path:
+    """runs/<preset>/eval/recovery.csv: 04_eval's headline quantities, per rule."""
+    return eval_dir(cfg) / "recovery.csv"
+
+
+def variants_table(cfg: Config) -> Path:
+    """runs/<preset>/restore/variants.csv: 06_restore's variants, evaluated, with the share each recovers."""
+    return restore_dir(cfg) / "variants.csv"
 
 
 def trainer_state(checkpoint: Path) -> dict | None:
@@ -591,6 +610,17 @@ def reuse_earlier_run(out: str | os.PathLike, spec: dict[str, Any], rebuild: str
                                              "back; not computed again)", earlier.name, out)
         return True
     return False
+
+
+def finished_run(out: str | os.PathLike, spec: dict[str, Any], rebuild: str, force: bool = False) -> bool:
+    """Whether a training stage (SFT, RL) need not run: `out` holds a finished run of `spec`, or an earlier
+    one moved aside is moved back (reuse_earlier_run). force: never. Main process only."""
+    if force:
+        return False
+    if up_to_date(out, spec, rebuild):
+        log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
+        return True
+    return reuse_earlier_run(out, spec, rebuild)
 
 
 def keep_earlier_result(out: str | os.PathLike, spec: dict[str, Any], redo: str, force: bool = False) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import artifacts, config, evaluate, launch, restore, spectra
+from . import artifacts, config, evaluate, launch, recovery, restore, spectra
 from .config import Config
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "inconclusive"
@@ -34,8 +34,8 @@ def _verdict(low: float, high: float, threshold: float) -> str:
 
 def _pct(value: float, low: float | None = None, high: float | None = None) -> str:
     text = f"{value:.1%}" if np.isfinite(value) else "undefined"
-    if low is not None and np.isinf(low):  # evaluate.recovery: the drop's own interval reaches 0
-        return text + f" [unbounded: over {1 - evaluate.SHARE_BOUNDED_FROM:.1%} of bootstrap draws show no drop]"
+    if low is not None and np.isinf(low):  # recovery.recovery: the drop's own interval reaches 0
+        return text + f" [unbounded: over {1 - recovery.SHARE_BOUNDED_FROM:.1%} of bootstrap draws show no drop]"
     return text + (f" [{low:.1%}, {high:.1%}]" if low is not None and np.isfinite(low) else "")
 
 
@@ -46,7 +46,7 @@ def _row(claim: int, case: str, paper: str, measured: str, verdict: str, rule: s
 def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
     """Claims 1 and 2, from the evaluation's headline quantities (Inter_SFT, full SFT, RL; paired bootstrap)."""
     table, named = evaluate.load_results(cfg)
-    heads = evaluate.headline(cfg, named)
+    heads = recovery.headline(cfg, named)
     ood, iid = heads.loc["ood"], heads.loc["id"]
     step = dict(zip(table["label"], table["step"]))
     peak = _verdict(ood["drop_ci_low"], ood["drop_ci_high"], 0.0)
@@ -166,9 +166,9 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
     if not edges:
         return _row(4, case, paper, "no changed matrix has enough singular vectors", UNSURE, rule)
     d = np.array(edges)
-    idx = evaluate.bootstrap_indices(len(d))
+    idx = recovery.bootstrap_indices(len(d))
     boot_top, boot_bottom = d[idx, 0].mean(1), d[idx, 1].mean(1)
-    top, bottom = evaluate.interval("top", boot_top), evaluate.interval("bottom", boot_bottom)
+    top, bottom = recovery.interval("top", boot_top), recovery.interval("bottom", boot_bottom)
     verdicts = {_verdict(top["top_ci_low"], top["top_ci_high"], 0.0),
                 _verdict(bottom["bottom_ci_low"], bottom["bottom_ci_high"], 0.0)}
     verdict = HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNSURE
@@ -180,7 +180,7 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
 
 def restore_recovery(cfg: Config) -> list[dict]:
     """Claim 5, one row per restore variant and kind, at the claim's points (restore.claim_points)."""
-    path = artifacts.restore_dir(cfg) / "variants.csv"
+    path = artifacts.variants_table(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 06_restore for preset {cfg.preset!r} first")
     variants = artifacts.read_table(path, f"rerun notebooks/06_restore.py (./run_all.sh {cfg.preset} --only 6)")
@@ -203,17 +203,17 @@ def restore_recovery(cfg: Config) -> list[dict]:
 
 def causal_test(cfg: Config) -> list[dict]:
     """Claim 6: the RL model with the SFT model's directions imposed (07_causal) against the RL model, OOD."""
-    path = artifacts.eval_dir(cfg) / "causal_results.parquet"
+    path = artifacts.eval_table(cfg, artifacts.CAUSAL_RESULTS)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 07_causal for preset {cfg.preset!r} first")
     _, named = evaluate.load_results(cfg)
-    rl = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / named.rl), "ood")
-    idx = evaluate.bootstrap_indices(len(rl))
+    rl = recovery.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / named.rl), "ood")
+    idx = recovery.bootstrap_indices(len(rl))
     rows = []
     causal = artifacts.read_table(path, f"rerun notebooks/07_causal.py (./run_all.sh {cfg.preset} --only 7)")
     for imposed in dict.fromkeys(causal["label"].astype(str)):  # every rank, then each top k
-        other = evaluate.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / imposed), "ood")
-        change = evaluate.interval("change", other[idx].mean(1) - rl[idx].mean(1))
+        other = recovery.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / imposed), "ood")
+        change = recovery.interval("change", other[idx].mean(1) - rl[idx].mean(1))
         fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)
         whole = restore.replaced_whole(artifacts.restore_dir(cfg) / imposed)
         rows.append(_row(6, imposed, "imposing SFT's singular directions on the RL model lowers OOD success",
@@ -248,7 +248,7 @@ def headline_row(cfg: Config, who: str = "ours") -> str:
     as 04_eval reported them), the relative drop and the share recovered (paired bootstrap)."""
     results, named = evaluate.load_results(cfg)
     ood = results[results["rule"] == "ood"].set_index("label")
-    rec = evaluate.headline(cfg, named).loc["ood"]
+    rec = recovery.headline(cfg, named).loc["ood"]
 
     def rate(label):
         if label is None:

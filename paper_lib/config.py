@@ -164,7 +164,7 @@ class RLConfig:
     scored_tokens: Literal["all", "upstream"] = "all"
     kl_coef: float = 0.0
     steps_per_update: int = 32  # rollout steps per process per update
-    # Episode slots per process, played in lockstep so one generate call serves them all; 0: ppo.default_envs
+    # Episode slots per process, played in lockstep so one generate call serves them all; 0: rl_run.default_envs
     # (qwen7b 4 x 8 rounds, llama11b 16 x 8). Upstream played 1 slot for all its rounds, so fewer episodes
     # were cut at an update's end, where the value head bootstraps the return (1 is upstream's, and slower).
     env_slots: int = 0
@@ -235,22 +235,24 @@ class RestoreConfig:
 
 
 # Checked at load time, next to the types (a Literal field is checked by _coerce, and every float must be
-# finite): settings that must be > 0, >= 0, or name a file in a directory. Extend these tables, not _build.
+# finite): settings that must be > 0, >= 0, in [0, 1), or name a file in a directory. Extend these tables,
+# not _build, and not the stage that reads the setting: a bad value fails here, before any stage starts.
 POSITIVE = {
     "sft.learning_rate", "sft.epochs", "sft.per_device_batch_size", "sft.gradient_accumulation_steps",
     "sft.num_processes", "sft.save_steps", "sft.eval_steps", "sft.max_length", "sft.adam_eps",
     "rl.learning_rate", "rl.adam_eps", "rl.ppo_epochs", "rl.steps_per_update", "rl.num_updates", "rl.save_every",
     "rl.num_processes", "rl.max_new_tokens", "rl.repetition_penalty", "eval.max_attempts", "eval.max_new_tokens",
     "eval.batch_size", "eval.repeats", "eval.repetition_penalty",
-    "data.sft_size", "data.test_size", "spectra.k", "restore.layer_block", "restore.top_ks",
+    "data.sft_size", "data.test_size", "data.loss_set_size", "spectra.k", "restore.layer_block", "restore.top_ks",
     "restore.causal_top_ks",
 }
 NON_NEGATIVE = {
     "sft.warmup_ratio", "sft.warmup_steps", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
     "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
     "rl.samples_per_step", "rl.env_slots", "sft.eval_batch_size",
-    "data.loss_set_size", "eval.sft_every",
+    "eval.sft_every",
 }
+UNIT_INTERVAL = {"sft.warmup_ratio", "sft.adam_beta2"}  # fractions: 0 <= x < 1
 FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}
 
 
@@ -351,12 +353,14 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 
 def _check_range(where: str, value: Any) -> None:
-    """The POSITIVE / NON_NEGATIVE / FILE_CHOICES rules for one coerced setting (tuples item by item)."""
+    """The POSITIVE / NON_NEGATIVE / UNIT_INTERVAL / FILE_CHOICES rules for one coerced setting (tuples item by item)."""
     for item in value if isinstance(value, tuple) else (value,):
         if where in POSITIVE and isinstance(item, (int, float)) and not item > 0:
             raise ConfigError(f"{where} must be > 0, got {item!r}")
         if where in NON_NEGATIVE and isinstance(item, (int, float)) and not item >= 0:
             raise ConfigError(f"{where} must be >= 0, got {item!r}")
+        if where in UNIT_INTERVAL and isinstance(item, (int, float)) and not 0 <= item < 1:
+            raise ConfigError(f"{where} must be in [0, 1), got {item!r}")
     if where in FILE_CHOICES:
         choices = sorted(p.stem for p in FILE_CHOICES[where].glob("*.yaml"))
         if value not in choices:

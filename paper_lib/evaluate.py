@@ -17,11 +17,9 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import gather_object
@@ -59,6 +57,16 @@ def discover_checkpoints(cfg: Config) -> list[Checkpoint]:
     return [base, *select_sft(cfg, _numbered(artifacts.sft_dir(cfg), "sft")), *_numbered(artifacts.rl_dir(cfg), "rl")]
 
 
+def checkpoints_by_label(cfg: Config) -> dict[str, Checkpoint]:
+    """discover_checkpoints by evaluation label, as the named checkpoints (Named) refer to them."""
+    return {c.label: c for c in discover_checkpoints(cfg)}
+
+
+def passes(cfg: Config) -> int:
+    """Passes over each test hand: eval.repeats when sampling (`model`); greedy decoding says all in one."""
+    return cfg.eval.repeats if cfg.eval.decoding == "model" else 1
+
+
 def select_sft(cfg: Config, found: list[Checkpoint]) -> list[Checkpoint]:
     """The found SFT checkpoints that artifacts.evaluated_sft_steps selects (eval.sft_every)."""
     keep = set(artifacts.evaluated_sft_steps(cfg, [c.step for c in found]))
@@ -91,7 +99,7 @@ def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Han
     generate = make_generator(cfg, model, tokenizer, progress=state.is_main_process)
     jobs = [(rule, i, hand) for rule, hands in hands_by_rule.items() for i, hand in enumerate(hands)]
     records = []
-    for repeat in range(cfg.eval.repeats if cfg.eval.decoding == "model" else 1):  # greedy: one pass says all
+    for repeat in range(passes(cfg)):
         set_seed(cfg.eval.seed + repeat)
         with state.split_between_processes(jobs) as mine:
             records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat,
@@ -195,7 +203,7 @@ def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:
 
 
 def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None = None,
-          table_name: str = "results") -> pd.DataFrame:
+          table_name: str = artifacts.RESULTS) -> pd.DataFrame:
     """Evaluate every checkpoint (cached ones are read back) and write runs/<preset>/eval/<table_name>.parquet:
     one row per (checkpoint, rule) with its success rate and Wilson 95% interval."""
     checkpoints = discover_checkpoints(cfg) if checkpoints is None else checkpoints
@@ -203,7 +211,7 @@ def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None
     for checkpoint in checkpoints:
         rows += summarize(checkpoint, evaluate_checkpoint(cfg, checkpoint, force=force))
     table = pd.DataFrame(rows)
-    artifacts.write_table(table, artifacts.eval_dir(cfg) / f"{table_name}.parquet")
+    artifacts.write_table(table, artifacts.eval_table(cfg, table_name))
     return table
 
 
@@ -273,113 +281,12 @@ def reference_rates(table: pd.DataFrame, named: Named, names: tuple[str, ...] = 
 def load_results(cfg: Config) -> tuple[pd.DataFrame, Named]:
     """04_eval's success table (runs/<preset>/eval/results.parquet) and the named checkpoints chosen from it,
     as the later notebooks and paper_lib.claims read them."""
-    path = artifacts.eval_dir(cfg) / "results.parquet"
+    path = artifacts.eval_table(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebooks 01-04 for preset {cfg.preset!r} first")
     table = artifacts.read_table(path, f"rerun notebooks/04_eval.py (./run_all.sh {cfg.preset} --only 4), "
                                        f"which writes it again from its cached episodes")
     return table, named_checkpoints(cfg, table)
-
-
-def hand_hits(episodes: pd.DataFrame, rule: str) -> np.ndarray:
-    """Success per test hand of one rule, sorted by hand, averaged over repeated passes (0/1 under greedy
-    decoding): the unit that paired bootstraps resample."""
-    e = episodes[episodes["rule"] == rule]
-    return e.groupby("hand")["success"].mean().sort_index().to_numpy(dtype=float)
-
-
-def bootstrap_indices(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
-    """(n_boot, n) hand indices; the same rows index every checkpoint's hits, so the bootstrap is paired."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-def interval(name: str, samples: np.ndarray) -> dict[str, float]:
-    """{name_ci_low, name_ci_high}: the 95% percentile interval of the finite bootstrap samples (NaN if none),
-    as two float columns so that the tables stay tidy."""
-    finite = samples[np.isfinite(samples)]
-    low, high = np.percentile(finite, [2.5, 97.5]) if finite.size else (float("nan"), float("nan"))
-    return {f"{name}_ci_low": float(low), f"{name}_ci_high": float(high)}
-
-
-def selection_interval(name: str, chosen: int, points: np.ndarray, samples: np.ndarray) -> dict[str, float]:
-    """{name_ci_low, name_ci_high} for candidate `chosen` when it was picked among all of `points` (one per
-    candidate; `samples`: candidates x draws of the same paired bootstrap) by looking at the same hands. A
-    percentile interval of the picked one alone would forget the picking: among ten equal checkpoints the
-    best beats full SFT "significantly" several times too often. This is a max-type bootstrap band instead,
-    valid for every candidate at once and so for the picked one: each bound moves by the 97.5th percentile
-    of the largest deviation over the candidates (NaN where a candidate's quantity is undefined)."""
-    deviation = samples - points[:, None]
-    deviation = deviation[:, ~np.isnan(deviation).all(0)]
-    if not deviation.size or not np.isfinite(points[chosen]):
-        return {f"{name}_ci_low": float("nan"), f"{name}_ci_high": float("nan")}
-    over = np.percentile(np.nanmax(deviation, axis=0), 97.5)
-    under = np.percentile(np.nanmax(-deviation, axis=0), 97.5)
-    return {f"{name}_ci_low": float(points[chosen] - over), f"{name}_ci_high": float(points[chosen] + under)}
-
-
-SHARE_BOUNDED_FROM = 0.975  # the share of draws with a drop below which the share's 95% interval is unbounded
-
-
-def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
-             n_boot: int = 2000, seed: int = 0, selected_from: Sequence[str] = ()) -> dict:
-    """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
-    RL recovers, (rl - full) / (inter - full), with 95% intervals (`<name>_ci_low`, `<name>_ci_high`) from a
-    paired bootstrap over hands. `selected_from`: the SFT checkpoints Inter_SFT was picked among on these
-    OOD hands (Named.inter_candidates); then the OOD drop and relative drop get selection_interval's band.
-    The share's interval stays conditional on the pick (which tends to overrate the drop, and so to lower
-    the share); on ID hands Inter_SFT was not picked, so no band is needed. Where more than 2.5% of the
-    draws show no drop, the share's 95% interval is unbounded (-inf, inf): a ratio whose denominator may be
-    0 has no finite bound (Fieller), and dropping those draws would narrow it falsely. share_defined_in is
-    the fraction of draws with a drop."""
-    a, b = hand_hits(episodes[inter], rule), hand_hits(episodes[full], rule)
-    c = hand_hits(episodes[rl], rule) if rl else None
-    idx = bootstrap_indices(len(a), n_boot, seed)
-    drop = a.mean() - b.mean()
-    boot_drop = a[idx].mean(1) - b[idx].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot_relative = np.where(a[idx].mean(1) > 0, boot_drop / a[idx].mean(1), np.nan)
-    result = {"rule": rule, "inter_sft": inter, "full_sft": full, "rl": rl,
-              "inter_rate": a.mean(), "full_rate": b.mean(), "drop": drop, **interval("drop", boot_drop),
-              # the paper's "relative OOD drop", (Inter_SFT - full SFT) / Inter_SFT: 48% Llama, 13% Qwen
-              "relative_drop": drop / a.mean() if a.mean() > 0 else float("nan"),
-              **interval("relative_drop", boot_relative)}
-    pool = [label for label in dict.fromkeys(selected_from) if label != full] if rule == "ood" else []
-    result["inter_candidates"] = len(pool) if inter in pool else 1
-    if inter in pool and len(pool) > 1:
-        hits = [hand_hits(episodes[label], rule) for label in pool]
-        rates, boot_rates = np.array([h.mean() for h in hits]), np.stack([h[idx].mean(1) for h in hits])
-        drops, boot_drops = rates - b.mean(), boot_rates - b[idx].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            relative = np.where(rates > 0, drops / rates, np.nan)
-            boot_relatives = np.where(boot_rates > 0, boot_drops / boot_rates, np.nan)
-        chosen = pool.index(inter)
-        result.update(selection_interval("drop", chosen, drops, boot_drops),
-                      **selection_interval("relative_drop", chosen, relative, boot_relatives))
-    if c is not None:
-        gain, boot_gain = c.mean() - b.mean(), c[idx].mean(1) - b[idx].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            boot_share = np.where(boot_drop > 0, boot_gain / boot_drop, np.nan)
-        defined = float(np.isfinite(boot_share).mean())
-        share_band = interval("share", boot_share) if defined >= SHARE_BOUNDED_FROM else \
-            {"share_ci_low": -np.inf, "share_ci_high": np.inf}
-        result.update(rl_rate=c.mean(), gain=gain, **interval("gain", boot_gain),
-                      share_recovered=gain / drop if drop > 0 else float("nan"), **share_band,
-                      share_defined_in=defined)
-    return result
-
-
-def headline(cfg: Config, named: Named) -> pd.DataFrame:
-    """The paper's headline quantities per rule (OOD first): Inter_SFT, full SFT and RL success, the drop
-    and the relative drop (Inter_SFT - full SFT) / Inter_SFT, and RL's share of the drop recovered, with
-    paired-bootstrap intervals (the OOD drop's allowing for Inter_SFT's pick). Written to
-    runs/<preset>/eval/recovery.csv."""
-    labels = {named.inter_sft, named.full_sft, named.rl, *named.inter_candidates} - {None}
-    episodes = {label: episodes_table(artifacts.eval_dir(cfg) / label) for label in labels}
-    table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule,
-                                   selected_from=named.inter_candidates)
-                          for rule in ("ood", "id")]).set_index("rule")
-    artifacts.write_table(table, artifacts.eval_dir(cfg) / "recovery.csv", index=True)
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [Checkpoint(label, OWN_STAGE, 0, path)]
         # one checkpoint's table goes beside its episodes (eval/own/), never over the pipeline's results
         table = sweep(cfg, force=args.force, checkpoints=chosen,
-                      table_name=f"{OWN_DIR}/{chosen[0].label}" if chosen else "results")
+                      table_name=f"{OWN_DIR}/{chosen[0].label}" if chosen else artifacts.RESULTS)
         return table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
 
     return launch.run_main(work)

@@ -71,7 +71,7 @@ def shape_of(cfg: Config) -> Shape:
     if cfg.model.name == "tiny":
         t = cfg.model.tiny
         return Shape(t.layers, t.hidden_size, t.intermediate_size, t.vocab_size, t.heads, t.kv_heads,
-                     tied=False, qkv_bias=True)  # models.tiny_model unties the embeddings
+                     tied=False, qkv_bias=True)  # models.build_tiny_model unties the embeddings
     for path in (Path(cfg.model.name) / "config.json", artifacts.run_dir(cfg) / "models" / "base" / "config.json"):
         if path.is_file():
             c = json.loads(path.read_text())

@@ -59,7 +59,7 @@ from .actor_critic import (ActorCritic, Rollouts, Step, ValueHead, gae, hidden_s
                            save_value_head, score, sequence_logp)
 from .config import Config
 from .rl_run import (METRICS, REDO_RL, Grade, default_envs, init_checkpoint, prepare_run, run_spec,  # noqa: F401
-                     validate_init, checkpoints, verifier)  # ppo.checkpoints / ppo.verifier, as the notebooks read them
+                     validate_init, checkpoints, verifier)  # ppo.checkpoints, ppo.METRICS...: notebook 03 reads them here
 
 log = logging.getLogger(__name__)
 
@@ -449,10 +449,7 @@ def run(cfg: Config, force: bool = False, init: str | os.PathLike | None = None,
     validate_init(cfg, start)
     out = artifacts.rl_dir(cfg)
     spec = run_spec(cfg, start)
-    if not force and artifacts.up_to_date(out, spec, REDO_RL):
-        log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
-        return out
-    if not force and artifacts.reuse_earlier_run(out, spec, REDO_RL):
+    if artifacts.finished_run(out, spec, REDO_RL, force):
         return out
     launch.run_stage(cfg, "ppo", "rl", _flags(force, init), stream=stream, keep_log_in=out)
     return out

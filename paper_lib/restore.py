@@ -32,13 +32,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import artifacts, evaluate, launch, weights
+from . import artifacts, launch, weights
 from .config import Config
 
 RESTORE_MANIFEST = "restore_manifest.json"  # what a restore wrote: plan, inputs, the ranks of each matrix
@@ -273,48 +272,6 @@ def causal_plans(cfg: Config) -> dict[str, Plan]:
     svd_recover_dir run (top k, keep="target-sigma-reset"; theirs used 2560, 3072 and 3584)."""
     return {"every rank": Plan(), **{f"top {k}": Plan(top=k, keep="target-sigma-reset")
                                      for k in cfg.restore.causal_top_ks}}
-
-
-def run_sweeps(cfg: Config, named: "evaluate.Named", force: bool = False) -> pd.DataFrame:
-    """Every variant's layer and rank sweeps into the full-SFT checkpoint, evaluated: one row per
-    (variant, restored checkpoint, rule) with success and its interval, and for OOD the share of the
-    Inter_SFT -> full SFT drop it recovers, with a paired-bootstrap interval. Written to
-    runs/<preset>/restore/variants.csv."""
-    by_label = {c.label: c for c in evaluate.discover_checkpoints(cfg)}
-    target = by_label[named.full_sft]
-    num_layers, hidden = model_dims(target.path)
-    layer_ranges, top_ks = sweeps(cfg, num_layers, hidden)
-    first_quarter, top20 = claim_points(num_layers, hidden)
-    jobs = []
-    for variant in variants(cfg):
-        source = by_label[named.base if variant.source == "base" else named.inter_sft]
-        for a, b in layer_ranges:
-            plan = Plan(layers=(a, b), keep=variant.keep, with_embeddings=cfg.restore.layers_include_embeddings)
-            jobs.append((variant, "layers", f"{a}-{b}", (a, b) == first_quarter, source, plan,
-                         f"{variant.name}.layers-{a:02d}-{b:02d}"))
-        for k in top_ks:
-            jobs.append((variant, "ranks", str(k), k == top20, source, Plan(top=k, keep=variant.keep),
-                         f"{variant.name}.top-{k:04d}"))
-    restored = [restored_checkpoint(cfg, label, target, source, plan, force)
-                for _, _, _, _, source, plan, label in jobs]
-    table = evaluate.sweep(cfg, force=force, checkpoints=restored, table_name="restore_results")
-    eval_dir = artifacts.eval_dir(cfg)
-    episodes = {label: evaluate.episodes_table(eval_dir / label)
-                for label in {named.inter_sft, named.full_sft, *(job[-1] for job in jobs)}}
-    rows = []
-    for variant, kind, setting, claim, source, plan, label in jobs:
-        share = evaluate.recovery(episodes, named.inter_sft, named.full_sft, label, rule="ood")
-        for _, r in table[table["label"] == label].iterrows():
-            rows.append({"variant": variant.name, "source": variant.source, "source_label": source.label,
-                         "keep": variant.keep, "kind": kind, "setting": setting, "claim_point": claim,
-                         "label": label, "rule": r["rule"], "success_rate": r["success_rate"],
-                         "ci_low": r["ci_low"], "ci_high": r["ci_high"], "episodes": r["episodes"],
-                         **({key: share[key] for key in ("share_recovered", "share_ci_low", "share_ci_high",
-                                                         "share_defined_in")}
-                            if r["rule"] == "ood" else {})})
-    out = pd.DataFrame(rows)
-    artifacts.write_table(out, artifacts.restore_dir(cfg) / "variants.csv")
-    return out
 
 
 def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, source: artifacts.Checkpoint,

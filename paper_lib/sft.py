@@ -6,7 +6,7 @@
 
 From Python (a notebook): `sft.run(cfg)` builds that command (`launch_command`), runs it as a subprocess
 so the caller never holds the model, streams its progress bar and log, and appends them to
-runs/<preset>/sft/sft.log.
+runs/<preset>/logs/sft.log (`launch.stage_log`).
 
 What a run leaves in runs/<preset>/sft/ (`artifacts.sft_dir`):
 - checkpoint-<step>/ every `sft.save_steps` steps and at the last step, all kept, each a Hugging Face
@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 from . import artifacts, cards, launch, models
 from . import data as data_lib
@@ -154,10 +156,7 @@ def run(cfg: Config, force: bool = False, stream: bool = True) -> Path:
     out = artifacts.sft_dir(cfg)
     data_lib.build(cfg)  # here, once, rather than racing in several ranks
     spec = manifest_spec(cfg)  # builds the tiny base model here too
-    if not force and artifacts.up_to_date(out, spec, _redo(cfg)):
-        log.info("SFT in %s is up to date (manifest matches); pass force=True to redo it", out)
-        return out
-    if not force and artifacts.reuse_earlier_run(out, spec, _redo(cfg)):
+    if artifacts.finished_run(out, spec, _redo(cfg), force):
         return out
     launch.run_stage(cfg, "sft", "sft", ["--force"] if force else [], stream=stream, keep_log_in=out)
     if not artifacts.manifest_matches(out, spec):
@@ -182,10 +181,6 @@ def sft_args(cfg: Config, resume: bool = False) -> Any:
     bf16 = bool(s.bf16 and cuda and torch.cuda.is_bf16_supported())
     if s.bf16 and not bf16:
         log.info("sft.bf16 is set but no bf16-capable GPU is here: training in float32")
-    if not 0 <= s.warmup_ratio < 1:
-        raise ValueError(f"sft.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
-    if not 0 <= s.adam_beta2 < 1:
-        raise ValueError(f"sft.adam_beta2 must be in [0, 1), got {s.adam_beta2}")
     return SFTConfig(
         output_dir=str(artifacts.sft_dir(cfg)),
         per_device_train_batch_size=s.per_device_batch_size,
@@ -433,13 +428,7 @@ def _prepare_dir(out: Path, spec: dict[str, Any], force: bool) -> None:
         artifacts.keep_rows(out / LOSS_TABLE, "step", step)
 
 
-try:
-    from transformers import TrainerCallback as _CallbackBase
-except ImportError:  # pragma: no cover - transformers is a dependency
-    _CallbackBase = object
-
-
-class LossTableCallback(_CallbackBase):
+class LossTableCallback(TrainerCallback):
     """Appends Figure 2's points (id_train, id_test, ood) to losses.csv and TensorBoard as they are logged;
     after each save, drops the optimizer state of the older checkpoints (a resume needs the newest only)."""
 

@@ -93,11 +93,16 @@ def _stage_hashes(package_dir):
     return {stage: artifacts.code_hash(module, package_dir=package_dir) for stage, module in STAGE_MODULES.items()}
 
 
-def test_a_changed_reward_makes_every_stage_that_plays_the_game_stale_and_spectra_not(tmp_path):
+def _package_copy(tmp_path):
     import shutil
 
     package = tmp_path / "paper_lib"
     shutil.copytree(config.PROJECT_ROOT / "paper_lib", package, ignore=shutil.ignore_patterns("__pycache__"))
+    return package
+
+
+def test_a_changed_reward_makes_every_stage_that_plays_the_game_stale_and_spectra_not(tmp_path):
+    package = _package_copy(tmp_path)
     before = _stage_hashes(package)
     assert before == _stage_hashes(config.PROJECT_ROOT / "paper_lib")  # the copy is keyed as the original
     cards_py = package / "cards.py"
@@ -107,10 +112,22 @@ def test_a_changed_reward_makes_every_stage_that_plays_the_game_stale_and_spectr
     after = _stage_hashes(package)
     stale = {stage for stage in STAGE_MODULES if before[stage] != after[stage]}
     assert stale >= {"data", "sft", "ppo", "evaluation"}
-    assert "spectra" not in stale
+    # a restored checkpoint's weights do not depend on the game: its evaluation is redone, its weights kept
+    assert "spectra" not in stale and "restore" not in stale
     # a plot is no stage's input
     (package / "plots.py").write_text((package / "plots.py").read_text() + "\n# restyled\n")
     assert _stage_hashes(package) == after
+
+
+def test_a_changed_statistic_rebuilds_no_stage(tmp_path):
+    """The bootstrap and the headline quantities (recovery) are read from cached episodes: changing them
+    re-evaluates no checkpoint and rewrites no restored one, though the notebooks that tabulate them use both."""
+    package = _package_copy(tmp_path)
+    before = _stage_hashes(package)
+    recovery_py = package / "recovery.py"
+    recovery_py.write_text(recovery_py.read_text().replace("n_boot: int = 2000", "n_boot: int = 4000"))
+    assert _stage_hashes(package) == before
+    assert "recovery" in artifacts.imported_modules("restore_eval", package)  # the sweeps' tables do use it
 
 
 def test_imported_modules_follow_imports_inside_functions_too(tmp_path):

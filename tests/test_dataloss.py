@@ -268,6 +268,9 @@ def test_a_truncated_arrow_file_is_one_clear_error(tmp_path):
     ({"restore__sources": ["sft"]}, "restore.sources must be one of"),
     ({"eval__decoding": "beam"}, "eval.decoding must be one of"),
     ({"restore__top_ks": [4, -8]}, "restore.top_ks must be > 0"),
+    ({"data__loss_set_size": 0}, "data.loss_set_size must be > 0"),
+    ({"sft__warmup_ratio": 1.5}, r"sft.warmup_ratio must be in \[0, 1\)"),
+    ({"sft__adam_beta2": 1.0}, r"sft.adam_beta2 must be in \[0, 1\)"),
 ])
 def test_bad_settings_fail_at_load_time(override, message):
     with pytest.raises(config.ConfigError, match=message):
