@@ -129,6 +129,9 @@ class RLConfig:
     clip_eps: float = 0.1
     value_coef: float = 0.5
     ppo_epochs: int = 4
+    # The paper's 0.01. Upstream's clip_grad_norm_(0.01) does nothing under DeepSpeed, and the DeepSpeed config
+    # that set theirs is not published: 1.0 if it said "auto" (accelerate's fill; their SFT config did), no
+    # clipping if it had no gradient_clipping. 0 clips nothing, with DeepSpeed or without.
     max_grad_norm: float = 0.01
     temperature: float = 0.2
     # Rollout sampling at `temperature`: "temperature" (top_p 1, top_k off) or "model", which adds the start

@@ -25,8 +25,9 @@ answer at -1, and GAE runs on into the next episode); every response token count
 "upstream", qwen7b and llama11b: the first two drop out, and tokens of id 0, as upstream's slicing and
 mask dropped them); an episode carried over an update keeps its conversation (upstream's left the ungraded answer
 it generated for the bootstrap value in it, then repeated the last feedback). Gradient clipping: upstream
-calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so its clipping came from its
-unpublished ds_zero2_offload.json; ours clips at the paper's rl.max_grad_norm, with or without DeepSpeed.
+calls accelerator.clip_grad_norm_(0.01), which under DeepSpeed does nothing, so its clipping is whatever its
+unpublished ds_zero2_offload.json set; ours clips at rl.max_grad_norm (the paper's 0.01; 0: none), with or
+without DeepSpeed.
 An optimizer step takes rl.samples_per_step attempts, counted across epochs, as upstream's 128 (qwen7b,
 llama11b); 0 (tiny, smol) takes one step per PPO epoch over the process's whole batch. A step whose
 gradient is not finite is skipped and counted in metrics.csv's nonfinite_steps (under DeepSpeed, by ZeRO's
@@ -132,7 +133,7 @@ class PPOTrainer:
         self.n_micro = math.ceil(self.step_samples / micro)
         self.accelerator = acc = Accelerator(cpu=launch.use_cpu(), gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=self.n_micro))
         plugin = acc.state.deepspeed_plugin
-        if plugin is not None:  # no dataloader tells DeepSpeed the batch; clip at the paper's norm
+        if plugin is not None:  # no dataloader tells DeepSpeed the batch; its gradient_clipping 0 clips nothing
             if plugin.zero_stage == 3:  # save_checkpoint takes the weights from the main process
                 raise ValueError("PPO cannot run under DeepSpeed ZeRO-3, whose processes each hold a slice of "
                                  "the weights; launch it with configs/accelerate/zero2.yaml or zero2_offload.yaml")
@@ -240,7 +241,7 @@ class PPOTrainer:
                     acc.backward(loss.sum() * self.n_micro / self.step_samples)
                     step = True
                     if acc.sync_gradients:
-                        reported = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm)
+                        reported = acc.clip_grad_norm_(self.model.parameters(), rl.max_grad_norm or math.inf)  # 0: measure only
                         norm = float("nan") if reported is None else float(reported)
                         # A NaN/inf gradient would make every later weight NaN: skip the step. Every process
                         # holds the same reduced gradient, so all skip together. DeepSpeed's engine stepped

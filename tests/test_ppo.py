@@ -516,3 +516,20 @@ def test_metrics_row_turns_the_sums_of_every_process_into_ratios():
     assert row["kl_ref"] == 0.05
     assert math.isnan(ppo.metrics_row({**sums, "episodes": 0}, 2, 3, 1e-6, 5.0, False)["success_rate"])
     assert "kl_ref" not in ppo.metrics_row(sums, 2, 3, 1e-6, 5.0, False)
+
+
+def test_a_max_grad_norm_of_0_clips_nothing(sft_ready):
+    """rl.max_grad_norm 0 means no clipping, as DeepSpeed's gradient_clipping 0 does (one reading of the
+    authors' unpublished config), not a gradient scaled to 0: the update equals one with a bound never reached."""
+    trained = {}
+    for bound in (0.0, 1e9):
+        cfg = config.load("tiny", rl__num_updates=1, rl__steps_per_update=4, rl__max_new_tokens=8,
+                          rl__max_grad_norm=bound, rl__learning_rate=1e-3, rl__min_learning_rate=1e-3)
+        out = ppo.train(cfg, force=True, micro_batch_size=4, progress=False)
+        model, _ = models.load(cfg, checkpoint=out / "checkpoint-1")
+        trained[bound] = ({k: v.clone() for k, v in model.state_dict().items()}, pd.read_csv(out / "metrics.csv").iloc[0])
+    start, _ = models.load(config.load("tiny"), checkpoint=sft_ready)
+    moved = sum((trained[0.0][0][k] - v).norm() ** 2 for k, v in start.state_dict().items()) ** 0.5
+    apart = sum((trained[0.0][0][k] - v).norm() ** 2 for k, v in trained[1e9][0].items()) ** 0.5
+    assert moved > 0 and apart <= 1e-6 * moved
+    assert trained[0.0][1]["grad_norm"] == pytest.approx(trained[1e9][1]["grad_norm"]) and trained[0.0][1]["grad_norm"] > 0
