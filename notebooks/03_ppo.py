@@ -56,7 +56,7 @@ display(metrics.round(4))
 
 # %%
 fig = plots.ppo_metrics(metrics)
-plots.save_figure(fig, "rl_training", cfg, notebook="03_ppo", sources=[out / "metrics.csv"], data=metrics);
+plots.save_figure(fig, "rl_training", cfg, notebook="03_ppo", sources=[out / ppo.METRICS], data=metrics);
 
 # %% [markdown]
 # ## Checks
@@ -68,8 +68,7 @@ assert expected <= set(found), f"missing checkpoints {sorted(expected - set(foun
 last = metrics["update"].iloc[-1]
 assert metrics["update"].is_monotonic_increasing and last == cfg.rl.num_updates, \
     f"{out / ppo.METRICS} stops at update {last} of {cfg.rl.num_updates} (cut short?): {ppo.REDO_RL}"
-logged = ["mean_reward", "success_rate", "value_loss", "clip_fraction", "approx_kl", "entropy"] if cfg.rl.algo == "ppo" \
-    else ["mean_reward", "entropy"]
+logged = list(plots.PPO_PANELS) if cfg.rl.algo == "ppo" else ["mean_reward", "entropy"]  # GRPO logs these two
 assert np.isfinite(metrics[logged].to_numpy()).all(), "every plotted metric is finite"
 model, _ = models.load(cfg, checkpoint=found[max(found)])  # a plain HF checkpoint
 print("all checks passed")

@@ -38,6 +38,9 @@ force = False
 # Figure 3: "whole", every singular value on a log σ axis; "authors", the top spectra.k on a linear axis, as
 # the authors' plots (analysis/singular_value_*.pdf) and the paper's "0 to 0.005" reading of them
 fig3_view = "whole"
+# Figure 4's layer-0 matrix: the text's up_proj; the authors' own angle plots (analysis/delta_stats/
+# subspace_angles_step-*.png) drew q_proj, k_proj, v_proj and down_proj
+fig4_module = "up_proj"
 
 # %%
 from IPython.display import display
@@ -65,12 +68,12 @@ fig = plots.singular_values(shown, view=fig3_view, top=cfg.spectra.k)
 plots.save_figure(fig, "fig3_singular_values", cfg, notebook="05_spectra", sources=[out]);
 
 # %% [markdown]
-# ## Figure 4: the principal-angle spectrum, layer-0 up_proj
+# ## Figure 4: the principal-angle spectrum, layer-0 up_proj (`fig4_module`)
 # Top row, the paper's figure: the sorted principal angles. Bottom row: the angle between each singular
 # vector before and after, by its index.
 
 # %%
-fig = plots.principal_angle_spectrum(shown, module="up_proj")
+fig = plots.principal_angle_spectrum(shown, module=fig4_module)
 plots.save_figure(fig, "fig4_principal_angles", cfg, notebook="05_spectra", sources=[out]);
 
 # %% [markdown]

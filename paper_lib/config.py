@@ -229,6 +229,10 @@ class RestoreConfig:
     sources: tuple[Literal["base", "inter_sft"], ...] = ("base", "inter_sft")
     keeps: tuple[Literal["target-sigma", "source", "target-sigma-reset"], ...] = ("target-sigma", "source")
     layer_block: int = 10  # Figure 5's blocks; the first 25% of layers is added to them
+    # Figure 5's layer ranges: "blocks" of layer_block layers (0-9, 10-19, ...: the text's "intermediate
+    # layers", "head (0-9) and tail (20+)", and the authors' run_parallel-layer*.sh), or "prefixes" that grow
+    # by layer_block (0-4, 0-9, ... at 5: the authors' gp_evaluation/run_batch_eval.sh, the caption's "top-k layers")
+    layer_sweep: Literal["blocks", "prefixes"] = "blocks"
     top_ks: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # Figure 6's sweep; 20% of hidden is added
     # Also restore embed_tokens and lm_head in every layer variant, as the authors' Llama script did.
     layers_include_embeddings: bool = False

@@ -311,7 +311,10 @@ def principal_angle_spectrum(pairs: dict[str, tuple[pd.DataFrame, dict]], module
     fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.6), sharey="row")
     whole = {}  # side -> k, where the top k span the whole space (spectra: the angles are NaN in the table)
     for title, (table, arrays) in pairs.items():
-        name = _layer0(table, (module,))[module]
+        name = _layer0(table, (module,)).get(module)
+        if name is None:
+            raise ValueError(f"no layer-0 {module!r} in {title}; its layer-0 matrices: "
+                             f"{sorted(_layer0(table, tuple(table['module'].unique())))}")
         row = table[table["name"] == name].iloc[0]
         for ax, below, side in zip(axes[0], axes[1], ("u", "v")):
             ax.plot(np.degrees(arrays[name][f"angles_{side}"]), label=title)

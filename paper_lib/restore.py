@@ -235,6 +235,11 @@ def layer_blocks(num_layers: int, block: int) -> list[tuple[int, int]]:
     return [(a, min(a + block, num_layers) - 1) for a in range(0, num_layers, block)]
 
 
+def layer_prefixes(num_layers: int, step: int) -> list[tuple[int, int]]:
+    """Inclusive layer ranges from layer 0 that grow by `step` layers (the authors' 0-4, 0-9, ..., 0-39)."""
+    return [(0, b) for _, b in layer_blocks(num_layers, step)]
+
+
 def claim_points(num_layers: int, hidden: int) -> tuple[tuple[int, int], int]:
     """The settings of the paper's claim: the first 25% of the layers, (0, L/4 - 1), at least one layer
     (0-6 of Qwen's 28), and the top 20% of the ranks, 20% of the hidden size (717 for Qwen, 819 for Llama)."""
@@ -242,10 +247,11 @@ def claim_points(num_layers: int, hidden: int) -> tuple[tuple[int, int], int]:
 
 
 def sweeps(cfg: Config, num_layers: int, hidden: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """Figure 5's layer ranges (blocks of restore.layer_block) and Figure 6's top-k sweep (restore.top_ks),
-    each with the claim's point added, so the claim is always measured."""
+    """Figure 5's layer ranges (restore.layer_sweep: blocks or prefixes of restore.layer_block layers) and
+    Figure 6's top-k sweep (restore.top_ks), each with the claim's point added, so the claim is always measured."""
     first_quarter, top20 = claim_points(num_layers, hidden)
-    layers = sorted(set(layer_blocks(num_layers, cfg.restore.layer_block)) | {first_quarter})
+    ranges = layer_prefixes if cfg.restore.layer_sweep == "prefixes" else layer_blocks
+    layers = sorted(set(ranges(num_layers, cfg.restore.layer_block)) | {first_quarter})
     return layers, sorted(set(cfg.restore.top_ks) | {top20})
 
 

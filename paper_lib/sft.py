@@ -106,8 +106,8 @@ def checkpoints(cfg: Config) -> list[Path]:
 
 
 def checkpoint(cfg: Config, step: int | str = "final") -> Path:
-    """The checkpoint at `step`: an int, "final", "full_sft" (artifacts.full_sft_step's rule) or "inter_sft"
-    (cfg.sft.inter_sft_step, the step the paper names, or the nearest saved step)."""
+    """The checkpoint at `step`: an int, "final" or "full_sft" (artifacts.full_sft_step's rule). Inter_SFT
+    is chosen by evaluation (evaluate.named_checkpoints: the best OOD checkpoint), not by step."""
     found = {checkpoint_step(p): p for p in checkpoints(cfg)}
     if not found:
         raise FileNotFoundError(f"no SFT checkpoint in {artifacts.sft_dir(cfg)}; run the SFT first "
@@ -116,15 +116,9 @@ def checkpoint(cfg: Config, step: int | str = "final") -> Path:
         return found[max(found)]
     if step == "full_sft":
         return found[artifacts.full_sft_step(cfg, found)]
-    if step == "inter_sft":  # the paper's named step; the evaluated Inter_SFT is evaluate.named_checkpoints'
-        want = cfg.sft.inter_sft_step
-        nearest = min(found, key=lambda s: (abs(s - want), s))
-        if nearest != want:
-            log.warning("%s: no checkpoint at step %d; using the nearest, step %d", step, want, nearest)
-        return found[nearest]
     if isinstance(step, str) or step not in found:
         raise FileNotFoundError(f"no SFT checkpoint for {step!r} in {artifacts.sft_dir(cfg)}; saved steps: "
-                                f"{sorted(found)} (or 'final', 'inter_sft', 'full_sft')")
+                                f"{sorted(found)} (or 'final', 'full_sft')")
     return found[step]
 
 

@@ -89,6 +89,23 @@ def test_figure3_authors_view_shows_the_top_indices_on_a_linear_axis():
         plots.singular_values(spectra_pairs(scale_rl=1.0), view="top")
 
 
+def test_figure4_draws_the_asked_module_and_names_the_ones_there_when_it_is_absent():
+    pairs = {}
+    for title in ("SFT", "RL"):
+        table, arrays = spectra_pairs(scale_rl=1.0)[title]
+        table = table.assign(angle_u_mean_deg=30.0, angle_v_mean_deg=30.0, k=8)
+        for name in arrays:
+            arrays[name].update(angles_u=np.linspace(0.4, 1.5, 8), angles_v=np.linspace(0.5, 1.5, 8),
+                                rot_u=np.full(40, 0.3), rot_v=np.full(40, 0.2))
+        pairs[title] = (table, arrays)
+    fig = plots.principal_angle_spectrum(pairs, module="k_proj")
+    assert fig.axes[0].get_title() == "layer 0 k_proj, left (U) singular subspace"
+    assert len(fig.axes[0].get_lines()) == 2
+    plt.close(fig)
+    with pytest.raises(ValueError, match=r"no layer-0 'up_proj' in SFT; its layer-0 matrices: \['k_proj', 'q_proj', 'v_proj'\]"):
+        plots.principal_angle_spectrum(pairs, module="up_proj")
+
+
 def test_figure6_places_the_ranks_on_a_log2_axis():
     table = pd.DataFrame([{"x": str(k), "variant": "v", "rule": rule, "success_rate": 0.1, "ci_low": 0.05,
                            "ci_high": 0.2, "claim_point": False} for k in (256, 512, 717, 1024) for rule in ("id", "ood")])

@@ -126,9 +126,11 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
                          "--out", str(tmp_path / "o")]) == 2
 
 
-def test_layer_blocks():
+def test_layer_blocks_and_prefixes():
     assert restore.layer_blocks(28, 10) == [(0, 9), (10, 19), (20, 27)]
     assert restore.layer_blocks(2, 1) == [(0, 0), (1, 1)]
+    assert restore.layer_prefixes(40, 5) == [(0, b) for b in (4, 9, 14, 19, 24, 29, 34, 39)]  # run_batch_eval.sh's
+    assert restore.layer_prefixes(28, 10) == [(0, 9), (0, 19), (0, 27)]
 
 
 def test_full_rank_with_keep_source_is_exactly_the_source():
@@ -186,6 +188,8 @@ def test_the_claims_points_are_in_every_presets_sweeps(preset, layers, hidden, f
     layer_ranges, top_ks = restore.sweeps(config.load(preset), layers, hidden)
     assert first_quarter in layer_ranges and top20 in top_ks
     assert max(b for _, b in layer_ranges) == layers - 1  # the blocks still cover every layer
+    prefixes, _ = restore.sweeps(config.load(preset, restore__layer_sweep="prefixes"), layers, hidden)
+    assert first_quarter in prefixes and {a for a, _ in prefixes} == {0} and prefixes[-1] == (0, layers - 1)
 
 
 def test_claim_points_come_from_the_checkpoints_shape(tmp_path):

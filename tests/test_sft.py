@@ -57,7 +57,7 @@ def test_run_writes_loadable_checkpoints_at_the_save_steps(tiny_run, monkeypatch
     found = sft.checkpoints(cfg)
     assert [sft.checkpoint_step(p) for p in found] == [3, 6, 8]  # every save step and the last step
     assert sft.checkpoint(cfg) == found[-1] and sft.checkpoint(cfg, 6) == found[1]
-    assert sft.checkpoint(cfg, "inter_sft") == found[-1]  # tiny's inter_sft_step 16: nearest saved is 8
+    assert sft.checkpoint(cfg, "full_sft") == found[-1]  # tiny's full_sft_step 64 is past its last step
     with pytest.raises(FileNotFoundError, match=r"saved steps: \[3, 6, 8\]"):
         sft.checkpoint(cfg, 5)
     base, _ = models.load(cfg)
