@@ -46,7 +46,7 @@ def _row(claim: int, case: str, paper: str, measured: str, verdict: str, rule: s
 def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
     """Claims 1 and 2, from the evaluation's headline quantities (Inter_SFT, full SFT, RL; paired bootstrap)."""
     table, named = evaluate.load_results(cfg)
-    heads = recovery.headline(cfg, named)
+    heads = recovery.headline(cfg, named, write=False)
     ood, iid = heads.loc["ood"], heads.loc["id"]
     step = dict(zip(table["label"], table["step"]))
     peak = _verdict(ood["drop_ci_low"], ood["drop_ci_high"], 0.0)
@@ -248,7 +248,7 @@ def headline_row(cfg: Config, who: str = "ours") -> str:
     as 04_eval reported them), the relative drop and the share recovered (paired bootstrap)."""
     results, named = evaluate.load_results(cfg)
     ood = results[results["rule"] == "ood"].set_index("label")
-    rec = recovery.headline(cfg, named).loc["ood"]
+    rec = recovery.headline(cfg, named, write=False).loc["ood"]
 
     def rate(label):
         if label is None:

@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", help="label for --checkpoint (default: its directory name)")
     parser.add_argument("--force", action="store_true", help="re-evaluate even when cached")
     args = parser.parse_args(argv)
+    if args.label is not None and not args.checkpoint:
+        parser.error("--label names a --checkpoint; pass both")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     def work() -> str:
         cfg = config.load(args.preset)
@@ -307,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             label = artifacts.safe_name(args.label if args.label is not None else path.resolve().name)
             chosen = [Checkpoint(label, OWN_STAGE, 0, path)]
         # one checkpoint's table goes beside its episodes (eval/own/), never over the pipeline's results
-        table = sweep(cfg, force=args.force, checkpoints=chosen,
-                      table_name=f"{OWN_DIR}/{chosen[0].label}" if chosen else artifacts.RESULTS)
-        return table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
+        name = f"{OWN_DIR}/{chosen[0].label}" if chosen else artifacts.RESULTS
+        table = sweep(cfg, force=args.force, checkpoints=chosen, table_name=name)
+        return (table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
+                + f"\nwritten to {artifacts.eval_table(cfg, name)} (episodes under {artifacts.eval_dir(cfg)})")
 
     return launch.run_main(work)
 

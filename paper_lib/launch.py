@@ -107,14 +107,17 @@ def run_main(work: Callable[[], str]) -> int:
     user's settings, input or files (ValueError: ConfigError, WeightsError, ArtifactError...; OSError: a
     missing or unwritable file, ModelUnavailableError) is one line on stderr and exit 2, no traceback;
     anything else is a bug and keeps its traceback. Ctrl-C is one line and exit 130: every stage writes
-    through a scratch name, so what it had finished is kept and a rerun of the command goes on from there."""
+    through a scratch name, so what it had finished is kept and a rerun reuses it (spectra and restore
+    keep their decompositions only in a --cache directory)."""
     try:
         message = work()
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to go on from what was finished", file=sys.stderr)
+        print("interrupted; nothing half-written was left. Rerun the same command: what had finished is reused "
+              "(checkpoints and evaluated checkpoints; with --cache, spectra's and restore's decompositions)",
+              file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") == "0":  # set by torchrun / accelerate launch
         print(message)

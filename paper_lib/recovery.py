@@ -101,15 +101,16 @@ def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str |
     return result
 
 
-def headline(cfg: Config, named: evaluate.Named) -> pd.DataFrame:
+def headline(cfg: Config, named: evaluate.Named, write: bool = True) -> pd.DataFrame:
     """The paper's headline quantities per rule (OOD first): Inter_SFT, full SFT and RL success, the drop
     and the relative drop (Inter_SFT - full SFT) / Inter_SFT, and RL's share of the drop recovered, with
     paired-bootstrap intervals (the OOD drop's allowing for Inter_SFT's pick). Written to
-    runs/<preset>/eval/recovery.csv."""
+    runs/<preset>/eval/recovery.csv (04_eval) unless write=False (claims, which only reads)."""
     labels = {named.inter_sft, named.full_sft, named.rl, *named.inter_candidates} - {None}
     episodes = {label: evaluate.episodes_table(artifacts.eval_dir(cfg) / label) for label in labels}
     table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule,
                                    selected_from=named.inter_candidates)
                           for rule in ("ood", "id")]).set_index("rule")
-    artifacts.write_table(table, artifacts.recovery_table(cfg), index=True)
+    if write:
+        artifacts.write_table(table, artifacts.recovery_table(cfg), index=True)
     return table

@@ -139,6 +139,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     _check_out(Path(out), [Path(target), Path(source)], replace)
     weights.resolve_device(device)  # a missing CUDA is one line before any output exists
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
+    weights.warn_if_model_types_differ([tgt, src], "a restore puts one model's directions into the other")
     num_layers, src_layers = _dims(tgt)[0], _dims(src)[0]
     if src_layers != num_layers:  # same-shaped layers of two depths: not one model, though every shape fits
         raise weights.WeightsError(f"target {tgt.path} has {num_layers} layers, source {src.path} "
@@ -160,9 +161,10 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     # half-written checkpoint beside it (gigabytes at 7B).
     with artifacts.atomic_dir(out) as tmp:
         record = _write_shards(tgt, src, tmp, plan, selected, dtype, device, cache_dir, progress, out.name)
+        written = sorted(p.name for p in tmp.iterdir()) + [RESTORE_MANIFEST]
         (tmp / RESTORE_MANIFEST).write_text(json.dumps({
             "target": str(tgt.path.resolve()), "source": str(src.path.resolve()), "plan": asdict(plan),
-            "dtype": dtype, "restored": record}, indent=2))
+            "dtype": dtype, "restored": record, "files": written}, indent=2))
     if plan.top == 0 and plan.tail == 0:
         log.warning("--top 0 restores no rank: %s is a copy of the target", out)
     clamped = sorted({(r["top"], r["rank"]) for r in record if plan.top is not None and r["top"] < plan.top})
@@ -226,6 +228,24 @@ def _check_out(out: Path, inputs: list[Path], replace: bool) -> None:
                                       f"or empty directory (nothing was changed)")
     if not replace:
         raise artifacts.ArtifactError(f"--out {out} holds a previous restore output; pass --force to replace it")
+    theirs = _not_written_by_restore(out)
+    if theirs:
+        raise artifacts.ArtifactError(f"--out {out} holds a previous restore output and files restore did not "
+                                      f"write ({', '.join(theirs[:4])}{', ...' if len(theirs) > 4 else ''}); "
+                                      f"move them out, or choose another --out (nothing was changed)")
+
+
+def _not_written_by_restore(out: Path) -> list[str]:
+    """What a previous restore output holds beside what restore wrote there (its manifest's list; before the
+    list, the shards and side files) and the pipeline's manifest: replacing it would delete those."""
+    listed = (artifacts.read_json(out / RESTORE_MANIFEST) or {}).get("files")
+    def ours(p: Path) -> bool:
+        if p.name == artifacts.MANIFEST:
+            return True
+        if listed is not None:
+            return p.name in listed
+        return p.is_file() and (p.suffix in (".safetensors", *_SIDE_FILES) or p.name == RESTORE_MANIFEST)
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not ours(p))
 
 
 def layer_blocks(num_layers: int, block: int) -> list[tuple[int, int]]:

@@ -151,11 +151,7 @@ def _select_keys(ckpts: dict[str, weights.LazyWeights], names: Iterable[str] | s
         keys = list(dict.fromkeys(by_name[n] for n in names))
     else:
         keys = common
-    types = {ck.label: ck.model_type for ck in ckpts.values() if ck.model_type}
-    if len(set(types.values())) > 1:  # fine-tuning keeps model_type: two are rarely a before/after pair
-        log.warning("the checkpoints are of different model types (%s): their names and shapes match, but "
-                    "their angles mean a fine-tuning's rotation only if one was trained from the other",
-                    ", ".join(f"{label} {t}" for label, t in types.items()))
+    weights.warn_if_model_types_differ(list(ckpts.values()), "their angles mean a fine-tuning's rotation")
     if problems and (names is None or any(k not in common or k in mismatched for k in keys)):
         raise SpectraError("checkpoints do not match:\n  " + "\n  ".join(problems) + "\nCompare checkpoints "
                            "of one architecture, or pass names=[...] (CLI: --names REGEX) to analyse the "
@@ -424,7 +420,7 @@ def _check_earlier_pairs(out_dir: Path, inputs: dict[tuple[str, str], dict]) -> 
             was = (f"{earlier['before']} -> {earlier['after']}, k={earlier['k']}" if earlier
                    else "inputs it does not record")
             raise SpectraError(f"{out_dir} already holds the spectra of {before} -> {after} from {was}; choose a "
-                               f"new --out, or pass --force (replace=True) to replace them (nothing was changed)")
+                               f"new --out, or pass --force (replace=True from Python) to replace them (nothing was changed)")
 
 
 def _write_alignment(out_dir: Path, labels: list[str], rows: list[dict], arrays: dict[str, np.ndarray]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from safetensors import safe_open
 
 from . import artifacts
+
+log = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
@@ -55,7 +58,10 @@ def parse_name(name: str) -> tuple[str, int, str, str] | None:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's own message lists every device type it knows
+        raise WeightsError(f"device must be 'auto', 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WeightsError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'")
     return device
@@ -198,6 +204,16 @@ def load_or_decompose(W: torch.Tensor, name: str, cache_dir: str | os.PathLike |
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+def warn_if_model_types_differ(checkpoints: list["LazyWeights"], what: str) -> None:
+    """A warning where the checkpoints' config.json model types differ: their names and shapes may match, but
+    fine-tuning keeps model_type, so two types are rarely one model before and after."""
+    types = {ck.label: ck.model_type for ck in checkpoints if ck.model_type}
+    if len(set(types.values())) > 1:
+        log.warning("the checkpoints are of different model types (%s): their names and shapes match, but %s "
+                    "only if one was trained from the other", ", ".join(f"{label} {t}" for label, t in types.items()),
+                    what)
+
+
 def _model_type(path: Path) -> str | None:
     """config.json's model_type, or None where there is no readable one (a bare weights directory)."""
     try:

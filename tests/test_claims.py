@@ -41,6 +41,7 @@ def test_an_early_peak_a_drop_and_a_recovery_hold_and_a_flat_run_does_not(run):
     row = claims.headline_row(run).split(" | ")
     assert row[2].startswith("sft-0020: 40.0% [") and row[3].startswith("sft-0080: 20.0% [")
     assert row[5].startswith("50.0% [") and row[6].startswith("85.0% [")  # relative drop, share recovered
+    assert not artifacts.recovery_table(run).exists()  # claims only reads: 04_eval writes recovery.csv
 
 
 def test_a_peak_at_full_sft_is_no_early_peak(run):

@@ -55,11 +55,50 @@ def test_restore_replaces_its_own_previous_output_only_with_force(tmp_path, caps
     assert (out / "restore_manifest.json").is_file()
 
 
+def test_restore_force_keeps_what_the_user_put_in_its_previous_output(tmp_path, capsys):
+    """A restored checkpoint used as a working folder: --force replaces the restore, never the user's files."""
+    tgt, src, out = tiny_qwen(tmp_path / "T", 0), tiny_qwen(tmp_path / "S", 1), tmp_path / "out"
+    assert restore_cli(tgt, src, out) == 0
+    (out / "my_notes.txt").write_text("notes")
+    (out / "evals").mkdir()
+    (out / "evals" / "a.csv").write_text("x")
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert restore_cli(tgt, src, out, "--force") == 2
+    err = capsys.readouterr().err
+    assert "files restore did not write (evals/, my_notes.txt)" in err and "nothing was changed" in err
+    assert (out / "my_notes.txt").read_text() == "notes" and (out / "evals" / "a.csv").read_text() == "x"
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    (out / "my_notes.txt").unlink()
+    shutil.rmtree(out / "evals")
+    assert restore_cli(tgt, src, out, "--force") == 0  # once they are moved out, the restore is replaced
+    manifest = json.loads((out / "restore_manifest.json").read_text())
+    assert "my_notes.txt" not in manifest["files"] and "model.safetensors" in manifest["files"]
+    # an output of an earlier version, whose manifest lists no files: its shards and side files are its own
+    (out / "restore_manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    (out / "mine.bin").write_bytes(b"0")
+    assert restore_cli(tgt, src, out, "--force") == 2 and "(mine.bin)" in capsys.readouterr().err
+
+
 def test_restore_rejects_negative_top_without_leaving_a_partial_dir(tmp_path, capsys):
     tgt, src = tiny_qwen(tmp_path / "T", 0), tiny_qwen(tmp_path / "S", 1)
     code = restore.main(["--target", str(tgt), "--source", str(src), "--top", "-3", "--out", str(tmp_path / "o")])
     assert code == 2 and ">= 0" in capsys.readouterr().err
     assert not list(tmp_path.glob(".o.partial*")) and not (tmp_path / "o").exists()
+
+
+def test_a_device_torch_does_not_know_is_one_line(tmp_path, capsys):
+    tgt, src = tiny_qwen(tmp_path / "T", 0), tiny_qwen(tmp_path / "S", 1)
+    argv = ["--target", str(tgt), "--source", str(src), "--top", "3", "--out", str(tmp_path / "o"), "--quiet"]
+    assert restore.main(argv + ["--device", "tpu"]) == 2
+    assert "device must be 'auto', 'cpu' or 'cuda' (or 'cuda:N'), got 'tpu'" in capsys.readouterr().err
+    assert spectra.main([str(src), str(tgt), "--out", str(tmp_path / "s"), "--device", "tpu", "--quiet"]) == 2
+    assert "got 'tpu'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_evaluate_label_needs_a_checkpoint(capsys):
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--preset", "tiny", "--label", "mine"])
+    assert exit.value.code == 2 and "--label names a --checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("failure", ["cuda", "interrupt"])
@@ -135,7 +174,8 @@ def test_evaluating_an_own_checkpoint_leaves_the_pipeline_results_alone(tmp_path
     assert played == [artifacts.eval_dir(cfg) / "own" / "base"]
     assert played[0] != evaluate.episodes_dir(cfg, evaluate.Checkpoint("base", "base", 0, ck))
     assert set(pd.read_parquet(artifacts.eval_dir(cfg) / "own" / "base.parquet")["rule"]) == {"id", "ood"}
-    assert "base" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base" in out and f"written to {artifacts.eval_dir(cfg) / 'own' / 'base.parquet'}" in out
 
 
 def _no_table():

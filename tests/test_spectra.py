@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from paper_lib import artifacts, spectra, weights  # noqa: E402
+from paper_lib import artifacts, restore, spectra, weights  # noqa: E402
 from paper_lib.spectra import SpectraError, analyze_pairs, load_pair, principal_angles, rotation_angles  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -302,12 +302,16 @@ def test_checkpoints_of_different_model_types_are_named_in_a_warning(qwen_pair, 
     other = shutil.copytree(after, tmp_path / "other")
     config_json = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config_json, "model_type": "mistral"}))
-    with caplog.at_level(logging.WARNING, logger="paper_lib.spectra"):
+    with caplog.at_level(logging.WARNING, logger="paper_lib.weights"):
         analyze_pairs({"base": base, "after": after}, [("base", "after")], tmp_path / "same", progress=False)
         assert "model types" not in caplog.text
         table = analyze_pairs({"base": base, "other": other}, [("base", "other")], tmp_path / "out", progress=False)
     assert "different model types (base qwen2, other mistral)" in caplog.text
     assert len(table) > 0, "a warning, not an error: converted checkpoints are compared on purpose"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="paper_lib.weights"):
+        restore.write_restored(other, base, tmp_path / "restored", restore.Plan(top=2), device="cpu", progress=False)
+    assert "different model types (target mistral, source qwen2)" in caplog.text
 
 
 def test_a_tied_checkpoint_against_an_untied_one_says_so_and_how_to_go_on(qwen_pair, tmp_path):
