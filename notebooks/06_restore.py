@@ -21,7 +21,8 @@
 # - **keep** `target-sigma`: Σ[S] is full SFT's, only directions move (the paper's UV restore), or
 #   `source`: whole triplets are swapped, σ included (the authors' `svd_recover.py`).
 #
-# - **Figure 5, layer-wise:** every matrix in a block of layers, every rank.
+# - **Figure 5, layer-wise:** every matrix in a block of layers (`restore.layer_sweep: prefixes`: in layers
+#   0 to k), every rank.
 # - **Figure 6, rank-wise:** the top-k ranks of every matrix, for a sweep of k.
 #
 # The paper's claim: the top 20% of ranks, or the first 25% of layers, recover 70–80% of the OOD success
@@ -87,9 +88,9 @@ display(ood.pivot_table(index=["kind", "setting"], columns="variant", values="sh
 
 # %%
 target = evaluate.checkpoints_by_label(cfg)[named.full_sft]
-first_quarter, top20 = restore.claim_points(*restore.model_dims(target.path))
-assert set(results["variant"]) == {v.name for v in restore.variants(cfg)}
-assert (claim["kind"] == "layers").sum() == len(restore.variants(cfg)) and (claim["kind"] == "ranks").sum() == len(restore.variants(cfg))
+first_quarter, top20 = restore_eval.claim_points(*restore.model_dims(target.path))
+assert set(results["variant"]) == {v.name for v in restore_eval.variants(cfg)}
+assert (claim["kind"] == "layers").sum() == len(restore_eval.variants(cfg)) and (claim["kind"] == "ranks").sum() == len(restore_eval.variants(cfg))
 assert set(claim.loc[claim["kind"] == "ranks", "setting"]) == {str(top20)}
 assert set(claim.loc[claim["kind"] == "layers", "setting"]) == {f"{first_quarter[0]}-{first_quarter[1]}"}
 assert (results["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all()

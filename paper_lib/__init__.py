@@ -1,7 +1,7 @@
 """paper_lib: the library behind the notebooks that reproduce "RL Is Neither a Panacea Nor a Mirage".
 
-One idea per module, each listed in the README's Layout section, with the data flow from one notebook's
-stage to the next; runs/<preset>/ holds what passes between them (artifacts names every path).
+One idea per module, each listed in the README's Layout section. The notebooks' stages pass nothing in
+memory: runs/<preset>/ holds what one writes and the next reads (artifacts names every path).
 """
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ def _verdict(low: float, high: float, threshold: float) -> str:
 
 def _pct(value: float, low: float | None = None, high: float | None = None) -> str:
     text = f"{value:.1%}" if np.isfinite(value) else "undefined"
-    if low is not None and np.isinf(low):  # recovery.recovery: the drop's own interval reaches 0
+    if low is not None and np.isinf(low):  # recovery.drop_and_share: the drop's own interval reaches 0
         return text + f" [unbounded: over {1 - recovery.SHARE_BOUNDED_FROM:.1%} of bootstrap draws show no drop]"
     return text + (f" [{low:.1%}, {high:.1%}]" if low is not None and np.isfinite(low) else "")
 
@@ -179,7 +179,7 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
 
 
 def restore_recovery(cfg: Config) -> list[dict]:
-    """Claim 5, one row per restore variant and kind, at the claim's points (restore.claim_points)."""
+    """Claim 5, one row per restore variant and kind, at the claim's points (restore_eval.claim_points)."""
     path = artifacts.variants_table(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 06_restore for preset {cfg.preset!r} first")

@@ -254,7 +254,7 @@ POSITIVE = {
     "restore.causal_top_ks",
 }
 NON_NEGATIVE = {
-    "sft.warmup_ratio", "sft.warmup_steps", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
+    "sft.warmup_steps", "sft.weight_decay", "rl.min_learning_rate", "rl.clip_eps", "rl.value_coef",
     "rl.max_grad_norm", "rl.kl_coef", "rl.temperature", "rl.thought_prob_coef", "rl.micro_batch_size",
     "rl.samples_per_step", "rl.env_slots", "sft.eval_batch_size",
     "eval.sft_every",

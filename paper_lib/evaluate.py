@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{OWN_DIR}/{chosen[0].label}" if chosen else artifacts.RESULTS
         table = sweep(cfg, force=args.force, checkpoints=chosen, table_name=name)
         return (table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
-                + f"\nwritten to {artifacts.eval_table(cfg, name)} (episodes under {artifacts.eval_dir(cfg)})")
+                + f"\nwritten to {artifacts.eval_table(cfg, name)}, episodes under "
+                  f"{episodes_dir(cfg, chosen[0]) if chosen else artifacts.eval_dir(cfg)}")
 
     return launch.run_main(work)
 

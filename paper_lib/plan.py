@@ -188,10 +188,10 @@ def plan(cfg: Config) -> dict:
 def restored_checkpoints(cfg: Config, shape: Shape) -> int:
     """Checkpoints notebooks 06 and 07 write and evaluate: every restore variant's layer ranges and top-k
     ranks (the claim's points included), and the causal test's restores."""
-    from . import restore  # the sweep arithmetic only; a local import keeps torch out of the module's load
+    from . import restore_eval  # the sweep design only; a local import keeps torch out of the module's load
 
-    layer_ranges, top_ks = restore.sweeps(cfg, shape.layers, shape.hidden)
-    return len(restore.variants(cfg)) * (len(layer_ranges) + len(top_ks)) + len(restore.causal_plans(cfg))
+    layer_ranges, top_ks = restore_eval.sweeps(cfg, shape.layers, shape.hidden)
+    return len(restore_eval.variants(cfg)) * (len(layer_ranges) + len(top_ks)) + len(restore_eval.causal_plans(cfg))
 
 
 def steady(rows: list) -> list:

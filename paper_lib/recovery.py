@@ -53,7 +53,7 @@ def selection_interval(name: str, chosen: int, points: np.ndarray, samples: np.n
 SHARE_BOUNDED_FROM = 0.975  # the share of draws with a drop below which the share's 95% interval is unbounded
 
 
-def recovery(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
+def drop_and_share(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl: str | None, rule: str = "ood",
              n_boot: int = 2000, seed: int = 0, selected_from: Sequence[str] = ()) -> dict:
     """The paper's quantities on one rule: the drop from Inter_SFT to full SFT and the share of it that
     RL recovers, (rl - full) / (inter - full), with 95% intervals (`<name>_ci_low`, `<name>_ci_high`) from a
@@ -108,7 +108,7 @@ def headline(cfg: Config, named: evaluate.Named, write: bool = True) -> pd.DataF
     runs/<preset>/eval/recovery.csv (04_eval) unless write=False (claims, which only reads)."""
     labels = {named.inter_sft, named.full_sft, named.rl, *named.inter_candidates} - {None}
     episodes = {label: evaluate.episodes_table(artifacts.eval_dir(cfg) / label) for label in labels}
-    table = pd.DataFrame([recovery(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule,
+    table = pd.DataFrame([drop_and_share(episodes, named.inter_sft, named.full_sft, named.rl, rule=rule,
                                    selected_from=named.inter_candidates)
                           for rule in ("ood", "id")]).set_index("rule")
     if write:

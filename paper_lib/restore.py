@@ -139,7 +139,7 @@ def write_restored(target: str | Path, source: str | Path, out: str | Path, plan
     _check_out(Path(out), [Path(target), Path(source)], replace)
     weights.resolve_device(device)  # a missing CUDA is one line before any output exists
     tgt, src = weights.LazyWeights("target", target), weights.LazyWeights("source", source)
-    weights.warn_if_model_types_differ([tgt, src], "a restore puts one model's directions into the other")
+    weights.warn_if_model_types_differ([tgt, src], "a restore between them restores a fine-tuning's rotation")
     num_layers, src_layers = _dims(tgt)[0], _dims(src)[0]
     if src_layers != num_layers:  # same-shaped layers of two depths: not one model, though every shape fits
         raise weights.WeightsError(f"target {tgt.path} has {num_layers} layers, source {src.path} "
@@ -240,64 +240,12 @@ def _not_written_by_restore(out: Path) -> list[str]:
     list, the shards and side files) and the pipeline's manifest: replacing it would delete those."""
     listed = (artifacts.read_json(out / RESTORE_MANIFEST) or {}).get("files")
     def ours(p: Path) -> bool:
-        if p.name == artifacts.MANIFEST:
+        if p.name == artifacts.MANIFEST or artifacts.is_leftover(p.name):  # the pipeline's, or a killed write's
             return True
         if listed is not None:
             return p.name in listed
         return p.is_file() and (p.suffix in (".safetensors", *_SIDE_FILES) or p.name == RESTORE_MANIFEST)
     return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not ours(p))
-
-
-def layer_blocks(num_layers: int, block: int) -> list[tuple[int, int]]:
-    """Consecutive inclusive layer ranges of `block` layers (the paper: 0-9, 10-19, ...)."""
-    if block < 1:
-        raise ValueError("restore.layer_block must be >= 1")
-    return [(a, min(a + block, num_layers) - 1) for a in range(0, num_layers, block)]
-
-
-def layer_prefixes(num_layers: int, step: int) -> list[tuple[int, int]]:
-    """Inclusive layer ranges from layer 0 that grow by `step` layers (the authors' 0-4, 0-9, ..., 0-39)."""
-    return [(0, b) for _, b in layer_blocks(num_layers, step)]
-
-
-def claim_points(num_layers: int, hidden: int) -> tuple[tuple[int, int], int]:
-    """The settings of the paper's claim: the first 25% of the layers, (0, L/4 - 1), at least one layer
-    (0-6 of Qwen's 28), and the top 20% of the ranks, 20% of the hidden size (717 for Qwen, 819 for Llama)."""
-    return (0, max(1, num_layers // 4) - 1), max(1, round(0.2 * hidden))
-
-
-def sweeps(cfg: Config, num_layers: int, hidden: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """Figure 5's layer ranges (restore.layer_sweep: blocks or prefixes of restore.layer_block layers) and
-    Figure 6's top-k sweep (restore.top_ks), each with the claim's point added, so the claim is always measured."""
-    first_quarter, top20 = claim_points(num_layers, hidden)
-    ranges = layer_prefixes if cfg.restore.layer_sweep == "prefixes" else layer_blocks
-    layers = sorted(set(ranges(num_layers, cfg.restore.layer_block)) | {first_quarter})
-    return layers, sorted(set(cfg.restore.top_ks) | {top20})
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One restore experiment: whose directions (source: base or inter_sft) and whose σ (keep)."""
-
-    source: str
-    keep: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.source}.{self.keep}"
-
-
-def variants(cfg: Config) -> list[Variant]:
-    """restore.sources x restore.keeps (config.load has checked both against their choices)."""
-    return [Variant(source, keep) for source in cfg.restore.sources for keep in cfg.restore.keeps]
-
-
-def causal_plans(cfg: Config) -> dict[str, Plan]:
-    """The causal test's restores of the SFT model's directions into the RL model, by name: every rank of
-    every matrix with the RL model's σ (the paper's text), and for each restore.causal_top_ks the authors'
-    svd_recover_dir run (top k, keep="target-sigma-reset"; theirs used 2560, 3072 and 3584)."""
-    return {"every rank": Plan(), **{f"top {k}": Plan(top=k, keep="target-sigma-reset")
-                                     for k in cfg.restore.causal_top_ks}}
 
 
 def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, source: artifacts.Checkpoint,

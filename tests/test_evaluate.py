@@ -108,26 +108,26 @@ def test_recovery_arithmetic_on_a_hand_made_table():
     inter = _episodes([1] * 40 + [0] * 60)  # 40%
     full = _episodes([1] * 20 + [0] * 80)  # 20%
     rl = _episodes([1] * 35 + [0] * 65)  # 35%: recovers 15 of the 20 points lost
-    out = recovery.recovery({"i": inter, "f": full, "r": rl}, "i", "f", "r")
+    out = recovery.drop_and_share({"i": inter, "f": full, "r": rl}, "i", "f", "r")
     assert out["drop"] == pytest.approx(0.20) and out["gain"] == pytest.approx(0.15)
     assert out["share_recovered"] == pytest.approx(0.75)
     lo, hi = out["share_ci_low"], out["share_ci_high"]
     assert lo < 0.75 < hi and hi - lo < 0.6
     # episodes are paired by hand, not by row order
-    shuffled = recovery.recovery({"i": inter.sample(frac=1, random_state=1), "f": full, "r": rl}, "i", "f", "r")
+    shuffled = recovery.drop_and_share({"i": inter.sample(frac=1, random_state=1), "f": full, "r": rl}, "i", "f", "r")
     assert shuffled["share_recovered"] == pytest.approx(0.75) and (shuffled["share_ci_low"], shuffled["share_ci_high"]) == \
         pytest.approx((lo, hi))
-    none = recovery.recovery({"i": inter, "f": full}, "i", "f", None)
+    none = recovery.drop_and_share({"i": inter, "f": full}, "i", "f", None)
     assert "share_recovered" not in none and none["drop"] == pytest.approx(0.2)
-    flat = recovery.recovery({"i": full, "f": full, "r": rl}, "i", "f", "r")
+    flat = recovery.drop_and_share({"i": full, "f": full, "r": rl}, "i", "f", "r")
     assert math.isnan(flat["share_recovered"])  # no drop, nothing to recover
 
 
 def test_the_share_has_no_finite_interval_when_the_drop_may_be_zero():
     full, rl = _episodes([1] * 20 + [0] * 80), _episodes([1] * 24 + [0] * 76)
-    sure = recovery.recovery({"i": _episodes([1] * 40 + [0] * 60), "f": full, "r": rl}, "i", "f", "r")
+    sure = recovery.drop_and_share({"i": _episodes([1] * 40 + [0] * 60), "f": full, "r": rl}, "i", "f", "r")
     assert sure["share_defined_in"] == 1.0 and math.isfinite(sure["share_ci_high"])
-    marginal = recovery.recovery({"i": _episodes([1] * 23 + [0] * 77), "f": full, "r": rl}, "i", "f", "r")
+    marginal = recovery.drop_and_share({"i": _episodes([1] * 23 + [0] * 77), "f": full, "r": rl}, "i", "f", "r")
     assert marginal["share_recovered"] > 1 and marginal["share_defined_in"] < 0.975  # 3 points of drop, 100 hands
     assert (marginal["share_ci_low"], marginal["share_ci_high"]) == (-math.inf, math.inf)
 
@@ -179,8 +179,8 @@ def test_the_ood_drop_interval_allows_for_inter_sft_being_picked_on_the_same_han
         inter = max(labels, key=lambda label: hits[label]["success"].mean())  # the pick, on the same hands
         if inter == full:
             continue
-        plain = recovery.recovery(hits, inter, full, None, n_boot=400)
-        band = recovery.recovery(hits, inter, full, None, n_boot=400, selected_from=labels)
+        plain = recovery.drop_and_share(hits, inter, full, None, n_boot=400)
+        band = recovery.drop_and_share(hits, inter, full, None, n_boot=400, selected_from=labels)
         assert plain["drop"] == band["drop"] and band["inter_candidates"] == 10
         assert band["drop_ci_low"] <= band["drop"] <= band["drop_ci_high"]
         naive += plain["drop_ci_low"] > 0
@@ -188,12 +188,12 @@ def test_the_ood_drop_interval_allows_for_inter_sft_being_picked_on_the_same_han
     assert naive >= 0.06 * trials and adjusted <= 0.04 * trials, (naive, adjusted)
     # ID hands did not pick Inter_SFT: no band there
     ids = {label: frame.assign(rule="id") for label, frame in hits.items()}
-    assert recovery.recovery(ids, inter, full, None, rule="id", selected_from=labels)["inter_candidates"] == 1
+    assert recovery.drop_and_share(ids, inter, full, None, rule="id", selected_from=labels)["inter_candidates"] == 1
 
 
 def test_relative_drop_arithmetic_on_a_hand_made_table():
     inter, full = _episodes([1] * 40 + [0] * 60), _episodes([1] * 30 + [0] * 70)
-    out = recovery.recovery({"i": inter, "f": full}, "i", "f", None)
+    out = recovery.drop_and_share({"i": inter, "f": full}, "i", "f", None)
     assert out["relative_drop"] == pytest.approx(0.25)  # (40 - 30) / 40
     lo, hi = out["relative_drop_ci_low"], out["relative_drop_ci_high"]
     assert lo < 0.25 < hi
@@ -205,7 +205,7 @@ def test_relative_drop_arithmetic_on_a_hand_made_table():
     # repeated passes count per hand: two passes that each solve half the hands average to 50%
     two_passes = pd.concat([_episodes([1] * 50 + [0] * 50).assign(repeat=0),
                             _episodes([0] * 50 + [1] * 50).assign(repeat=1)])
-    out = recovery.recovery({"i": two_passes, "f": full}, "i", "f", None)
+    out = recovery.drop_and_share({"i": two_passes, "f": full}, "i", "f", None)
     assert out["inter_rate"] == pytest.approx(0.5)
 
 

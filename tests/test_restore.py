@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from paper_lib import artifacts, restore, weights
+from paper_lib import artifacts, restore, restore_eval, weights
 from paper_lib.restore import Plan, restore_directions
 
 
@@ -127,10 +127,10 @@ def test_mismatched_checkpoints_fail_clearly(tmp_path):
 
 
 def test_layer_blocks_and_prefixes():
-    assert restore.layer_blocks(28, 10) == [(0, 9), (10, 19), (20, 27)]
-    assert restore.layer_blocks(2, 1) == [(0, 0), (1, 1)]
-    assert restore.layer_prefixes(40, 5) == [(0, b) for b in (4, 9, 14, 19, 24, 29, 34, 39)]  # run_batch_eval.sh's
-    assert restore.layer_prefixes(28, 10) == [(0, 9), (0, 19), (0, 27)]
+    assert restore_eval.layer_blocks(28, 10) == [(0, 9), (10, 19), (20, 27)]
+    assert restore_eval.layer_blocks(2, 1) == [(0, 0), (1, 1)]
+    assert restore_eval.layer_prefixes(40, 5) == [(0, b) for b in (4, 9, 14, 19, 24, 29, 34, 39)]  # run_batch_eval.sh's
+    assert restore_eval.layer_prefixes(28, 10) == [(0, 9), (0, 19), (0, 27)]
 
 
 def test_full_rank_with_keep_source_is_exactly_the_source():
@@ -169,10 +169,10 @@ def test_target_sigma_reset_keeps_sigma_until_every_rank_then_is_the_source():
 def test_causal_plans_add_the_authors_top_k_to_every_rank():
     from paper_lib import config
 
-    plans = restore.causal_plans(config.load("qwen7b"))
+    plans = restore_eval.causal_plans(config.load("qwen7b"))
     assert list(plans) == ["every rank", "top 2560", "top 3072", "top 3584"]
     assert plans["every rank"] == Plan() and plans["top 3072"] == Plan(top=3072, keep="target-sigma-reset")
-    assert list(restore.causal_plans(config.load("smol"))) == ["every rank"]
+    assert list(restore_eval.causal_plans(config.load("smol"))) == ["every rank"]
 
 
 @pytest.mark.parametrize("preset, layers, hidden, first_quarter, top20", [
@@ -184,11 +184,11 @@ def test_causal_plans_add_the_authors_top_k_to_every_rank():
 def test_the_claims_points_are_in_every_presets_sweeps(preset, layers, hidden, first_quarter, top20):
     from paper_lib import config
 
-    assert restore.claim_points(layers, hidden) == (first_quarter, top20)
-    layer_ranges, top_ks = restore.sweeps(config.load(preset), layers, hidden)
+    assert restore_eval.claim_points(layers, hidden) == (first_quarter, top20)
+    layer_ranges, top_ks = restore_eval.sweeps(config.load(preset), layers, hidden)
     assert first_quarter in layer_ranges and top20 in top_ks
     assert max(b for _, b in layer_ranges) == layers - 1  # the blocks still cover every layer
-    prefixes, _ = restore.sweeps(config.load(preset, restore__layer_sweep="prefixes"), layers, hidden)
+    prefixes, _ = restore_eval.sweeps(config.load(preset, restore__layer_sweep="prefixes"), layers, hidden)
     assert first_quarter in prefixes and {a for a, _ in prefixes} == {0} and prefixes[-1] == (0, layers - 1)
 
 
@@ -196,7 +196,7 @@ def test_claim_points_come_from_the_checkpoints_shape(tmp_path):
     path = tmp_path / "m"
     tiny_qwen(path, seed=0)
     layers, hidden = restore.model_dims(path)
-    assert restore.claim_points(layers, hidden) == ((0, max(1, layers // 4) - 1), round(0.2 * hidden))
+    assert restore_eval.claim_points(layers, hidden) == ((0, max(1, layers // 4) - 1), round(0.2 * hidden))
 
 
 def test_layer_plans_take_embeddings_only_when_asked():
@@ -209,10 +209,10 @@ def test_layer_plans_take_embeddings_only_when_asked():
 def test_variants_cross_sources_and_keeps():
     from paper_lib import config
 
-    names = [v.name for v in restore.variants(config.load("qwen7b"))]
+    names = [v.name for v in restore_eval.variants(config.load("qwen7b"))]
     assert names == ["base.target-sigma", "base.source", "inter_sft.target-sigma", "inter_sft.source"]
     with pytest.raises(ValueError, match="restore.sources"):
-        restore.variants(config.load("tiny", restore__sources=["sft"]))
+        restore_eval.variants(config.load("tiny", restore__sources=["sft"]))
 
 
 def test_missing_target_names_the_side_and_the_fix(tmp_path, capsys):
@@ -278,3 +278,25 @@ def test_top_zero_warns_that_the_output_is_a_copy_of_the_target(tmp_path, caplog
     assert "--top 0 restores no rank" in caplog.text
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "tgt" / "model.safetensors"))
     assert all(torch.equal(a[n], b[n]) for n in b)
+
+
+def test_sweep_jobs_restore_every_variants_ranges_and_ranks_into_full_sft(tmp_path):
+    """restore_eval.sweep_jobs: per variant, one restore per layer range and per k, the claim's two points
+    flagged once each, every label its own directory; base's or Inter_SFT's directions by the variant."""
+    from paper_lib import config, evaluate
+
+    for name, seed in (("base", 0), ("sft-0002", 1), ("sft-0004", 2)):
+        tiny_qwen(tmp_path / name, seed)
+    by_label = {name: artifacts.Checkpoint(name, "sft", 0, tmp_path / name) for name in ("base", "sft-0002", "sft-0004")}
+    named = evaluate.Named("base", "sft-0002", "sft-0004", None)
+    cfg = config.load("tiny", restore__top_ks=[4, 16])  # 3 layers, hidden 16: 20% is 3
+    jobs = restore_eval.sweep_jobs(cfg, named, by_label)
+    variants = restore_eval.variants(cfg)
+    layer_ranges, top_ks = restore_eval.sweeps(cfg, 3, 16)
+    assert len(jobs) == len(variants) * (len(layer_ranges) + len(top_ks)) and top_ks == [3, 4, 16]
+    assert len({job.label for job in jobs}) == len(jobs)
+    for variant in variants:
+        mine = [job for job in jobs if job.variant == variant]
+        assert {job.source.label for job in mine} == {"base" if variant.source == "base" else "sft-0002"}
+        assert [job.setting for job in mine if job.claim_point] == ["0-0", "3"]
+        assert all(job.plan.keep == variant.keep for job in mine)
