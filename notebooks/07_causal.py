@@ -39,7 +39,7 @@ from paper_lib import artifacts, config, evaluate, gauge, plots, restore_eval
 
 cfg = config.load(preset, **overrides)
 table, named = evaluate.load_results(cfg)  # written by 04_eval
-both = restore_eval.run_causal(cfg, named, force=force)  # the RL model, then each restore.causal_plans
+both = restore_eval.run_causal(cfg, table, named, force=force)  # the RL model, then each restore_eval.causal_plans
 display(both[["variant", "rule", "success_rate", "ci_low", "ci_high"]].style.format(
     {"success_rate": "{:.1%}", "ci_low": "{:.1%}", "ci_high": "{:.1%}"}))
 

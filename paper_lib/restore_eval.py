@@ -126,10 +126,11 @@ def run_sweeps(cfg: Config, named: evaluate.Named, force: bool = False) -> pd.Da
     return out
 
 
-def run_causal(cfg: Config, named: evaluate.Named, force: bool = False) -> pd.DataFrame:
-    """The causal test: the RL model, and the RL model with the full-SFT model's directions imposed by each
-    of causal_plans, evaluated; one row per (variant, rule) with its success and interval, the RL
-    model first. The imposed checkpoints' table is runs/<preset>/eval/causal_results.parquet."""
+def run_causal(cfg: Config, table: pd.DataFrame, named: evaluate.Named, force: bool = False) -> pd.DataFrame:
+    """The causal test: the RL model (its row of 04_eval's `table`, evaluate.load_results), and the RL model
+    with the full-SFT model's directions imposed by each of causal_plans, evaluated; one row per (variant,
+    rule) with its success and interval, the RL model first. The imposed checkpoints' table is
+    runs/<preset>/eval/causal_results.parquet."""
     if not named.rl:
         raise FileNotFoundError("no RL checkpoint: run 03_ppo (and 04_eval) first")
     by_label = evaluate.checkpoints_by_label(cfg)
@@ -139,7 +140,6 @@ def run_causal(cfg: Config, named: evaluate.Named, force: bool = False) -> pd.Da
         label = f"causal-{rl.label}-with-{full.label}-directions" + ("" if plan.top is None else f"-top-{plan.top:04d}")
         imposed[name] = restore.restored_checkpoint(cfg, label, rl, full, plan, force)
     causal = evaluate.sweep(cfg, force=force, checkpoints=list(imposed.values()), table_name=artifacts.CAUSAL_RESULTS)
-    table, _ = evaluate.load_results(cfg)
     rows = [table[table["label"] == rl.label].assign(variant=f"RL ({rl.label})")]
     for name, checkpoint in imposed.items():
         whole = f": {full.label}'s weights" if restore.replaced_whole(checkpoint.path) else ""
