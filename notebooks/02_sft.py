@@ -52,9 +52,9 @@ out = sft.run(cfg, force=force)
 print(sft.log_tail(cfg, 12) or f"(no log kept with this run: it was trained from the command line; see {out.parent / 'logs' / 'sft.log'})")
 checkpoints = sft.checkpoints(cfg)
 display(pd.DataFrame({
-    "step": [sft.checkpoint_step(p) for p in checkpoints],
-    "checkpoint": [str(p) for p in checkpoints],
-    "MB": [round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20, 1) for p in checkpoints],
+    "step": list(checkpoints),
+    "checkpoint": [str(p) for p in checkpoints.values()],
+    "MB": [round(sum(f.stat().st_size for f in p.glob("*.safetensors")) / 2**20, 1) for p in checkpoints.values()],
 }))
 
 # %% [markdown]
@@ -78,8 +78,8 @@ plots.save_figure(fig, "fig2_sft_loss", cfg, notebook="02_sft", sources=[out / s
 manifest = artifacts.read_manifest(out)
 assert artifacts.manifest_matches(out, sft.manifest_spec(cfg)), "the run finished with this config"
 assert checkpoints, "at least one checkpoint"
-assert sft.checkpoint_step(checkpoints[-1]) == manifest["provenance"]["final_step"], "the final step is saved"
-for path in checkpoints:
+assert max(checkpoints) == manifest["provenance"]["final_step"], "the final step is saved"
+for path in checkpoints.values():
     assert (path / "config.json").is_file() and any(path.glob("*.safetensors")), path
     assert (path / "tokenizer_config.json").is_file(), f"{path} holds its tokenizer"
 assert not table.duplicated(["step", "curve"]).any()

@@ -100,15 +100,15 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def checkpoints(cfg: Config) -> list[Path]:
-    """The complete SFT checkpoints of the preset, ordered by step."""
-    return [p for p in _checkpoint_dirs(artifacts.sft_dir(cfg)) if _is_complete(p)]
+def checkpoints(cfg: Config) -> dict[int, Path]:
+    """{step: path} of the preset's complete SFT checkpoints, ordered by step (as ppo.checkpoints)."""
+    return {checkpoint_step(p): p for p in _checkpoint_dirs(artifacts.sft_dir(cfg)) if _is_complete(p)}
 
 
 def checkpoint(cfg: Config, step: int | str = "final") -> Path:
     """The checkpoint at `step`: an int, "final" or "full_sft" (artifacts.full_sft_step's rule). Inter_SFT
     is chosen by evaluation (evaluate.named_checkpoints: the best OOD checkpoint), not by step."""
-    found = {checkpoint_step(p): p for p in checkpoints(cfg)}
+    found = checkpoints(cfg)
     if not found:
         raise FileNotFoundError(f"no SFT checkpoint in {artifacts.sft_dir(cfg)}; run the SFT first "
                                 f"(notebooks/02_sft.py, or `python -m paper_lib.sft --preset {cfg.preset}`)")
@@ -358,14 +358,14 @@ def train(cfg: Config, force: bool = False) -> Path:
     if state.is_main_process:
         done = checkpoints(cfg)
         final = trainer.state.global_step
-        if not done or checkpoint_step(done[-1]) != final:
+        if not done or max(done) != final:
             hint = ""
             if (out / f"{_CKPT_PREFIX}{final}" / "trainer_state.json").is_file():
                 hint = (" (it has no *.safetensors weights: under DeepSpeed ZeRO-3 the accelerate config needs "
                         "`zero3_save_16bit_model: true`, as configs/accelerate/zero3.yaml has)")
             raise launch.StageError(f"training ended at step {final} but the newest complete checkpoint in {out} is "
-                           f"{done[-1].name if done else 'none'}{hint}")
-        artifacts.write_manifest(out, spec, final_step=final, checkpoints=[p.name for p in done],
+                           f"{done[max(done)].name if done else 'none'}{hint}")
+        artifacts.write_manifest(out, spec, final_step=final, checkpoints=[p.name for p in done.values()],
                                  resumed_from=resume_from.name if resume_from else None,
                                  seconds=round(time.time() - started, 1), processes=state.num_processes,
                                  **throughput(before, trainer.state, result.metrics["train_runtime"]))

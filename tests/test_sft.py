@@ -55,20 +55,21 @@ def test_run_writes_loadable_checkpoints_at_the_save_steps(tiny_run, monkeypatch
     runs, cfg, out = tiny_run
     monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
     found = sft.checkpoints(cfg)
-    assert [sft.checkpoint_step(p) for p in found] == [3, 6, 8]  # every save step and the last step
-    assert sft.checkpoint(cfg) == found[-1] and sft.checkpoint(cfg, 6) == found[1]
-    assert sft.checkpoint(cfg, "full_sft") == found[-1]  # tiny's full_sft_step 64 is past its last step
+    assert list(found) == [3, 6, 8]  # every save step and the last step
+    assert all(sft.checkpoint_step(path) == step for step, path in found.items())
+    assert sft.checkpoint(cfg) == found[8] and sft.checkpoint(cfg, 6) == found[6]
+    assert sft.checkpoint(cfg, "full_sft") == found[8]  # tiny's full_sft_step 64 is past its last step
     with pytest.raises(FileNotFoundError, match=r"saved steps: \[3, 6, 8\]"):
         sft.checkpoint(cfg, 5)
     base, _ = models.load(cfg)
-    for path in found:
+    for path in found.values():
         model, tokenizer = models.load(cfg, checkpoint=path)
         assert type(model).__name__ == "Qwen2ForCausalLM"
         assert (path / "tokenizer.json").is_file() and tokenizer.eos_token == "<|im_end|>"
         assert json.loads((path / "trainer_state.json").read_text())["global_step"] == sft.checkpoint_step(path)
         assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
     # only the newest keeps the optimizer state a resume needs
-    assert [(p / "optimizer.pt").is_file() for p in found] == [False, False, True]
+    assert [(p / "optimizer.pt").is_file() for p in found.values()] == [False, False, True]
     manifest = artifacts.read_manifest(out)
     assert manifest["provenance"]["final_step"] == 8 and manifest["provenance"]["resumed_from"] is None
 
@@ -303,13 +304,12 @@ def test_resumes_after_sigkill(tmp_path):
         assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert artifacts.read_manifest(out) is None
     survived = sft.checkpoints(cfg)
-    last = survived[-1]
-    assert sft.checkpoint_step(last) < 20
+    last = survived[max(survived)]
+    assert max(survived) < 20
     stamp = (last / "trainer_state.json").stat().st_mtime_ns
 
     sft.run(cfg, stream=False)
-    steps = [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)]
-    assert steps == [4, 8, 12, 16, 20]
+    assert list(sft.checkpoints(cfg)) == [4, 8, 12, 16, 20]
     assert json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())["global_step"] == 20
     assert (last / "trainer_state.json").stat().st_mtime_ns == stamp, "the checkpoint resumed from is not redone"
     done = artifacts.read_manifest(out)["provenance"]
@@ -402,7 +402,7 @@ def test_mllama_shaped_model_trains_text_only(tmp_path):
     cfg = config.load("tiny", model__name=str(path), **{**SMALL, "data.sft_size": 32, "sft.save_steps": 4})
     with one_thread():
         out = sft.train(cfg)
-    assert [sft.checkpoint_step(p) for p in sft.checkpoints(cfg)] == [4]
+    assert list(sft.checkpoints(cfg)) == [4]
     model, _ = models.load(cfg, checkpoint=sft.checkpoint(cfg))
     assert isinstance(model, MllamaForConditionalGeneration)
     with safe_open(path / "model.safetensors", "pt") as before, \

@@ -161,8 +161,8 @@ def test_generation_is_batched_and_stops_at_eos(smol):
 # ---------------------------------------------------------------------------------------------- stages
 def test_sft_two_steps(in_runs, sft_done):
     cfg = in_runs.cfg
-    assert [sft.checkpoint_step(p) for p in sft_done.checkpoints] == [2]
-    ckpt = sft_done.checkpoints[-1]
+    assert list(sft_done.checkpoints) == [2]
+    ckpt = sft_done.checkpoints[2]
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer_config.json").is_file()
     assert artifacts.manifest_matches(sft_done.out, sft.manifest_spec(cfg))
     losses = sft_done.losses.pivot(index="step", columns="curve", values="loss")
@@ -174,7 +174,7 @@ def test_sft_two_steps(in_runs, sft_done):
 
 def test_evaluation_of_two_hands(in_runs, sft_done):
     cfg = in_runs.cfg
-    full = evaluate.Checkpoint("sft-0002", "sft", 2, sft_done.checkpoints[-1])
+    full = evaluate.Checkpoint("sft-0002", "sft", 2, sft_done.checkpoints[2])
     episodes = evaluate.evaluate_checkpoint(cfg, full)
     assert sorted(episodes["rule"]) == ["id", "ood"]
     statuses = {"CORRECT", "PARTIAL", "NO_SOLUTION", "INCORRECT_NUMBER", "ILLEGAL_FORMULA"}
@@ -207,7 +207,7 @@ def test_one_ppo_update(in_runs, sft_done):
 
 
 def test_spectra_of_one_layer(in_runs, sft_done, tmp_path):
-    table = spectra.analyze_pairs({"base": in_runs.base, "sft": sft_done.checkpoints[-1]}, [("base", "sft")],
+    table = spectra.analyze_pairs({"base": in_runs.base, "sft": sft_done.checkpoints[2]}, [("base", "sft")],
                                   tmp_path / "spectra", k=in_runs.cfg.spectra.k, device="cpu", names=LAYER0,
                                   progress=False)
     assert sorted(table["module"]) == sorted(LAYER0_MODULES)
@@ -220,7 +220,7 @@ def test_one_restore(in_runs, sft_done):
 
     cfg = in_runs.cfg
     base = evaluate.Checkpoint("base", "base", 0, Path(in_runs.base))
-    full = evaluate.Checkpoint("sft-0002", "sft", 2, sft_done.checkpoints[-1])
+    full = evaluate.Checkpoint("sft-0002", "sft", 2, sft_done.checkpoints[2])
     k = 32
     out = restore.restored_checkpoint(cfg, "layers-00-00", full, base, restore.Plan(layers=(0, 0), top=k)).path
     with safe_open(str(out / "model.safetensors"), "pt") as r, \
