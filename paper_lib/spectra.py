@@ -59,17 +59,20 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor, *, assume_orthonormal: bo
     sines. Both lists are sorted by ascending angle, so index i of each belongs to the same angle (scipy's
     subspace_angles picks sine or cosine with a mask ordered opposite to the values, and so returns 0
     for a tiny angle beside large ones).
-    Inputs are orthonormalised by QR unless `assume_orthonormal` (e.g. singular vectors); they should
-    have full column rank. Returns min(ka, kb) angles.
+    Inputs are orthonormalised unless `assume_orthonormal` (e.g. singular vectors), with a rank cut-off
+    as scipy's orth: a column space of rank r < k (a low-rank update, a zero column) has r basis vectors,
+    not k with k − r arbitrary ones. Returns min(rank A, rank B) angles: min(ka, kb) at full column rank.
+    Half-precision inputs are computed in float32 (no QR kernel takes them), integers in float64.
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[0]:
         raise SpectraError(f"principal_angles needs two matrices with equal row counts, got {tuple(A.shape)} "
                            f"and {tuple(B.shape)}")
     dtype = torch.promote_types(A.dtype, B.dtype)
-    dtype = dtype if dtype.is_floating_point else torch.float64
+    dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    dtype = dtype if dtype.is_floating_point or dtype.is_complex else torch.float64
     A, B = A.to(dtype), B.to(dtype=dtype, device=A.device)
     if not assume_orthonormal:
-        A, B = torch.linalg.qr(A).Q, torch.linalg.qr(B).Q
+        A, B = column_basis(A), column_basis(B)
     if A.shape[1] < B.shape[1]:  # the residual is taken of the smaller basis, so there are kb sines
         A, B = B, A
     if B.shape[1] == 0 or A.shape[1] >= A.shape[0]:  # A spans the whole space: every angle is 0
@@ -77,6 +80,18 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor, *, assume_orthonormal: bo
     M = A.mH @ B
     cos = torch.linalg.svdvals(M).clamp(max=1.0)  # descending cosines = ascending angles
     return _combine_angles(cos, _residual_svdvals(A, B, M))
+
+
+def column_basis(A: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of A's column space (m×r, r its numerical rank): Q of A's QR, rotated by the
+    left singular vectors of R that have σ above max(m, k)·eps·σ₁ (scipy.linalg.orth's cut-off). The SVD
+    is of the k×k R, so this costs a QR and a small SVD."""
+    Q, R = torch.linalg.qr(A)
+    if R.numel() == 0:
+        return Q
+    U, S, _ = torch.linalg.svd(R)
+    rank = int((S > max(A.shape) * torch.finfo(S.dtype).eps * S[0]).sum()) if S[0] > 0 else 0
+    return Q @ U[:, :rank]
 
 
 def _combine_angles(cos: torch.Tensor, sin_desc: torch.Tensor) -> torch.Tensor:
@@ -200,22 +215,26 @@ def _compare(ckb: weights.LazyWeights, cka: weights.LazyWeights, key: str, facto
     }
     for name in ("rot_u", "rot_v"):
         row[f"{name}_mean_deg"] = float(np.degrees(arrays[name]).mean())
-    # Two k-dimensional subspaces of a d-dimensional space share at least 2k - d dimensions, so the first
-    # max(0, 2k - d) principal angles are 0 whatever training did (Llama's k/v_proj, 1024 rows at k 768:
-    # 512 of them). They say nothing of rotation: the mean leaves them out (angle_*_trivial counts them),
-    # and where they are all (k >= d: the top k span the whole side) mean and max are NaN, undefined, and
-    # the means over matrices leave the matrix out. The arrays keep the zeros, as the authors' script did.
     for side, dim in (("u", rows), ("v", cols)):
-        deg = np.degrees(arrays[f"angles_{side}"])
-        trivial = min(max(0, 2 * len(deg) - dim), len(deg))
-        row[f"angle_{side}_trivial"] = trivial
-        rotated = deg[trivial:]
-        row[f"angle_{side}_mean_deg"] = float(rotated.mean()) if len(rotated) else float("nan")
-        row[f"angle_{side}_max_deg"] = float(rotated.max()) if len(rotated) else float("nan")
+        row |= _angle_summary(f"angle_{side}", arrays[f"angles_{side}"], dim)
     if not (sb[0] and sa[0]):  # a zero matrix has no singular directions: no angle is defined
         for column in [c for c in row if c.endswith("_deg")]:
             row[column] = float("nan")
     return row, arrays
+
+
+def _angle_summary(prefix: str, radians: np.ndarray, dim: int) -> dict[str, float]:
+    """Mean and max (degrees) of principal angles between two k-dimensional subspaces of a dim-dimensional
+    space, leaving out the first max(0, 2k - dim), which are 0 whatever training did: the two subspaces
+    share at least that many dimensions (Llama's k/v_proj, 1024 rows at k 768: 512 of them). <prefix>_trivial
+    counts them; where they are all (k >= dim) mean and max are NaN, undefined, and the means over matrices
+    leave the matrix out. The arrays keep the zeros, as the authors' script did."""
+    deg = np.degrees(radians)
+    trivial = min(max(0, 2 * len(deg) - dim), len(deg))
+    rotated = deg[trivial:]
+    return {f"{prefix}_trivial": trivial,
+            f"{prefix}_mean_deg": float(rotated.mean()) if len(rotated) else float("nan"),
+            f"{prefix}_max_deg": float(rotated.max()) if len(rotated) else float("nan")}
 
 
 def _alignment(ck: weights.LazyWeights, factors: dict[str, dict[str, Path]], k: int, device: torch.device,
@@ -240,9 +259,8 @@ def _alignment(ck: weights.LazyWeights, factors: dict[str, dict[str, Path]], k: 
     arrays = {name: a.double().cpu().numpy() for name, a in arrays.items()}
     row = {"checkpoint": ck.label, "embed_name": ck.names[weights.EMBED], "lm_head_name": ck.names[weights.HEAD],
            "embed_rows": rows_e, "lm_head_rows": rows_l, "rows_compared": n, "hidden": hidden, "k": k}
-    for name in ("hidden_angles", "token_angles"):
-        row[f"{name[:-1]}_mean_deg"] = float(np.degrees(arrays[name]).mean())
-        row[f"{name[:-1]}_max_deg"] = float(np.degrees(arrays[name]).max())
+    row |= _angle_summary("hidden_angle", arrays["hidden_angles"], hidden)
+    row |= _angle_summary("token_angle", arrays["token_angles"], n)
     row |= {"row_cos_mean": float(arrays["row_cos"].mean()), "row_cos_median": float(np.median(arrays["row_cos"])),
             "row_cos_min": float(arrays["row_cos"].min())}
     return row, arrays
@@ -414,10 +432,10 @@ def _check_earlier_pairs(out_dir: Path, inputs: dict[tuple[str, str], dict]) -> 
     for (before, after), wanted in inputs.items():
         if not (out_dir / f"{before}__{after}.parquet").is_file():
             continue
-        record = out_dir / f"{before}__{after}.json"
-        earlier = json.loads(record.read_text()) if record.is_file() else None
+        earlier = artifacts.read_json(out_dir / f"{before}__{after}.json")  # None if missing or damaged
         if earlier != wanted:
-            was = (f"{earlier['before']} -> {earlier['after']}, k={earlier['k']}" if earlier
+            recorded = isinstance(earlier, dict) and {"before", "after", "k"} <= earlier.keys()
+            was = (f"{earlier['before']} -> {earlier['after']}, k={earlier['k']}" if recorded
                    else "inputs it does not record")
             raise SpectraError(f"{out_dir} already holds the spectra of {before} -> {after} from {was}; choose a "
                                f"new --out, or pass --force (replace=True from Python) to replace them (nothing was changed)")

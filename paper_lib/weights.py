@@ -179,10 +179,15 @@ def _cache_path(W: torch.Tensor, name: str, dtype: torch.dtype, cache_dir: str |
 
 def ensure_cached(W: torch.Tensor, name: str, cache_dir: str | os.PathLike, dtype: torch.dtype,
                    device: torch.device, svd_driver: str | None) -> tuple[Path, tuple | None]:
-    """The cache file of W, decomposing and writing it first if absent (then also returning the factors)."""
+    """The cache file of W, decomposing and writing it first if absent or damaged (then also returning the
+    factors). Writes are atomic, so damage comes from outside (a copy of runs/ cut short): the file is
+    decomposed again with a warning, as the other caches are, rather than failing every later stage."""
     path = _cache_path(W, name, dtype, cache_dir)
     if path.is_file():
-        return path, None
+        problem = artifacts.safetensors_problem(path)
+        if problem is None:
+            return path, None
+        log.warning("SVD cache file %s is damaged (%s): decomposing %s again", path, problem, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     factors = decompose(W, dtype, device, svd_driver)
     save_factors(path, *factors)

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
+from scipy.linalg import subspace_angles
 from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +55,29 @@ def test_principal_angles_known_mixed_tiny_and_large(m):
     if m == 20:
         full = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64)).Q
         assert torch.equal(principal_angles(full, B), torch.zeros(6, dtype=torch.float64))
+
+
+def test_a_rank_deficient_input_has_as_many_angles_as_its_rank():
+    """A low-rank update (ΔW of rank 2 in 10 columns) spans 2 dimensions: QR alone would add 8 arbitrary
+    basis vectors, and so angles of up to 90° between two equal subspaces."""
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(50, 2, dtype=torch.float64, generator=g)
+    dA = U @ torch.randn(2, 10, dtype=torch.float64, generator=g)
+    dB = U @ torch.randn(2, 10, dtype=torch.float64, generator=g)
+    got = principal_angles(dA, dB)
+    assert got.shape == (2,) and got.abs().max() < 1e-12
+    np.testing.assert_allclose(got.numpy(), subspace_angles(dA.numpy(), dB.numpy())[::-1], atol=1e-12)
+    a, b = torch.randn(50, 1, dtype=torch.float64, generator=g), torch.randn(50, 1, dtype=torch.float64, generator=g)
+    assert principal_angles(torch.cat([a, 0 * a], 1), torch.cat([a, b], 1)).abs().max() < 1e-12  # a zero column
+    assert principal_angles(torch.zeros(50, 3), torch.cat([a, b], 1)).numel() == 0  # no column space at all
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_computed_in_float32(half):
+    A, B = (torch.randn(64, 16, generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    got = principal_angles(A.to(half), B.to(half))
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), principal_angles(A.to(half).float(), B.to(half).float()).numpy())
 
 
 def test_arccos_only_loses_the_tiny_angles():
@@ -204,6 +228,23 @@ def test_streaming_equals_in_memory(qwen_pair, tmp_path, k):
     align = __import__("pandas").read_parquet(tmp_path / "embed_lm_head.parquet")
     assert sorted(align["checkpoint"]) == ["base", "tuned"]
     assert (align["rows_compared"] == 96).all() and align["hidden_angle_mean_deg"].between(0, 90).all()
+    # hidden 32: at k 16 no angle is 0 by force; at k 12 neither (2k - 32 < 0)
+    assert (align["hidden_angle_trivial"] == 0).all() and (align["token_angle_trivial"] == 0).all()
+
+
+def test_alignment_means_leave_out_the_angles_forced_to_zero(qwen_pair, tmp_path):
+    """embed vs lm_head in a 32-dimensional hidden space at k 24: 2k - 32 = 16 of the 24 angles are 0 by
+    force, as in _compare's matrices, and the means leave them out."""
+    base, tuned = qwen_pair
+    analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path, k=24, dtype="float64",
+                  device="cpu", progress=False)
+    align = pd.read_parquet(tmp_path / "embed_lm_head.parquet").set_index("checkpoint")
+    arrays = np.load(tmp_path / "embed_lm_head_arrays.npz")
+    for label in ("base", "tuned"):
+        row, deg = align.loc[label], np.degrees(arrays[f"{label}/hidden_angles"])
+        assert row["hidden"] == 32 and row["hidden_angle_trivial"] == 16 and np.abs(deg[:16]).max() < 1e-6
+        np.testing.assert_allclose(row["hidden_angle_mean_deg"], deg[16:].mean())
+        assert deg[16:].min() > 1e-3 and row["hidden_angle_mean_deg"] > deg.mean()
 
 
 def test_cache_is_reused_and_matches(qwen_pair, tmp_path, monkeypatch):
@@ -222,6 +263,25 @@ def test_cache_is_reused_and_matches(qwen_pair, tmp_path, monkeypatch):
     W = all_tensors(base)["model.layers.0.mlp.up_proj.weight"]
     U, S, Vh = weights.load_or_decompose(W, "model.layers.0.mlp.up_proj.weight", cache, device="cpu")
     assert U.shape == (64, 32) and torch.allclose((U * S) @ Vh, W, atol=1e-5)
+
+
+def test_a_damaged_cache_file_is_decomposed_again_with_a_warning(qwen_pair, tmp_path, caplog):
+    """A copy of runs/ cut short leaves a truncated factor file; it is redone, not a traceback in 05-07."""
+    base, tuned = qwen_pair
+    cache = tmp_path / "cache"
+    first = analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path / "a", k=8,
+                          device="cpu", cache_dir=cache, progress=False)
+    damaged = sorted(cache.glob("layers.0.self_attn.q_proj.*.safetensors"))[0]
+    size = damaged.stat().st_size
+    os.truncate(damaged, 500)
+    with caplog.at_level(logging.WARNING, logger="paper_lib.weights"):
+        second = analyze_pairs({"base": base, "tuned": tuned}, [("base", "tuned")], tmp_path / "b", k=8,
+                               device="cpu", cache_dir=cache, progress=False)
+    assert [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()] == \
+        [f"SVD cache file {damaged} is damaged (500 bytes, but its header describes {size} (truncated or damaged)): "
+         "decomposing layers.0.self_attn.q_proj.weight again"]
+    assert damaged.stat().st_size == size and artifacts.safetensors_problem(damaged) is None
+    np.testing.assert_allclose(first["angle_u_mean_deg"], second["angle_u_mean_deg"], rtol=1e-6)
 
 
 def test_qwen2_names_every_projection_of_every_layer(qwen_pair, tmp_path):
@@ -513,6 +573,18 @@ def test_an_out_from_other_checkpoints_is_refused_and_force_replaces_it_whole(qw
     assert spectra.main(argv + ["--force"]) == 0
     assert json.loads((out / "base__target.json").read_text())["after"] == str(tied.resolve())
     assert not (out / "embed_lm_head.parquet").exists()  # tied now: no alignment rows of the old pair left
+
+
+@pytest.mark.parametrize("damage", ['{"bef', '{"k": 8}', '[1, 2]'])
+def test_a_damaged_pair_record_asks_for_force_in_one_line(qwen_pair, tmp_path, capsys, damage):
+    base, tuned = qwen_pair
+    out = tmp_path / "cli"
+    assert spectra.main([str(base), str(tuned), "--out", str(out), "--k", "4", "--quiet"]) == 0
+    (out / "base__target.json").write_text(damage)
+    assert spectra.main([str(base), str(tuned), "--out", str(out), "--k", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "from inputs it does not record" in err and "--force" in err, err
+    assert spectra.main([str(base), str(tuned), "--out", str(out), "--k", "4", "--quiet", "--force"]) == 0
 
 
 def test_an_earlier_calls_alignment_rows_of_other_labels_stay(qwen_pair, tmp_path):
