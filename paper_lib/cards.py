@@ -19,6 +19,7 @@ table and the feedback sentences. Deliberate differences, each safer and never a
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -104,6 +105,18 @@ class Hand:
         return tuple(card_value(c, self.rule) for c in self.cards)
 
 
+_DRAWS_BEFORE_CHECK = 10_000  # at 24, ~70% of draws are solvable: only a target no hand makes gets here
+
+
+@functools.lru_cache(maxsize=None)
+def _reachable(rule: str, target: int) -> bool:
+    """Whether any hand makes target under the rule (every multiset of four ranks; seconds where none)."""
+    draws = itertools.combinations_with_replacement(range(1, 14), 4)
+    hands = {tuple(sorted(card_value(RANKS[r - 1], rule) for r in ranks)) for ranks in draws
+             if rule == "id" or max(ranks) >= 11}
+    return any(is_solvable(hand, target) for hand in hands)
+
+
 def sample_hand(rng: random.Random, rule: str, target: int = TARGET, env_draws: bool = False) -> Hand:
     """A hand solvable under `rule`, drawn as upstream does (PAPER_SPEC 2.2).
 
@@ -113,7 +126,10 @@ def sample_hand(rng: random.Random, rule: str, target: int = TARGET, env_draws: 
     solver's shuffle of the hand's distinct orderings), so that a stream seeded as upstream's gives its hands.
     """
     _check_rule(rule)
-    while True:
+    for attempt in itertools.count(1):
+        if attempt == _DRAWS_BEFORE_CHECK and not _reachable(rule, target):
+            raise ValueError(f"no hand of four cards makes {target} under the {rule} rule, so none can be drawn; "
+                             f"choose another data.target (the paper's is {TARGET})")
         if rule == "id":
             ranks = [rng.randint(1, 13) for _ in range(4)]
         else:

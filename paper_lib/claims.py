@@ -207,12 +207,16 @@ def causal_test(cfg: Config) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 07_causal for preset {cfg.preset!r} first")
     _, named = evaluate.load_results(cfg)
-    rl = recovery.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / named.rl), "ood")
+    causal = artifacts.read_table(path, f"rerun notebooks/07_causal.py (./run_all.sh {cfg.preset} --only 7)")
+    imposed_labels = list(dict.fromkeys(causal["label"].astype(str)))  # every rank, then each top k
+    episodes = {label: evaluate.episodes_table(artifacts.eval_dir(cfg) / label)
+                for label in [named.rl, *imposed_labels]}
+    hits = recovery.paired_hits(episodes, list(episodes), "ood")
+    rl = hits[named.rl]
     idx = recovery.bootstrap_indices(len(rl))
     rows = []
-    causal = artifacts.read_table(path, f"rerun notebooks/07_causal.py (./run_all.sh {cfg.preset} --only 7)")
-    for imposed in dict.fromkeys(causal["label"].astype(str)):  # every rank, then each top k
-        other = recovery.hand_hits(evaluate.episodes_table(artifacts.eval_dir(cfg) / imposed), "ood")
+    for imposed in imposed_labels:
+        other = hits[imposed]
         change = recovery.interval("change", other[idx].mean(1) - rl[idx].mean(1))
         fall = _verdict(-change["change_ci_high"], -change["change_ci_low"], 0.0)
         whole = restore.replaced_whole(artifacts.restore_dir(cfg) / imposed)

@@ -260,6 +260,10 @@ NON_NEGATIVE = {
     "eval.sft_every",
 }
 UNIT_INTERVAL = {"sft.warmup_ratio", "sft.adam_beta2"}  # fractions: 0 <= x < 1
+# Seeds: 0 <= x < 2**31. torch, numpy and transformers.set_seed take [0, 2**32); the stages add a process
+# index or a pass number to some (rl.seed, eval.seed), and half the range leaves room for it, so a bad seed
+# fails here rather than hours in, after a first evaluation pass.
+SEEDS = {"model.tiny.seed", "data.seed", "data.test_seed", "sft.seed", "rl.seed", "eval.seed"}
 FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}
 
 
@@ -346,7 +350,7 @@ def _set_path(tree: dict, parts: list[str], value: Any) -> None:
 
 def _build(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {values!r}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
@@ -360,7 +364,8 @@ def _build(cls: type, values: Any, where: str) -> Any:
 
 
 def _check_range(where: str, value: Any) -> None:
-    """The POSITIVE / NON_NEGATIVE / UNIT_INTERVAL / FILE_CHOICES rules for one coerced setting (tuples item by item)."""
+    """The POSITIVE / NON_NEGATIVE / UNIT_INTERVAL / SEEDS / FILE_CHOICES rules for one coerced setting (tuples
+    item by item)."""
     for item in value if isinstance(value, tuple) else (value,):
         if where in POSITIVE and isinstance(item, (int, float)) and not item > 0:
             raise ConfigError(f"{where} must be > 0, got {item!r}")
@@ -368,6 +373,8 @@ def _check_range(where: str, value: Any) -> None:
             raise ConfigError(f"{where} must be >= 0, got {item!r}")
         if where in UNIT_INTERVAL and isinstance(item, (int, float)) and not 0 <= item < 1:
             raise ConfigError(f"{where} must be in [0, 1), got {item!r}")
+        if where in SEEDS and not 0 <= item < 2**31:
+            raise ConfigError(f"{where} must be a seed in [0, 2**31), got {item!r}")
     if where in FILE_CHOICES:
         choices = sorted(p.stem for p in FILE_CHOICES[where].glob("*.yaml"))
         if value not in choices:
@@ -411,10 +418,17 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if tp is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
+        if tp is int:  # exactly: an int as given, or a whole float short of 2**53 (1e3 in YAML, say)
+            if isinstance(value, bool):
                 raise TypeError
-            return int(float(value))
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+            number = float(value)
+            if not number.is_integer() or abs(number) >= 2**53:
+                raise TypeError
+            return int(number)
         if tp is float:
             if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise TypeError

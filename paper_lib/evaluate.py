@@ -176,7 +176,14 @@ REEVALUATE = ("rerun the notebook that evaluated it (04_eval, 06_restore or 07_c
 
 
 def episodes_table(out: Path) -> pd.DataFrame:
-    return artifacts.read_table(out / "episodes.jsonl", REEVALUATE)
+    """A checkpoint's cached episodes; ArtifactError where the file holds fewer or more than its manifest
+    counted (a file cut at a line's end reads as a valid, shorter table)."""
+    table = artifacts.read_table(out / "episodes.jsonl", REEVALUATE)
+    counted = ((artifacts.read_manifest(out) or {}).get("provenance") or {}).get("episodes")
+    if counted is not None and counted != len(table):
+        raise artifacts.ArtifactError(f"{out / 'episodes.jsonl'} holds {len(table)} episodes but its manifest "
+                                      f"counted {counted}; {REEVALUATE}")
+    return table
 
 
 def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:

@@ -14,11 +14,26 @@ from . import artifacts, evaluate
 from .config import Config
 
 
-def hand_hits(episodes: pd.DataFrame, rule: str) -> np.ndarray:
-    """Success per test hand of one rule, sorted by hand, averaged over repeated passes (0/1 under greedy
-    decoding): the unit that paired bootstraps resample."""
+def hand_hits(episodes: pd.DataFrame, rule: str) -> pd.Series:
+    """Success per test hand of one rule, indexed and sorted by hand, averaged over repeated passes (0/1
+    under greedy decoding): the unit that paired bootstraps resample."""
     e = episodes[episodes["rule"] == rule]
-    return e.groupby("hand")["success"].mean().sort_index().to_numpy(dtype=float)
+    return e.groupby("hand")["success"].mean().sort_index().astype(float)
+
+
+def paired_hits(episodes: dict[str, pd.DataFrame], labels: Sequence[str], rule: str) -> dict[str, np.ndarray]:
+    """hand_hits of each label as arrays whose position i is the same hand in all, so that one row of
+    bootstrap_indices draws the same hands from every checkpoint. ArtifactError where the checkpoints'
+    episodes cover different hands: a paired statistic over unpaired data would be silently wrong."""
+    hits = {label: hand_hits(episodes[label], rule) for label in dict.fromkeys(labels)}
+    first, *others = hits
+    for label in others:
+        if not hits[label].index.equals(hits[first].index):
+            shared = len(hits[label].index.intersection(hits[first].index))
+            raise artifacts.ArtifactError(
+                f"the {rule} episodes of {first} and {label} cover different hands ({len(hits[first])} and "
+                f"{len(hits[label])}, {shared} in both), so they cannot be paired; {evaluate.REEVALUATE}")
+    return {label: h.to_numpy() for label, h in hits.items()}
 
 
 def bootstrap_indices(n: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
@@ -64,8 +79,9 @@ def drop_and_share(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl:
     draws show no drop, the share's 95% interval is unbounded (-inf, inf): a ratio whose denominator may be
     0 has no finite bound (Fieller), and dropping those draws would narrow it falsely. share_defined_in is
     the fraction of draws with a drop."""
-    a, b = hand_hits(episodes[inter], rule), hand_hits(episodes[full], rule)
-    c = hand_hits(episodes[rl], rule) if rl else None
+    pool = [label for label in dict.fromkeys(selected_from) if label != full] if rule == "ood" else []
+    hits = paired_hits(episodes, [inter, full, *([rl] if rl else []), *pool], rule)
+    a, b, c = hits[inter], hits[full], hits[rl] if rl else None
     idx = bootstrap_indices(len(a), n_boot, seed)
     drop = a.mean() - b.mean()
     boot_drop = a[idx].mean(1) - b[idx].mean(1)
@@ -76,11 +92,10 @@ def drop_and_share(episodes: dict[str, pd.DataFrame], inter: str, full: str, rl:
               # the paper's "relative OOD drop", (Inter_SFT - full SFT) / Inter_SFT: 48% Llama, 13% Qwen
               "relative_drop": drop / a.mean() if a.mean() > 0 else float("nan"),
               **interval("relative_drop", boot_relative)}
-    pool = [label for label in dict.fromkeys(selected_from) if label != full] if rule == "ood" else []
     result["inter_candidates"] = len(pool) if inter in pool else 1
     if inter in pool and len(pool) > 1:
-        hits = [hand_hits(episodes[label], rule) for label in pool]
-        rates, boot_rates = np.array([h.mean() for h in hits]), np.stack([h[idx].mean(1) for h in hits])
+        rates = np.array([hits[label].mean() for label in pool])
+        boot_rates = np.stack([hits[label][idx].mean(1) for label in pool])
         drops, boot_drops = rates - b.mean(), boot_rates - b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(rates > 0, drops / rates, np.nan)

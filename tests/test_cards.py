@@ -85,6 +85,14 @@ def test_sampled_hands_are_solvable_and_ood_hands_hold_a_face_card():
     assert any(any(c in "JQK" for c in h.cards) for h in idh)
 
 
+
+def test_a_target_no_hand_makes_is_an_error_not_an_endless_draw():
+    # ID cards are worth at most 10, so 10**4 is the largest target one can make; rare draws still come
+    assert sorted(cards.sample_hand(random.Random(0), "id", target=10_000).numbers) == [10, 10, 10, 10]
+    with pytest.raises(ValueError, match="no hand of four cards makes 10001 under the id rule.*data.target"):
+        cards.sample_hand(random.Random(0), "id", target=10_001)
+    assert cards._reachable("ood", 13**4)  # OOD cards are worth up to 13
+
 PROMPT_ID = """
 [Task Description]
 You are an expert 24 points card game player. You will receive a set of 4 cards.

@@ -81,6 +81,20 @@ def test_bad_values_and_presets_fail_clearly():
         config.load("qwen70b")
 
 
+def test_whole_numbers_are_read_exactly_and_seeds_fit_every_library():
+    # int(float(x)) would turn 2**53 + 1 into 2**53: a different seed, silently
+    assert config.load("tiny", sft__save_steps=2**53 + 1).sft.save_steps == 2**53 + 1
+    assert config.load("tiny", sft__save_steps="9007199254740993").sft.save_steps == 2**53 + 1
+    assert config.load("tiny", sft__save_steps=1e3).sft.save_steps == 1000  # YAML reads 1e3 as a float
+    with pytest.raises(config.ConfigError, match="sft.save_steps must be int"):
+        config.load("tiny", sft__save_steps=2.0**60)  # a float that far out has lost its last digits
+    assert config.load("tiny", eval__seed=2**31 - 1).eval.seed == 2**31 - 1
+    for key in config.SEEDS:  # transformers.set_seed refuses -1 and 2**32; rl and eval add to theirs
+        for bad in (-1, 2**31):
+            with pytest.raises(config.ConfigError, match=rf"{key} must be a seed in \[0, 2\*\*31\), got {bad}"):
+                config.load("tiny", **{key: bad})
+
+
 def test_section_hash_tracks_only_the_named_sections():
     a, b = config.load("tiny"), config.load("tiny", sft__learning_rate=1e-4)
     assert a.section_hash("data") == b.section_hash("data")

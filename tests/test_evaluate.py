@@ -123,6 +123,20 @@ def test_recovery_arithmetic_on_a_hand_made_table():
     assert math.isnan(flat["share_recovered"])  # no drop, nothing to recover
 
 
+def test_the_paired_bootstrap_refuses_checkpoints_played_on_other_hands():
+    """Pairing by position would compare hand 3 of one checkpoint with hand 6 of another, or drop a hand."""
+    inter, full = _episodes([1] * 40 + [0] * 60), _episodes([1] * 20 + [0] * 80)
+    fewer = full[full["hand"] < 99]
+    with pytest.raises(artifacts.ArtifactError, match=r"episodes of i and f cover different hands \(100 and 99, "
+                                                      r"99 in both\)"):
+        recovery.drop_and_share({"i": inter, "f": fewer}, "i", "f", None)
+    shifted = full.assign(hand=full["hand"] + 100)
+    with pytest.raises(artifacts.ArtifactError, match=r"\(100 and 100, 0 in both\)"):
+        recovery.drop_and_share({"i": inter, "f": full, "r": shifted}, "i", "f", "r")
+    with pytest.raises(artifacts.ArtifactError, match="episodes of i and c"):  # a candidate Inter_SFT too
+        recovery.drop_and_share({"i": inter, "f": full, "c": fewer}, "i", "f", None, selected_from=["i", "c"])
+
+
 def test_the_share_has_no_finite_interval_when_the_drop_may_be_zero():
     full, rl = _episodes([1] * 20 + [0] * 80), _episodes([1] * 24 + [0] * 76)
     sure = recovery.drop_and_share({"i": _episodes([1] * 40 + [0] * 60), "f": full, "r": rl}, "i", "f", "r")

@@ -226,6 +226,20 @@ def test_a_damaged_episode_cache_is_evaluated_again(evaluated, caplog):
     assert "evaluating sft-0004 again" in caplog.text
 
 
+def test_an_episode_cache_cut_at_a_line_end_is_evaluated_again(evaluated, caplog):
+    """Cut at a newline, the file reads as a valid table with fewer hands; its manifest's count tells."""
+    cfg, checkpoint, first, played = evaluated
+    evaluate.evaluate_checkpoint(cfg, checkpoint)
+    path = evaluate.episodes_dir(cfg, checkpoint) / "episodes.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+    with caplog.at_level(logging.WARNING, logger="paper_lib.evaluate"):
+        again = evaluate.evaluate_checkpoint(cfg, checkpoint)
+    assert len(played) == 2 and again.equals(first)
+    assert f"holds {len(lines) - 1} episodes but its manifest counted {len(lines)}" in caplog.text
+    assert "evaluating sft-0004 again" in caplog.text
+
+
 def test_a_damaged_results_table_is_one_line_naming_the_fix():
     cfg = config.load("tiny")
     path = artifacts.eval_dir(cfg) / "results.parquet"
