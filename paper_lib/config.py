@@ -335,7 +335,22 @@ def load(preset: str | os.PathLike = "tiny", **overrides: Any) -> Config:
         else:
             _set_path(raw, parts, value)
     name = Path(preset).stem
-    return _build(Config, {"preset": name, **raw}, where="")
+    cfg = _build(Config, {"preset": name, **raw}, where="")
+    _check_processes(cfg)
+    return cfg
+
+
+def _check_processes(cfg: Config) -> None:
+    """accelerate takes its simple, one-process launcher for a config without a distributed backend whatever
+    --num_processes says: the run would train on one process, with a fraction of the global batch, and be
+    recorded as the run of num_processes."""
+    for section in ("sft", "rl"):
+        settings = getattr(cfg, section)
+        launcher = ACCELERATE_DIR / f"{settings.accelerate_config}.yaml"
+        if settings.num_processes > 1 and distributed_type(launcher) == "NO":
+            raise ConfigError(f"{section}.num_processes is {settings.num_processes} but {section}.accelerate_config "
+                              f"{settings.accelerate_config!r} runs one process (distributed_type NO); name one that "
+                              f"launches several (multi_cpu, zero2, zero3) or set {section}.num_processes to 1")
 
 
 def _set_path(tree: dict, parts: list[str], value: Any) -> None:
@@ -382,6 +397,12 @@ def _check_range(where: str, value: Any) -> None:
         if where == "rl.accelerate_config" and zero_stage(FILE_CHOICES[where] / f"{value}.yaml") == 3:
             raise ConfigError(f"rl.accelerate_config {value!r} is ZeRO-3, which PPO cannot save: its checkpoints "
                               "take the policy's weights from one process; use zero2 or zero2_offload")
+
+
+def distributed_type(accelerate_config: str | os.PathLike) -> str:
+    """An accelerate config file's distributed_type, upper case ("NO" where it names none)."""
+    raw = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+    return str(raw.get("distributed_type", "NO")).upper()
 
 
 def zero_stage(accelerate_config: str | os.PathLike) -> int | None:

@@ -100,7 +100,11 @@ def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Han
     jobs = [(rule, i, hand) for rule, hands in hands_by_rule.items() for i, hand in enumerate(hands)]
     records = []
     for repeat in range(passes(cfg)):
-        set_seed(cfg.eval.seed + repeat)
+        # A stream per (pass, process): split_between_processes hands process 0 the ID hands and process 1
+        # the OOD hands, and one seed for both would sample ID hand i's answer from OOD hand i's draws. One
+        # process keeps eval.seed + pass. Sampled episodes still differ with the process count (greedy's
+        # do not); both are draws of the same model, and the manifest records the count.
+        set_seed(cfg.eval.seed + repeat * state.num_processes + state.process_index)
         with state.split_between_processes(jobs) as mine:
             records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat,
                                   cfg.eval.partial_credit)
@@ -148,7 +152,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
                 for r in sorted(records, key=lambda r: (r["repeat"], r["rule"], r["hand"])):
                     fh.write(json.dumps(r) + "\n")
             artifacts.write_manifest(tmp, spec, seconds=round(time.time() - started, 2), episodes=len(records),
-                                     attempts=sum(r["attempts"] for r in records))
+                                     attempts=sum(r["attempts"] for r in records), processes=state.num_processes)
     state.wait_for_everyone()
     return episodes_table(out)
 

@@ -192,6 +192,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def check_process_count(state, section: str, wanted: int) -> None:
+    """StageError where a stage runs on another number of processes than its config says: its global batch
+    would differ from the one its manifest records (a hand-typed `accelerate launch --num_processes`, or a
+    plain `python -m` of a multi-process preset)."""
+    if state.num_processes != wanted:
+        raise StageError(f"running {state.num_processes} process(es) but {section}.num_processes is {wanted}: "
+                         f"launch {wanted} (accelerate launch --num_processes {wanted}), or set {section}.num_processes "
+                         f"to {state.num_processes} (--override {section}.num_processes={state.num_processes})")
+
+
 def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] = (),
                   use_accelerate: bool | None = None) -> list[str]:
     """The command that runs a training stage: `python -m paper_lib.<module> --preset P --override k=v ...`
@@ -215,8 +225,7 @@ def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] =
         args += ["--preset", str(preset_file)]
     args += list(extra)
     if use_accelerate is None:
-        distributed = (yaml.safe_load(acc_path.read_text()) or {}).get("distributed_type", "NO")
-        use_accelerate = settings.num_processes > 1 or str(distributed).upper() != "NO"
+        use_accelerate = settings.num_processes > 1 or config_lib.distributed_type(acc_path) != "NO"
     if not use_accelerate:
         return [sys.executable, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_path),

@@ -337,10 +337,7 @@ def train(cfg: Config, force: bool = False) -> Path:
     if not force and artifacts.up_to_date(out, spec, _redo(cfg)):
         log.info("SFT in %s is up to date (manifest matches); pass --force to redo it", out)
         return out
-    if state.num_processes != cfg.sft.num_processes:
-        log.warning("running %d process(es) but sft.num_processes is %d: the global batch is %d, not %d",
-                    state.num_processes, cfg.sft.num_processes, state.num_processes * _per_process_batch(cfg),
-                    cfg.sft.num_processes * _per_process_batch(cfg))
+    launch.check_process_count(state, "sft", cfg.sft.num_processes)
     launch.report_processes("sft", state, f"{_per_process_batch(cfg)} examples per optimizer step (of "
                                           f"{state.num_processes * _per_process_batch(cfg)} in all)")
     if state.is_main_process:

@@ -102,6 +102,27 @@ def test_section_hash_tracks_only_the_named_sections():
     assert a.section_hash() != b.section_hash()
 
 
+@pytest.mark.parametrize("section", ["sft", "rl"])
+def test_several_processes_need_a_launcher_that_starts_several(section):
+    """accelerate's simple launcher runs one process for single.yaml whatever --num_processes says."""
+    assert config.distributed_type(config.ACCELERATE_DIR / "single.yaml") == "NO"
+    with pytest.raises(config.ConfigError, match=rf"{section}.num_processes is 2 but {section}.accelerate_config "
+                                                 r"'single' runs one process .*multi_cpu"):
+        config.load("tiny", **{f"{section}.num_processes": 2})
+    assert config.load("tiny", **{f"{section}.num_processes": 2, f"{section}.accelerate_config": "multi_cpu"})
+    assert config.load("qwen7b", **{f"{section}.num_processes": 1}).sft.accelerate_config == "zero3"
+
+
+def test_a_stage_on_another_process_count_than_its_config_stops():
+    from types import SimpleNamespace
+
+    from paper_lib import launch
+    launch.check_process_count(SimpleNamespace(num_processes=4), "sft", 4)
+    with pytest.raises(launch.StageError, match=r"running 1 process\(es\) but rl.num_processes is 4: launch 4 "
+                                                r".*--override rl.num_processes=1"):
+        launch.check_process_count(SimpleNamespace(num_processes=1), "rl", 4)
+
+
 def test_ppo_refuses_a_zero3_accelerate_config():
     """ZeRO-3 partitions the weights, and a PPO checkpoint takes them from one process."""
     assert config.zero_stage(config.ACCELERATE_DIR / "zero2.yaml") == 2

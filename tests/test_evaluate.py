@@ -254,6 +254,39 @@ def test_model_decoding_samples_and_reproduces_itself_with_the_same_seed(tiny_ba
     assert done["seconds"] > 0 and done["device"].startswith("CPU (")
 
 
+class _FakeProcess:
+    """Process `index` of `count`, splitting jobs as accelerate's split_between_processes does."""
+
+    def __init__(self, index, count):
+        self.process_index, self.num_processes, self.is_main_process, self.device = index, count, index == 0, "cpu"
+
+    def split_between_processes(self, jobs):
+        import contextlib
+
+        share = -(-len(jobs) // self.num_processes)
+        return contextlib.nullcontext(jobs[self.process_index * share:(self.process_index + 1) * share])
+
+
+def test_each_process_and_pass_samples_from_its_own_stream(monkeypatch):
+    """Two processes get the ID and the OOD hands: one seed for both drew ID hand i's answer from the same
+    numbers as OOD hand i's. One process keeps eval.seed + pass (its cached episodes stay valid)."""
+    import torch
+
+    from paper_lib import config
+
+    monkeypatch.setattr(evaluate.models, "load", lambda *a, **kw: (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(evaluate, "make_generator", lambda *a, **kw: lambda convs: [
+        f"{torch.rand(1).item():.12f}" for _ in convs])
+    cfg = config.load("tiny", eval__max_attempts=1, eval__repeats=2, eval__decoding="model")
+    hands = {"id": [cards.Hand(("A", "2", "3", "4"), "id")] * 3, "ood": [cards.Hand(("A", "2", "3", "K"), "ood")] * 3}
+    answers = lambda records: {(r["repeat"], r["rule"], r["hand"]): r["transcript"][0]["text"] for r in records}  # noqa: E731
+    two = answers([r for rank in (0, 1) for r in evaluate._play(cfg, Path("."), hands, _FakeProcess(rank, 2))])
+    assert len(two) == 12 and len(set(two.values())) == 12, "no two episodes share a draw"
+    one = answers(evaluate._play(cfg, Path("."), hands, _FakeProcess(0, 1)))
+    torch.manual_seed(cfg.eval.seed + 1)
+    assert one[(1, "id", 0)] == f"{torch.rand(1).item():.12f}"  # pass 1 of one process: eval.seed + 1
+
+
 @pytest.mark.parametrize("every, expected", [(0, [20, 40, 60, 80, 100, 120, 140]), (40, [40, 60, 80, 120, 140]),
                                              (1000, [60, 120, 140])])
 def test_sft_every_selects_the_swept_sft_checkpoints(every, expected):

@@ -244,6 +244,14 @@ def starts_with_space(hand, text):
     return cards.Verdict("ILLEGAL_FORMULA", 0.0, "start with a space.")
 
 
+def test_a_two_process_config_run_in_one_process_stops_before_training(sft_ready):
+    """Its global batch would be half the one its manifest records."""
+    cfg = config.load("tiny", rl__num_processes=2, rl__accelerate_config="multi_cpu")
+    with pytest.raises(launch.StageError, match=r"running 1 process\(es\) but rl.num_processes is 2"):
+        ppo.train(cfg, grade=starts_with_space, progress=False)
+    assert not ppo.checkpoints(cfg) and artifacts.read_manifest(artifacts.rl_dir(cfg)) is None
+
+
 def test_ppo_raises_an_easy_reward(sft_ready):
     cfg = config.load("tiny", rl__max_new_tokens=2, rl__steps_per_update=32, rl__num_updates=10, rl__save_every=5,
                       rl__learning_rate=1e-2, rl__min_learning_rate=1e-2, rl__temperature=1.0,

@@ -51,6 +51,14 @@ def tiny_run(tmp_path_factory):
     return runs, cfg, out
 
 
+def test_a_two_process_config_run_in_one_process_stops_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path))
+    cfg = config.load("tiny", **{**SMALL, "sft.num_processes": 2, "sft.accelerate_config": "multi_cpu"})
+    with pytest.raises(launch.StageError, match=r"running 1 process\(es\) but sft.num_processes is 2"):
+        sft.train(cfg)
+    assert not sft.checkpoints(cfg)
+
+
 def test_run_writes_loadable_checkpoints_at_the_save_steps(tiny_run, monkeypatch):
     runs, cfg, out = tiny_run
     monkeypatch.setenv("PAPER_RUNS_DIR", str(runs))
