@@ -251,10 +251,14 @@ def _not_written_by_restore(out: Path) -> list[str]:
 def restored_checkpoint(cfg: Config, name: str, target: artifacts.Checkpoint, source: artifacts.Checkpoint,
                         plan: Plan, force: bool = False) -> artifacts.Checkpoint:
     """runs/<preset>/restore/<name>: `target` with `plan` restored from `source`, written once (a manifest
-    of both checkpoints' weights and the plan decides), ready for evaluate.evaluate_checkpoint."""
+    of both checkpoints' weights and the plan decides), ready for evaluate.evaluate_checkpoint. A restore
+    of other inputs or settings there is moved aside to <name>.stale-<time>, as SFT and RL runs are."""
     out = artifacts.restore_dir(cfg) / name
     spec = {"stage": "restore", "target": artifacts.fingerprint(target.path), "source": artifacts.fingerprint(source.path),
             "plan": asdict(plan), "dtype": cfg.spectra.dtype, "code": artifacts.code_hash("restore")}
+    # another setting's restore is moved aside, and moved back when its settings return: same file times,
+    # so its kept episodes still match and nothing is restored or evaluated again
+    artifacts.keep_earlier_result(out, spec, f"restoring {name} again", force)
     if force or not artifacts.up_to_date(out, spec, f"pass force=True to rebuild {out}"):
         started = time.time()
         write_restored(target.path, source.path, out, plan, dtype=cfg.spectra.dtype, device=cfg.spectra.device,
