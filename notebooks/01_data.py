@@ -81,8 +81,8 @@ plots.save_figure(fig, "data_solutions_per_hand", cfg, notebook="01_data", sourc
 # ## Checks
 
 # %%
-assert len(splits["sft_train"]) == cfg.data.sft_size
-assert len(splits["id_test"]) == len(splits["ood_test"]) == cfg.data.test_size
+assert len(splits["sft_train"]) == cfg.data.sft_size, "data.sft_size rows"
+assert len(splits["id_test"]) == len(splits["ood_test"]) == cfg.data.test_size, "data.test_size hands per rule"
 assert all(any(c in "JQK" for c in hand) for hand in splits["ood_test"]["cards"]), "every OOD hand holds a face card"
 for split in data.SPLITS:
     for row in splits[split].select(range(min(50, len(splits[split])))):

@@ -84,10 +84,10 @@ for _, ep in eps[(eps["rule"] == "ood") & ~eps["success"]].head(3).iterrows():
 # ## Checks
 
 # %%
-assert set(table["label"]) == {c.label for c in checkpoints}
+assert set(table["label"]) == {c.label for c in checkpoints}, "one row per checkpoint found"
 assert (table["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all(), "every checkpoint played every test hand"
 if named:
     step = dict(zip(table["label"], table["step"]))
     assert step[named.inter_sft] <= step[named.full_sft], "Inter_SFT is chosen up to full SFT"
-assert ((table["ci_low"] <= table["success_rate"]) & (table["success_rate"] <= table["ci_high"])).all()
+assert table["success_rate"].between(table["ci_low"], table["ci_high"]).all(), "each rate lies in its interval"
 print("all checks passed")

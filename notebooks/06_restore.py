@@ -93,5 +93,5 @@ assert set(results["variant"]) == {v.name for v in restore_eval.variants(cfg)}
 assert (claim["kind"] == "layers").sum() == len(restore_eval.variants(cfg)) and (claim["kind"] == "ranks").sum() == len(restore_eval.variants(cfg))
 assert set(claim.loc[claim["kind"] == "ranks", "setting"]) == {str(top20)}
 assert set(claim.loc[claim["kind"] == "layers", "setting"]) == {f"{first_quarter[0]}-{first_quarter[1]}"}
-assert (results["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all()
+assert (results["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all(), "every row plays every test hand"
 print("all checks passed")

@@ -72,7 +72,7 @@ plots.save_figure(fig, "figA_gauge", cfg, notebook="07_causal", slopes=slopes);
 # ## Checks
 
 # %%
-assert (both["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all()
+assert (both["episodes"] == cfg.data.test_size * evaluate.passes(cfg)).all(), "every row plays every test hand"
 for key in ("product_change", "sigma_change_W1", "sigma_change_W2", "fro_change", "procrustes_error"):
     assert invariance[key] < 1e-10, key
 assert abs(slopes["gauge"] - 2) < 0.1 and abs(slopes["sigma"] - 1) < 0.1, slopes

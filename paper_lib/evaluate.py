@@ -127,8 +127,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = episodes_dir(cfg, checkpoint)
     artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
-    splits = data.load(cfg)  # built first where needed
-    hands = {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
+    hands = test_hands(cfg)
     spec = {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
             "weights": artifacts.fingerprint(checkpoint.path),
             # what the episodes depend on, no more: a new SFT set or sweep keeps the base model's episodes
@@ -155,6 +154,12 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
                                      attempts=sum(r["attempts"] for r in records), processes=state.num_processes)
     state.wait_for_everyone()
     return episodes_table(out)
+
+
+def test_hands(cfg: Config) -> dict[str, list[cards.Hand]]:
+    """The ID and OOD test hands, by rule (the data built first where needed)."""
+    splits = data.load(cfg)
+    return {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
 
 
 def episode_settings(cfg: Config) -> dict:
@@ -275,8 +280,21 @@ def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
     full = full_sft(cfg, table)
     up_to = int(table.loc[table["label"] == full, "step"].iloc[0])
     rl = table.loc[table["stage"] == "rl"].sort_values("step")["label"]
+    if len(rl):
+        _warn_if_rl_started_elsewhere(cfg, full)
     return Named("base", inter_sft(table, up_to=up_to), full, str(rl.iloc[-1]) if len(rl) else None,
                  tuple(_sft_ood(table, up_to)["label"].astype(str)))
+
+
+def _warn_if_rl_started_elsewhere(cfg: Config, full: str) -> None:
+    """A warning where the RL run on disk did not start from the full-SFT checkpoint now on disk (another SFT
+    run was moved back after PPO ran): Figure 1 and the recovery would call it RL from this full SFT."""
+    started = (artifacts.read_manifest(artifacts.rl_dir(cfg)) or {}).get("init_weights")
+    checkpoint = checkpoints_by_label(cfg).get(full)
+    if started and checkpoint and started != artifacts.fingerprint(checkpoint.path):
+        log.warning("the RL run in %s did not start from full SFT %s as it is now on disk (%s); rerun "
+                    "notebooks/03_ppo.py, then 04_eval, to compare RL with this SFT run", artifacts.rl_dir(cfg),
+                    full, checkpoint.path)
 
 
 REFERENCE_NAMES = {"base": "base", "Inter_SFT": "inter_sft", "full SFT": "full_sft"}  # name -> Named field
@@ -297,7 +315,31 @@ def load_results(cfg: Config) -> tuple[pd.DataFrame, Named]:
         raise FileNotFoundError(f"no {path}: run notebooks 01-04 for preset {cfg.preset!r} first")
     table = artifacts.read_table(path, f"rerun notebooks/04_eval.py (./run_all.sh {cfg.preset} --only 4), "
                                        f"which writes it again from its cached episodes")
-    return table, named_checkpoints(cfg, table)
+    named = named_checkpoints(cfg, table)
+    check_results_fit(cfg, named)
+    return table, named
+
+
+def check_results_fit(cfg: Config, named: Named) -> None:
+    """ArtifactError where 04_eval's episodes of a named checkpoint were played on other hands, under other
+    eval settings or by other weights than cfg and the checkpoints now on disk give: 04 run with overrides
+    that 05-08 do not share, or an SFT run moved back after 04. The later notebooks would otherwise set
+    those episodes beside ones played under their own settings (a restore's share, the causal change)."""
+    now = {"hands": _hands_key(test_hands(cfg)), "target": cfg.data.target, "eval": episode_settings(cfg)}
+    on_disk = checkpoints_by_label(cfg)
+    fix = f"rerun notebooks/04_eval.py with this notebook's settings (./run_all.sh {cfg.preset} --from 4)"
+    for label in dict.fromkeys(x for x in (named.inter_sft, named.full_sft, named.rl, *named.inter_candidates) if x):
+        record = artifacts.read_manifest(artifacts.eval_dir(cfg) / label)
+        if record is None:  # no record to compare (a table a user wrote): nothing to say
+            continue
+        if label not in on_disk:
+            raise artifacts.ArtifactError(f"04_eval's results name {label}, which this notebook's settings no longer "
+                                          f"evaluate (gone from disk, or not chosen by eval.sft_every); {fix}")
+        wanted = {**now, "weights": artifacts.fingerprint(on_disk[label].path)}
+        played = {key: record.get(key) for key in wanted}
+        if played != wanted:
+            raise artifacts.ArtifactError(f"04_eval's episodes of {label} were played otherwise than this notebook "
+                                          f"would ({artifacts.spec_changes(played, wanted)}); {fix}")
 
 
 def main(argv: list[str] | None = None) -> int:

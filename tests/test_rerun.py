@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from paper_lib import artifacts, claims, config, data, evaluate, launch, rl_run, sft, spectra
+from paper_lib import artifacts, claims, config, data, evaluate, launch, restore, rl_run, sft, spectra
 
 
 def tiny_qwen(path, seed):
@@ -142,6 +142,59 @@ def evaluated(monkeypatch):
     monkeypatch.setattr(evaluate, "_play", play)
     checkpoint = artifacts.Checkpoint("sft-0004", "sft", 4, tiny_qwen(artifacts.sft_dir(cfg) / "checkpoint-4", 0))
     return cfg, checkpoint, evaluate.evaluate_checkpoint(cfg, checkpoint), played
+
+
+def test_later_notebooks_refuse_04s_results_played_under_other_settings_or_weights(evaluated):
+    """05-08 set 04's episodes of the named checkpoints beside their own: under an eval override 04 did not
+    share, or after another SFT run's checkpoint took a label's place, they would mix two evaluations."""
+    cfg, checkpoint, _, played = evaluated
+    tiny_qwen(artifacts.sft_dir(cfg) / "checkpoint-8", 1)
+    evaluate.sweep(cfg)
+    table, named = evaluate.load_results(cfg)
+    assert (named.inter_sft, named.full_sft) == ("sft-0004", "sft-0008")
+    with pytest.raises(artifacts.ArtifactError, match=r"04_eval's episodes of sft-0004 were played otherwise than "
+                                                      r"this notebook would \(eval.max_new_tokens 96 -> 16\); rerun "
+                                                      r"notebooks/04_eval.py .*--from 4\)"):
+        evaluate.load_results(config.load("tiny", eval__max_new_tokens=16))
+    with pytest.raises(artifacts.ArtifactError, match=r"sft-0004 were played otherwise .*\(hands\)"):
+        evaluate.load_results(config.load("tiny", data__test_seed=7))
+    shutil.rmtree(checkpoint.path)
+    tiny_qwen(checkpoint.path, 2)  # another run's checkpoint-4, moved back after 04 ran
+    with pytest.raises(artifacts.ArtifactError, match=r"episodes of sft-0004 were played otherwise .*\(weights\)"):
+        evaluate.load_results(cfg)
+    evaluate.sweep(cfg)  # 04 again
+    assert evaluate.load_results(cfg)[1] == named
+
+
+def test_an_rl_run_from_another_sft_run_is_named_in_a_warning(evaluated, caplog):
+    cfg, checkpoint, _, _ = evaluated
+    table = pd.DataFrame([{"label": "sft-0004", "stage": "sft", "step": 4, "rule": "ood", "success_rate": 0.5},
+                          {"label": "rl-0002", "stage": "rl", "step": 2, "rule": "ood", "success_rate": 0.6}])
+    artifacts.rl_dir(cfg).mkdir(parents=True)
+    artifacts.write_manifest(artifacts.rl_dir(cfg), {"stage": "rl", "init_weights": artifacts.fingerprint(checkpoint.path)})
+    with caplog.at_level(logging.WARNING, logger="paper_lib.evaluate"):
+        assert evaluate.named_checkpoints(cfg, table).rl == "rl-0002"
+    assert "did not start" not in caplog.text
+    shutil.rmtree(checkpoint.path)
+    tiny_qwen(checkpoint.path, 3)  # another SFT run's checkpoint-4 moved back after PPO ran
+    with caplog.at_level(logging.WARNING, logger="paper_lib.evaluate"):
+        evaluate.named_checkpoints(cfg, table)
+    assert f"did not start from full SFT sft-0004 as it is now on disk ({checkpoint.path})" in caplog.text
+
+
+def test_a_restore_of_other_settings_is_moved_aside_and_back_not_rewritten(tmp_path, caplog):
+    cfg = config.load("tiny")
+    target = artifacts.Checkpoint("t", "sft", 4, tiny_qwen(tmp_path / "target", 0))
+    source = artifacts.Checkpoint("s", "base", 0, tiny_qwen(tmp_path / "source", 1))
+    top, more = restore.Plan(layers=(0, 1), top=4), restore.Plan(layers=(0, 1), top=8)
+    first = restore.restored_checkpoint(cfg, "r", target, source, top).path
+    stamp = artifacts.fingerprint(first)
+    restore.restored_checkpoint(cfg, "r", target, source, more)
+    aside = sorted(first.parent.glob("r.stale-*"))
+    assert len(aside) == 1 and artifacts.fingerprint(aside[0]) == stamp  # kept whole, not written over
+    assert artifacts.read_manifest(first)["plan"]["top"] == 8
+    back = restore.restored_checkpoint(cfg, "r", target, source, top).path  # going back: moved back
+    assert artifacts.fingerprint(back) == stamp and artifacts.read_manifest(back)["plan"]["top"] == 4
 
 
 def test_a_runs_dir_copied_elsewhere_is_still_up_to_date(evaluated, tmp_path, monkeypatch):
