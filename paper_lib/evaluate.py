@@ -286,11 +286,17 @@ def named_checkpoints(cfg: Config, table: pd.DataFrame) -> Named:
                  tuple(_sft_ood(table, up_to)["label"].astype(str)))
 
 
+def _trained_by_label(cfg: Config) -> dict[str, Checkpoint]:
+    """Every SFT and RL checkpoint on disk by label (no base model: finding a hub model may download it)."""
+    found = [*_numbered(artifacts.sft_dir(cfg), "sft"), *_numbered(artifacts.rl_dir(cfg), "rl")]
+    return {c.label: c for c in found}
+
+
 def _warn_if_rl_started_elsewhere(cfg: Config, full: str) -> None:
     """A warning where the RL run on disk did not start from the full-SFT checkpoint now on disk (another SFT
     run was moved back after PPO ran): Figure 1 and the recovery would call it RL from this full SFT."""
     started = (artifacts.read_manifest(artifacts.rl_dir(cfg)) or {}).get("init_weights")
-    checkpoint = checkpoints_by_label(cfg).get(full)
+    checkpoint = _trained_by_label(cfg).get(full)
     if started and checkpoint and started != artifacts.fingerprint(checkpoint.path):
         log.warning("the RL run in %s did not start from full SFT %s as it is now on disk (%s); rerun "
                     "notebooks/03_ppo.py, then 04_eval, to compare RL with this SFT run", artifacts.rl_dir(cfg),
@@ -326,15 +332,14 @@ def check_results_fit(cfg: Config, named: Named) -> None:
     that 05-08 do not share, or an SFT run moved back after 04. The later notebooks would otherwise set
     those episodes beside ones played under their own settings (a restore's share, the causal change)."""
     now = {"hands": _hands_key(test_hands(cfg)), "target": cfg.data.target, "eval": episode_settings(cfg)}
-    on_disk = checkpoints_by_label(cfg)
+    on_disk = _trained_by_label(cfg)
     fix = f"rerun notebooks/04_eval.py with this notebook's settings (./run_all.sh {cfg.preset} --from 4)"
     for label in dict.fromkeys(x for x in (named.inter_sft, named.full_sft, named.rl, *named.inter_candidates) if x):
         record = artifacts.read_manifest(artifacts.eval_dir(cfg) / label)
         if record is None:  # no record to compare (a table a user wrote): nothing to say
             continue
         if label not in on_disk:
-            raise artifacts.ArtifactError(f"04_eval's results name {label}, which this notebook's settings no longer "
-                                          f"evaluate (gone from disk, or not chosen by eval.sft_every); {fix}")
+            raise artifacts.ArtifactError(f"04_eval's results name {label}, which is no longer on disk; {fix}")
         wanted = {**now, "weights": artifacts.fingerprint(on_disk[label].path)}
         played = {key: record.get(key) for key in wanted}
         if played != wanted:
