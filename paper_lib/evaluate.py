@@ -127,7 +127,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
     out = episodes_dir(cfg, checkpoint)
     artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
-    hands = test_hands(cfg)
+    hands = held_out_hands(cfg)
     spec = {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
             "weights": artifacts.fingerprint(checkpoint.path),
             # what the episodes depend on, no more: a new SFT set or sweep keeps the base model's episodes
@@ -156,7 +156,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
     return episodes_table(out)
 
 
-def test_hands(cfg: Config) -> dict[str, list[cards.Hand]]:
+def held_out_hands(cfg: Config) -> dict[str, list[cards.Hand]]:
     """The ID and OOD test hands, by rule (the data built first where needed)."""
     splits = data.load(cfg)
     return {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
@@ -331,7 +331,7 @@ def check_results_fit(cfg: Config, named: Named) -> None:
     eval settings or by other weights than cfg and the checkpoints now on disk give: 04 run with overrides
     that 05-08 do not share, or an SFT run moved back after 04. The later notebooks would otherwise set
     those episodes beside ones played under their own settings (a restore's share, the causal change)."""
-    now = {"hands": _hands_key(test_hands(cfg)), "target": cfg.data.target, "eval": episode_settings(cfg)}
+    now = {"hands": _hands_key(held_out_hands(cfg)), "target": cfg.data.target, "eval": episode_settings(cfg)}
     on_disk = _trained_by_label(cfg)
     fix = f"rerun notebooks/04_eval.py with this notebook's settings (./run_all.sh {cfg.preset} --from 4)"
     for label in dict.fromkeys(x for x in (named.inter_sft, named.full_sft, named.rl, *named.inter_candidates) if x):
@@ -340,7 +340,7 @@ def check_results_fit(cfg: Config, named: Named) -> None:
             continue
         if label not in on_disk:
             raise artifacts.ArtifactError(f"04_eval's results name {label}, which is no longer on disk; {fix}")
-        wanted = {**now, "weights": artifacts.fingerprint(on_disk[label].path)}
+        wanted = json.loads(json.dumps({**now, "weights": artifacts.fingerprint(on_disk[label].path)}))  # as stored
         played = {key: record.get(key) for key in wanted}
         if played != wanted:
             raise artifacts.ArtifactError(f"04_eval's episodes of {label} were played otherwise than this notebook "
