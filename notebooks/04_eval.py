@@ -22,7 +22,8 @@
 # The paper's finding: ID success rises steadily through SFT, while OOD success peaks early at
 # **Inter_SFT** and then falls. RL, started from the end of SFT, recovers most of the lost OOD success.
 # Results are cached per checkpoint under `runs/<preset>/eval/`, so re-running after new checkpoints
-# appear evaluates only those.
+# appear evaluates only those. With `eval.num_processes` above 1 (qwen7b, llama11b: 4 GPUs) those are dealt
+# out to that many processes of their own, a whole model on each GPU; their log streams below.
 
 # %% tags=["parameters"]
 preset = "tiny"

@@ -35,10 +35,11 @@ overrides = {}
 import pandas as pd
 from IPython.display import display
 
-from paper_lib import claims, config
+from paper_lib import claims, config, evaluate
 
 cfg = config.load(preset, **overrides)
-frame = claims.table(cfg)
+results = evaluate.load_results(cfg)  # 04_eval's table and named checkpoints, read and checked once
+frame = claims.table(cfg, results)
 with pd.option_context("display.max_colwidth", None):
     display(frame[["claim", "case", "measured", "verdict"]])
 
@@ -46,9 +47,9 @@ with pd.option_context("display.max_colwidth", None):
 # ## Claim 3 per module kind
 
 # %%
-display(claims.spectra_by_module(cfg).style.format(
+display(claims.spectra_by_module(cfg, results).style.format(
     {"sigma_share": "{:.1%}", "rel_dsigma_absmax": "{:.2g}", "angle_u_mean_deg": "{:.1f}"}))
-print("saved", claims.save(cfg))
+print("saved", claims.save(cfg, results))
 
 # %% [markdown]
 # ## Checks

@@ -43,9 +43,17 @@ def _row(claim: int, case: str, paper: str, measured: str, verdict: str, rule: s
     return {"claim": claim, "case": case, "paper": paper, "measured": measured, "verdict": verdict, "rule": rule}
 
 
-def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
+Results = tuple[pd.DataFrame, evaluate.Named]  # evaluate.load_results: 04_eval's table and the named checkpoints
+
+
+def _results(cfg: Config, results: Results | None) -> Results:
+    """04_eval's results as read once by the caller (table, report), or read here."""
+    return evaluate.load_results(cfg) if results is None else results
+
+
+def sft_peak_and_rl_recovery(cfg: Config, results: Results | None = None) -> list[dict]:
     """Claims 1 and 2, from the evaluation's headline quantities (Inter_SFT, full SFT, RL; paired bootstrap)."""
-    table, named = evaluate.load_results(cfg)
+    table, named = _results(cfg, results)
     heads = recovery.headline(cfg, named, write=False)
     ood, iid = heads.loc["ood"], heads.loc["id"]
     step = dict(zip(table["label"], table["step"]))
@@ -72,9 +80,9 @@ def sft_peak_and_rl_recovery(cfg: Config) -> list[dict]:
     return rows
 
 
-def _paper_pairs(cfg: Config) -> list[tuple[str, str, str]]:
+def _paper_pairs(cfg: Config, results: Results | None) -> list[tuple[str, str, str]]:
     """Figures 3-4's pairs, as 05_spectra showed them (spectra.sft_before)."""
-    _, named = evaluate.load_results(cfg)
+    _, named = _results(cfg, results)
     return spectra.paper_pairs(cfg.spectra.sft_before, named)
 
 
@@ -95,13 +103,13 @@ def _changed(table: pd.DataFrame) -> pd.Series:
     return table["fro_delta"] > 0
 
 
-def spectra_by_module(cfg: Config) -> pd.DataFrame:
+def spectra_by_module(cfg: Config, results: Results | None = None) -> pd.DataFrame:
     """Claim 3 per module kind and stage: the median σ share of the change (sigma_share), the median largest
     |Δσ| relative to σ₁, and the mean principal angle of the top-k left singular subspaces, over the
     matrices that changed (`changed` of `matrices`)."""
     out = artifacts.spectra_dir(cfg)
     frames = []
-    for stage, before, after in _paper_pairs(cfg):
+    for stage, before, after in _paper_pairs(cfg, results):
         table, arrays = spectra.load_pair(out, before, after)
         changed = _changed(table)
         frames.append(table.assign(stage=stage, changed=changed, sigma_share=sigma_share(table, arrays),
@@ -115,10 +123,10 @@ def spectra_by_module(cfg: Config) -> pd.DataFrame:
             .reset_index())
 
 
-def sigma_and_rotation(cfg: Config) -> list[dict]:
+def sigma_and_rotation(cfg: Config, results: Results | None = None) -> list[dict]:
     """Claims 3 and 4, per stage, from 05_spectra's tables and arrays, over spectra.claim_modules."""
     out, rows, modules = artifacts.spectra_dir(cfg), [], cfg.spectra.claim_modules
-    for stage, before, after in _paper_pairs(cfg):
+    for stage, before, after in _paper_pairs(cfg, results):
         table, arrays = spectra.load_pair(out, before, after)
         if modules:
             table = table[table["module"].isin(modules)]
@@ -178,8 +186,9 @@ def _edge_rotation(stage: str, before: str, after: str, table: pd.DataFrame, arr
                 f"({len(d)} matrices)", verdict, rule)
 
 
-def restore_recovery(cfg: Config) -> list[dict]:
-    """Claim 5, one row per restore variant and kind, at the claim's points (restore_eval.claim_points)."""
+def restore_recovery(cfg: Config, results: Results | None = None) -> list[dict]:
+    """Claim 5, one row per restore variant and kind, at the claim's points (restore_eval.claim_points), from
+    06_restore's table (which holds its own reference rates: `results` is not read)."""
     path = artifacts.variants_table(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 06_restore for preset {cfg.preset!r} first")
@@ -201,12 +210,12 @@ def restore_recovery(cfg: Config) -> list[dict]:
     return rows
 
 
-def causal_test(cfg: Config) -> list[dict]:
+def causal_test(cfg: Config, results: Results | None = None) -> list[dict]:
     """Claim 6: the RL model with the SFT model's directions imposed (07_causal) against the RL model, OOD."""
     path = artifacts.eval_table(cfg, artifacts.CAUSAL_RESULTS)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}: run notebook 07_causal for preset {cfg.preset!r} first")
-    _, named = evaluate.load_results(cfg)
+    _, named = _results(cfg, results)
     causal = artifacts.read_table(path, f"rerun notebooks/07_causal.py (./run_all.sh {cfg.preset} --only 7)")
     imposed_labels = list(dict.fromkeys(causal["label"].astype(str)))  # every rank, then each top k
     episodes = {label: evaluate.episodes_table(artifacts.eval_dir(cfg) / label)
@@ -229,12 +238,18 @@ def causal_test(cfg: Config) -> list[dict]:
     return rows
 
 
-def table(cfg: Config) -> pd.DataFrame:
-    """Every claim's rows, in the paper's order; a stage not yet run is one row saying which notebook."""
+def table(cfg: Config, results: Results | None = None) -> pd.DataFrame:
+    """Every claim's rows, in the paper's order; a stage not yet run is one row saying which notebook.
+    04_eval's results are read once for all of them (its checks, and any warning, come once)."""
     rows = []
+    if results is None:
+        try:
+            results = evaluate.load_results(cfg)
+        except FileNotFoundError:
+            pass  # every part that needs them says so in its row
     for part in (sft_peak_and_rl_recovery, sigma_and_rotation, restore_recovery, causal_test):
         try:
-            rows += part(cfg)
+            rows += part(cfg, results)
         except (FileNotFoundError, spectra.SpectraError) as err:
             rows.append(_row(0, part.__name__, "", f"not measured: {err}", UNSURE, ""))
     return pd.DataFrame(rows).sort_values("claim", kind="stable", ignore_index=True)
@@ -247,10 +262,10 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in frame.itertuples(index=False)])
 
 
-def headline_row(cfg: Config, who: str = "ours") -> str:
+def headline_row(cfg: Config, who: str = "ours", results: Results | None = None) -> str:
     """The README's headline row for this run: OOD success of Inter_SFT, full SFT and RL (Wilson intervals,
     as 04_eval reported them), the relative drop and the share recovered (paired bootstrap)."""
-    results, named = evaluate.load_results(cfg)
+    results, named = _results(cfg, results)
     ood = results[results["rule"] == "ood"].set_index("label")
     rec = recovery.headline(cfg, named, write=False).loc["ood"]
 
@@ -266,27 +281,28 @@ def headline_row(cfg: Config, who: str = "ours") -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def report(cfg: Config) -> str:
+def report(cfg: Config, results: Results | None = None) -> str:
     """The README's headline row, the claims table and claim 3 per module kind, in Markdown."""
     text = f"Claims of the paper, preset {cfg.preset!r} ({cfg.model.name}):\n\n"
     try:
-        text += "README headline row:\n\n" + headline_row(cfg) + "\n\n"
+        results = _results(cfg, results)
+        text += "README headline row:\n\n" + headline_row(cfg, results=results) + "\n\n"
     except FileNotFoundError:
-        pass
-    text += markdown(table(cfg))
+        results = None
+    text += markdown(table(cfg, results))
     try:
-        detail = spectra_by_module(cfg).round(4)
+        detail = spectra_by_module(cfg, results).round(4)
     except (FileNotFoundError, spectra.SpectraError):
         return text
     return text + "\n\nClaim 3 per module kind (medians; angle: mean, degrees):\n\n" + markdown(detail)
 
 
-def save(cfg: Config) -> Path:
+def save(cfg: Config, results: Results | None = None) -> Path:
     """report(cfg) into figures/<preset>/claims.md, beside the figures it sums up."""
     path = artifacts.figures_dir(cfg) / "claims.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     with artifacts.atomic_file(path) as tmp:
-        tmp.write_text(report(cfg) + "\n")
+        tmp.write_text(report(cfg, results) + "\n")
     return path
 
 

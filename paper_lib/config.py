@@ -23,7 +23,7 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = PROJECT_ROOT / "configs" / "presets"
-ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"  # sft/rl.accelerate_config name a file here
+ACCELERATE_DIR = PROJECT_ROOT / "configs" / "accelerate"  # sft/rl/eval.accelerate_config name a file here
 
 
 class ConfigError(ValueError):
@@ -202,6 +202,11 @@ class EvalConfig:
     # Which SFT checkpoints the sweep (Figure 1) evaluates: those whose step is a multiple of sft_every
     # (0: every saved one), plus sft.inter_sft_step, sft.full_sft_step and the last. A preset's time budget.
     sft_every: int = 0
+    # The notebooks' sweeps deal the checkpoints out to this many processes, each holding a whole model on its
+    # own GPU (paper_lib.evaluate --split checkpoints), under this accelerate config: one without DeepSpeed,
+    # since nothing is sharded. Where the episodes are played, not what: a checkpoint's are those of one process.
+    num_processes: int = 1
+    accelerate_config: str = "single"
 
 
 @dataclass(frozen=True)
@@ -249,7 +254,7 @@ POSITIVE = {
     "sft.num_processes", "sft.save_steps", "sft.eval_steps", "sft.max_length", "sft.adam_eps",
     "rl.learning_rate", "rl.adam_eps", "rl.ppo_epochs", "rl.steps_per_update", "rl.num_updates", "rl.save_every",
     "rl.num_processes", "rl.max_new_tokens", "rl.repetition_penalty", "eval.max_attempts", "eval.max_new_tokens",
-    "eval.batch_size", "eval.repeats", "eval.repetition_penalty",
+    "eval.batch_size", "eval.repeats", "eval.repetition_penalty", "eval.num_processes",
     "data.sft_size", "data.test_size", "data.loss_set_size", "spectra.k", "restore.layer_block", "restore.top_ks",
     "restore.causal_top_ks",
 }
@@ -264,7 +269,8 @@ UNIT_INTERVAL = {"sft.warmup_ratio", "sft.adam_beta2"}  # fractions: 0 <= x < 1
 # index or a pass number to some (rl.seed, eval.seed), and half the range leaves room for it, so a bad seed
 # fails here rather than hours in, after a first evaluation pass.
 SEEDS = {"model.tiny.seed", "data.seed", "data.test_seed", "sft.seed", "rl.seed", "eval.seed"}
-FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR}
+FILE_CHOICES = {"sft.accelerate_config": ACCELERATE_DIR, "rl.accelerate_config": ACCELERATE_DIR,
+                "eval.accelerate_config": ACCELERATE_DIR}
 
 
 @dataclass(frozen=True)
@@ -344,13 +350,15 @@ def _check_processes(cfg: Config) -> None:
     """accelerate takes its simple, one-process launcher for a config without a distributed backend whatever
     --num_processes says: the run would train on one process, with a fraction of the global batch, and be
     recorded as the run of num_processes."""
-    for section in ("sft", "rl"):
+    for section in ("sft", "rl", "eval"):
         settings = getattr(cfg, section)
         launcher = ACCELERATE_DIR / f"{settings.accelerate_config}.yaml"
         if settings.num_processes > 1 and distributed_type(launcher) == "NO":
+            several = [p.stem for p in sorted(ACCELERATE_DIR.glob("*.yaml")) if distributed_type(p) != "NO"
+                       and (section != "eval" or zero_stage(p) is None)]
             raise ConfigError(f"{section}.num_processes is {settings.num_processes} but {section}.accelerate_config "
                               f"{settings.accelerate_config!r} runs one process (distributed_type NO); name one that "
-                              f"launches several (multi_cpu, zero2, zero3) or set {section}.num_processes to 1")
+                              f"launches several ({', '.join(several)}) or set {section}.num_processes to 1")
 
 
 def _set_path(tree: dict, parts: list[str], value: Any) -> None:
@@ -397,6 +405,9 @@ def _check_range(where: str, value: Any) -> None:
         if where == "rl.accelerate_config" and zero_stage(FILE_CHOICES[where] / f"{value}.yaml") == 3:
             raise ConfigError(f"rl.accelerate_config {value!r} is ZeRO-3, which PPO cannot save: its checkpoints "
                               "take the policy's weights from one process; use zero2 or zero2_offload")
+        if where == "eval.accelerate_config" and zero_stage(FILE_CHOICES[where] / f"{value}.yaml") is not None:
+            raise ConfigError(f"eval.accelerate_config {value!r} is DeepSpeed, which evaluation does not use: each "
+                              "process holds a whole model; use multi_gpu (or single for one process)")
 
 
 def distributed_type(accelerate_config: str | os.PathLike) -> str:

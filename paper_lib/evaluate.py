@@ -3,7 +3,10 @@
 Each checkpoint is evaluated once and cached under runs/<preset>/eval/<label>/ (per-episode records +
 manifest), so a sweep after new checkpoints appear evaluates only those; one given with --checkpoint goes
 under eval/own/<label>/, with its table in eval/own/<label>.parquet. With several processes
-(`accelerate launch -m paper_lib.evaluate --preset P`) the hands are split across them.
+(`accelerate launch -m paper_lib.evaluate --preset P`) each checkpoint's hands are split across them.
+The notebooks' sweeps (`sweep`) use eval.num_processes: above 1, the checkpoints not yet evaluated are
+dealt out whole to that many processes (`--split checkpoints`), so every checkpoint is played by one
+process, with the seeds of a one-process run, whatever the number of GPUs.
 
     python -m paper_lib.evaluate --preset tiny                 # sweep base, SFT and RL checkpoints
     python -m paper_lib.evaluate --preset tiny --checkpoint DIR --label mine
@@ -17,8 +20,10 @@ import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 from accelerate import PartialState
@@ -90,13 +95,31 @@ def make_generator(cfg: Config, model, tokenizer, progress: bool = False):
                      repetition_penalty=cfg.eval.repetition_penalty, sampling=sampling)
 
 
+@dataclass(frozen=True)
+class OneProcess:
+    """The process state of one process that plays whole checkpoints by itself (`--split checkpoints`):
+    the launch's device, no split of the hands, nothing to wait for."""
+
+    device: Any
+    num_processes: int = 1
+    process_index: int = 0
+    is_main_process: bool = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    @contextmanager
+    def split_between_processes(self, jobs: list) -> Iterator[list]:
+        yield jobs
+
+
 def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Hand]],
-          state: PartialState) -> list[dict]:
+          state: PartialState | OneProcess, progress: bool = False) -> list[dict]:
     from transformers import set_seed
 
     model, tokenizer = models.load(cfg, checkpoint=checkpoint, device=str(state.device))
     model.eval()
-    generate = make_generator(cfg, model, tokenizer, progress=state.is_main_process)
+    generate = make_generator(cfg, model, tokenizer, progress=progress)
     jobs = [(rule, i, hand) for rule, hands in hands_by_rule.items() for i, hand in enumerate(hands)]
     records = []
     for repeat in range(passes(cfg)):
@@ -108,7 +131,8 @@ def _play(cfg: Config, checkpoint: Path, hands_by_rule: dict[str, list[cards.Han
         with state.split_between_processes(jobs) as mine:
             records += play_hands(generate, mine, cfg.eval.max_attempts, cfg.data.target, repeat,
                                   cfg.eval.partial_credit)
-            launch.report_processes("eval", state, f"{len(mine)} of {len(jobs)} hands")
+            if not isinstance(state, OneProcess):  # its launch has reported the checkpoints it deals out
+                launch.report_processes("eval", state, f"{len(mine)} of {len(jobs)} hands")
     return gather_object(records) if state.num_processes > 1 else records
 
 
@@ -123,19 +147,40 @@ def _record(rule: str, index: int, episode: cards.Episode, repeat: int = 0) -> d
     }
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False) -> pd.DataFrame:
-    """Per-episode records of one checkpoint on the ID and OOD test sets (cached)."""
-    out = episodes_dir(cfg, checkpoint)
-    artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
-    hands = held_out_hands(cfg)
-    spec = {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
+def _spec(cfg: Config, checkpoint: Checkpoint, hands: dict[str, list[cards.Hand]]) -> dict:
+    return {"stage": "eval", "checkpoint": artifacts.portable_path(checkpoint.path),
             "weights": artifacts.fingerprint(checkpoint.path),
             # what the episodes depend on, no more: a new SFT set or sweep keeps the base model's episodes
             "hands": _hands_key(hands), "target": cfg.data.target, "eval": episode_settings(cfg),
             "code": artifacts.code_hash("evaluate")}
 
+
+def is_evaluated(cfg: Config, checkpoint: Checkpoint, hands: dict[str, list[cards.Hand]] | None = None) -> bool:
+    """Whether a checkpoint's cached episodes are those evaluate_checkpoint would play now (on `hands`, the
+    held-out hands by default), and read back."""
+    out = episodes_dir(cfg, checkpoint)
+    if not artifacts.manifest_matches(out, _spec(cfg, checkpoint, held_out_hands(cfg) if hands is None else hands)):
+        return False
+    try:
+        episodes_table(out)
+    except artifacts.ArtifactError:
+        return False
+    return True
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False,
+                        state: PartialState | OneProcess | None = None, progress: bool | None = None) -> pd.DataFrame:
+    """Per-episode records of one checkpoint on the ID and OOD test sets (cached). Under several processes
+    (state: the launch's, by default) each plays a share of the hands; OneProcess plays them all here.
+    The progress bar shows on the main process unless `progress` says otherwise."""
+    out = episodes_dir(cfg, checkpoint)
+    artifacts.validate_checkpoint(checkpoint.path)  # a damaged checkpoint: one line naming the file
+    hands = held_out_hands(cfg)
+    spec = _spec(cfg, checkpoint, hands)
+
     redo = f"evaluating {checkpoint.label} again"
-    state = launch.process_state()  # PartialState() would take a 2-process CPU launch for one process
+    # PartialState() would take a 2-process CPU launch for one process
+    state = launch.process_state() if state is None else state
     if state.is_main_process:  # earlier settings' episodes are kept aside, and put back when they return
         artifacts.keep_earlier_result(out, spec, redo, force)
     state.wait_for_everyone()
@@ -144,7 +189,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False
         return cached
     log.info("evaluating %s (%s) on %d process(es)", checkpoint.label, checkpoint.path, state.num_processes)
     started = time.time()
-    records = _play(cfg, checkpoint.path, hands, state)
+    records = _play(cfg, checkpoint.path, hands, state, state.is_main_process if progress is None else progress)
     if state.is_main_process:  # every process played its share of hands; one writes
         with artifacts.atomic_dir(out) as tmp:
             with open(tmp / "episodes.jsonl", "w") as fh:
@@ -162,9 +207,13 @@ def held_out_hands(cfg: Config) -> dict[str, list[cards.Hand]]:
     return {rule: [cards.Hand(tuple(c), rule) for c in splits[split]["cards"]] for rule, split in RULE_SPLITS.items()}
 
 
+# Settings that pick checkpoints (sft_every) or say where they are played (the processes), not what is played.
+NOT_EPISODE_SETTINGS = ("sft_every", "num_processes", "accelerate_config")
+
+
 def episode_settings(cfg: Config) -> dict:
-    """The eval settings that change a checkpoint's episodes; eval.sft_every only picks checkpoints."""
-    return {k: v for k, v in asdict(cfg.eval).items() if k != "sft_every"}
+    """The eval settings that change a checkpoint's episodes."""
+    return {k: v for k, v in asdict(cfg.eval).items() if k not in NOT_EPISODE_SETTINGS}
 
 
 def _hands_key(hands: dict[str, list[cards.Hand]]) -> str:
@@ -219,16 +268,63 @@ def summarize(checkpoint: Checkpoint, episodes: pd.DataFrame) -> list[dict]:
 
 
 def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None = None,
-          table_name: str = artifacts.RESULTS) -> pd.DataFrame:
+          table_name: str = artifacts.RESULTS, here: bool = False) -> pd.DataFrame:
     """Evaluate every checkpoint (cached ones are read back) and write runs/<preset>/eval/<table_name>.parquet:
-    one row per (checkpoint, rule) with its success rate and Wilson 95% interval."""
+    one row per (checkpoint, rule) with its success rate and Wilson 95% interval. With eval.num_processes > 1
+    the checkpoints not yet evaluated are played first in an accelerate launch of that many processes
+    (evaluate_in_processes); here=True plays them in this process (or this launch) instead."""
     checkpoints = discover_checkpoints(cfg) if checkpoints is None else checkpoints
+    if not here and cfg.eval.num_processes > 1:
+        hands = held_out_hands(cfg)
+        evaluate_in_processes(cfg, [c for c in checkpoints if force or not is_evaluated(cfg, c, hands)], force)
+        force = False  # played just now
     rows = []
     for checkpoint in checkpoints:
         rows += summarize(checkpoint, evaluate_checkpoint(cfg, checkpoint, force=force))
     table = pd.DataFrame(rows)
     artifacts.write_table(table, artifacts.eval_table(cfg, table_name))
     return table
+
+
+CHECKPOINT_LIST = "evaluate-checkpoints.json"  # under runs/<preset>/logs/: what the last launch was given
+
+
+def evaluate_in_processes(cfg: Config, checkpoints: list[Checkpoint], force: bool = False) -> None:
+    """Play `checkpoints` in `accelerate launch --num_processes <eval.num_processes> -m paper_lib.evaluate
+    --split checkpoints` (launch.run_stage, with eval.accelerate_config): each process plays whole
+    checkpoints, one after another, on its own device, and caches their episodes as a one-process run would.
+    Nothing is launched for an empty list."""
+    if not checkpoints:
+        return
+    held_out_hands(cfg)  # the data is built here, not by several processes at once (sweep has built it)
+    listing = launch.stage_log(cfg, "evaluate").parent / CHECKPOINT_LIST
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    with artifacts.atomic_file(listing) as tmp:
+        tmp.write_text(json.dumps([{**asdict(c), "path": str(Path(c.path).resolve())} for c in checkpoints], indent=1))
+    models.release_gpu_memory()  # each process loads a whole model; this one's cached blocks would crowd GPU 0
+    launch.run_stage(cfg, "evaluate", "eval", ["--checkpoints", str(listing), "--split", "checkpoints",
+                                               *(["--force"] if force else [])])
+
+
+def read_checkpoint_list(path: str | Path) -> list[Checkpoint]:
+    """The checkpoints of a --checkpoints file: a JSON list of {label, stage, step, path}."""
+    try:
+        rows = json.loads(Path(path).read_text())
+        return [Checkpoint(str(r["label"]), str(r["stage"]), int(r["step"]), Path(r["path"])) for r in rows]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise artifacts.ArtifactError(f"{path} is not a list of checkpoints ({{label, stage, step, path}}): {err}")
+
+
+def evaluate_share(cfg: Config, checkpoints: list[Checkpoint], force: bool = False) -> list[Checkpoint]:
+    """This process's share of `checkpoints` under the launch (every num_processes-th, from its index),
+    each played whole by this process alone (OneProcess); returns the share. No process waits for another."""
+    state = launch.process_state()
+    mine = checkpoints[state.process_index::state.num_processes]
+    launch.report_processes("eval", state, f"{len(mine)} of {len(checkpoints)} checkpoints")
+    alone = OneProcess(state.device)
+    for checkpoint in mine:
+        evaluate_checkpoint(cfg, checkpoint, force=force, state=alone, progress=state.is_main_process)
+    return mine
 
 
 INTER_SFT_RULE = ("Inter_SFT is the SFT checkpoint with the best OOD success among the steps up to full SFT "
@@ -352,13 +448,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="preset name or a .yaml path")
     parser.add_argument("--checkpoint", help="evaluate this HF checkpoint directory only")
     parser.add_argument("--label", help="label for --checkpoint (default: its directory name)")
+    parser.add_argument("--checkpoints", metavar="FILE",
+                        help="evaluate the checkpoints of this JSON list of {label, stage, step, path} (what a "
+                             "notebook's sweep passes) and write no table")
+    parser.add_argument("--split", choices=("hands", "checkpoints"), default="hands",
+                        help="under several processes: split each checkpoint's hands (default), or deal out "
+                             "whole checkpoints (with --checkpoints), each played as by one process")
+    parser.add_argument("--override", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings, e.g. --override eval.max_attempts=3")
     parser.add_argument("--force", action="store_true", help="re-evaluate even when cached")
     args = parser.parse_args(argv)
     if args.label is not None and not args.checkpoint:
         parser.error("--label names a --checkpoint; pass both")
+    if args.checkpoint and args.checkpoints:
+        parser.error("--checkpoint and --checkpoints: pass one")
+    if args.split == "checkpoints" and not args.checkpoints:
+        parser.error("--split checkpoints deals out the checkpoints of --checkpoints FILE; pass it")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     def work() -> str:
-        cfg = config.load(args.preset)
+        cfg = launch.stage_config(args)
+        if args.checkpoints:
+            listed = read_checkpoint_list(args.checkpoints)
+            if args.split == "checkpoints":
+                mine = evaluate_share(cfg, listed, force=args.force)
+                return f"evaluated {len(listed)} checkpoint(s) on the launch's processes (this one: {len(mine)})"
+            for checkpoint in listed:
+                evaluate_checkpoint(cfg, checkpoint, force=args.force)
+            return f"evaluated {len(listed)} checkpoint(s); episodes under {artifacts.eval_dir(cfg)}"
         chosen = None
         if args.checkpoint:
             path = Path(args.checkpoint)
@@ -368,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [Checkpoint(label, OWN_STAGE, 0, path)]
         # one checkpoint's table goes beside its episodes (eval/own/), never over the pipeline's results
         name = f"{OWN_DIR}/{chosen[0].label}" if chosen else artifacts.RESULTS
-        table = sweep(cfg, force=args.force, checkpoints=chosen, table_name=name)
+        table = sweep(cfg, force=args.force, checkpoints=chosen, table_name=name, here=True)
         return (table[["label", "rule", "success_rate", "ci_low", "ci_high"]].to_string(index=False)
                 + f"\nwritten to {artifacts.eval_table(cfg, name)}, episodes under "
                   f"{episodes_dir(cfg, chosen[0]) if chosen else artifacts.eval_dir(cfg)}")

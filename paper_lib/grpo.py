@@ -29,7 +29,7 @@ def train_grpo(cfg: Config, force: bool = False, init: str | os.PathLike | None 
     grade = grade or verifier(cfg.data.target, rl.partial_credit)
     out = artifacts.rl_dir(cfg)
     spec = run_spec(cfg, init_path, grade_name)
-    if not prepare_run(out, spec, force):
+    if not prepare_run(out, spec, force, rl.num_processes):
         return out
     model, tokenizer = models.load(cfg, checkpoint=init_path, dtype="float32", device=None)  # bf16: autocast
     # a step's completions: steps_per_update per process, in groups of `generations` per prompt

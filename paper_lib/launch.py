@@ -1,5 +1,5 @@
-"""The one way to run a training stage (SFT, RL) from a notebook or a script, and the conventions of every
-`python -m paper_lib.X`.
+"""The one way to run a stage in processes of its own (SFT, RL, evaluation on several GPUs) from a notebook or
+a script, and the conventions of every `python -m paper_lib.X`.
 
 `run_stage` starts `python -m paper_lib.<module> --preset P --override section.key=value ...` (behind
 `accelerate launch` when the stage's accelerate config or process count asks for it), appends its output
@@ -202,6 +202,24 @@ def check_process_count(state, section: str, wanted: int) -> None:
                          f"to {state.num_processes} (--override {section}.num_processes={state.num_processes})")
 
 
+def check_gpu_count(cfg: Config, section: str) -> None:
+    """StageError before a launch of more GPU processes than this machine shows GPUs: each process takes the
+    GPU of its local rank, and those past the last would fail one by one with "invalid device ordinal". A
+    machine without CUDA runs the processes on the CPU (use_cpu), so it passes."""
+    import torch
+
+    settings = getattr(cfg, section)
+    acc = yaml.safe_load((ACCELERATE_DIR / f"{settings.accelerate_config}.yaml").read_text()) or {}
+    if settings.num_processes <= 1 or acc.get("use_cpu") or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    if settings.num_processes > gpus:
+        raise StageError(f"{section}.num_processes is {settings.num_processes} but this machine shows {gpus} GPU(s) "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): set "
+                         f"{section}.num_processes to {gpus} (--override {section}.num_processes={gpus}), or run "
+                         "where there are more")
+
+
 def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] = (),
                   use_accelerate: bool | None = None) -> list[str]:
     """The command that runs a training stage: `python -m paper_lib.<module> --preset P --override k=v ...`
@@ -245,6 +263,7 @@ def run_stage(cfg: Config, module: str, section: str, extra: Sequence[str] = (),
     """Run a training stage's command (stage_command) to its end, streaming it into its log; StageError
     with the tail of the log when it fails. With keep_log_in, this run's part of the log is also written
     to <keep_log_in>/run.log, so that the log travels with the run it made (moved aside, moved back)."""
+    check_gpu_count(cfg, section)
     command = stage_command(cfg, module, section, extra)
     log_path = stage_log(cfg, module)
     start = log_path.stat().st_size if log_path.is_file() else 0  # the stage log is shared by every run

@@ -108,6 +108,16 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def release_gpu_memory() -> None:
+    """Give this process's freed GPU memory back (torch keeps it cached for its own next allocation), before a
+    launched stage loads whole models onto the same GPUs."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def checkpoint_path(checkpoint: str | os.PathLike) -> Path:
     """An existing HF checkpoint directory (with config.json), or a FileNotFoundError naming the path."""
     path = Path(checkpoint).expanduser()

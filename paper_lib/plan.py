@@ -229,10 +229,15 @@ def measured_times(cfg: Config, p: dict) -> dict[str, str]:
     evals = [m for m in map(artifacts.read_manifest, sorted(artifacts.eval_dir(cfg).glob("*/")))
              if m and m.get("provenance", {}).get("seconds") and m.get("data")]
     if evals:
-        per_hand = sorted(m["provenance"]["seconds"] / (2 * m["data"]["test_size"]) for m in evals)
+        # one process's seconds a hand (a checkpoint split over n processes took 1/n of them); this plan's
+        # sweeps deal the checkpoints out to eval.num_processes
+        per_hand = sorted(m["provenance"]["seconds"] * m["provenance"].get("processes", 1) / (2 * m["data"]["test_size"])
+                          for m in evals)
         median = per_hand[len(per_hand) // 2]
-        times["eval"] = _measured(median * p["eval"]["hands"] * p["eval"]["checkpoints"],
-                                  f"a median {median * p['eval']['hands']:.1f} s a checkpoint over {len(evals)}",
+        processes = cfg.eval.num_processes
+        times["eval"] = _measured(median * p["eval"]["hands"] * math.ceil(p["eval"]["checkpoints"] / processes),
+                                  f"a median {median * p['eval']['hands']:.1f} s a checkpoint over {len(evals)}"
+                                  + (f", {processes} at a time" if processes > 1 else ""),
                                   evals[-1]["provenance"])
     return times
 

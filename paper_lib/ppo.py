@@ -397,9 +397,8 @@ def train(cfg: Config, force: bool = False, init: str | os.PathLike | None = Non
     if not main:  # one process reports
         for name in ("paper_lib", __name__):
             logging.getLogger(name).setLevel(logging.WARNING)
-    if not prepare_run(out, spec, force):
+    if not prepare_run(out, spec, force, rl.num_processes):
         return out
-    launch.check_process_count(launch.process_state(), "rl", rl.num_processes)
 
     threads = torch.get_num_threads()  # the trainer may lower it for a tiny model; restored for the caller
     try:

@@ -69,24 +69,22 @@ def run_spec(cfg: Config, init: Path, grade_name: str = "verifier") -> dict:
             "code": artifacts.code_hash("ppo")}
 
 
-def _prepare_dir(out: Path, spec: dict, force: bool) -> bool:
-    """Make out ready for the run (main process only; artifacts.prepare_run_dir); False when a finished run
-    matches."""
-    if not force and artifacts.up_to_date(out, spec, REDO_RL):
-        return False
-    artifacts.prepare_run_dir(out, spec, force, "an RL run")
-    return True
-
-
-def prepare_run(out: Path, spec: dict, force: bool) -> bool:
-    """Prepare out on the main process; every process learns whether there is work to do."""
+def prepare_run(out: Path, spec: dict, force: bool, processes: int) -> bool:
+    """False, on every process, where a finished run matches; else make out ready for the run
+    (artifacts.prepare_run_dir, on the main process) and return True. A launch of another number of
+    processes than `processes` (rl.num_processes) stops first, before an earlier run is moved aside."""
     from accelerate.utils import broadcast_object_list
 
     state = launch.process_state()
-    decision = [_prepare_dir(out, spec, force) if state.is_main_process else None]
+    finished = [not force and artifacts.up_to_date(out, spec, REDO_RL) if state.is_main_process else None]
     if state.num_processes > 1:
-        broadcast_object_list(decision)
-    state.wait_for_everyone()
-    if not decision[0]:
+        broadcast_object_list(finished)
+    if finished[0]:
+        state.wait_for_everyone()
         log.info("%s is up to date (manifest matches); pass force=True to redo it", out)
-    return bool(decision[0])
+        return False
+    launch.check_process_count(state, "rl", processes)  # every process raises alike: none waits below
+    if state.is_main_process:
+        artifacts.prepare_run_dir(out, spec, force, "an RL run")
+    state.wait_for_everyone()
+    return True

@@ -15,6 +15,7 @@ from paper_lib.config import PROJECT_ROOT
 
 QUICK = {
     "bench_eval.py": ["--hands", "2"],
+    "bench_eval_processes.py": ["--checkpoints", "2"],
     "bench_generate.py": ["--preset", "tiny", "--batches", "1,2", "--dtypes", "float32", "--tokens", "4"],
     "bench_ppo.py": ["--updates", "1"],
     "bench_rerun.py": ["--examples", "32"],

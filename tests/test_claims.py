@@ -107,7 +107,7 @@ def test_claim_modules_choose_the_matrices_claims_3_and_4_pool(monkeypatch):
     table = pd.concat([turned.assign(name="q", module="q_proj"), scaled.assign(name="up", module="up_proj")],
                       ignore_index=True).assign(rel_dsigma_absmax=0.01, angle_u_mean_deg=10.0, k=24, rank=24)
     arrays = {"q": {**t_arrays["w"], "rot_u": np.zeros(24)}, "up": {**s_arrays["w"], "rot_u": np.zeros(24)}}
-    monkeypatch.setattr(claims, "_paper_pairs", lambda cfg: [("SFT", "base", "sft-0080")])
+    monkeypatch.setattr(claims, "_paper_pairs", lambda cfg, results: [("SFT", "base", "sft-0080")])
     monkeypatch.setattr(claims.spectra, "load_pair", lambda out, a, b: (table, arrays))
     pooled = claims.sigma_and_rotation(config.load("tiny"))[0]
     assert "median of 2 matrices" in pooled["measured"] and pooled["case"] == "SFT: base → sft-0080"
@@ -161,3 +161,17 @@ def test_a_stage_not_yet_run_is_a_row_that_names_its_notebook(run):
     assert (frame["verdict"] == claims.UNSURE).all()
     assert frame["measured"].str.contains("run notebooks 01-04").any()
     assert frame["measured"].str.contains("06_restore").any()
+
+
+def test_a_report_reads_and_checks_04s_results_once(run, monkeypatch):
+    """Every part of the report used to read (and check) 04_eval's results itself: five reads, and any
+    warning of the check five times over."""
+    _write_eval(run, {"base": ("base", 0, 0.5, 0.30), "sft-0020": ("sft", 20, 0.6, 0.40),
+                      "sft-0080": ("sft", 80, 0.9, 0.20), "rl-0010": ("rl", 10, 0.88, 0.37)})
+    reads = []
+    load = evaluate.load_results
+    monkeypatch.setattr(evaluate, "load_results", lambda cfg: reads.append(cfg) or load(cfg))
+    text = claims.report(run)
+    assert len(reads) == 1
+    assert "| sft-0020: 40.0% [" in text and "drop 20.0%" in text and "not measured" in text  # 05-07 not run
+    assert claims.table(run, load(run)).equals(claims.table(run)) and len(reads) == 2

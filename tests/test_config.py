@@ -102,7 +102,7 @@ def test_section_hash_tracks_only_the_named_sections():
     assert a.section_hash() != b.section_hash()
 
 
-@pytest.mark.parametrize("section", ["sft", "rl"])
+@pytest.mark.parametrize("section", ["sft", "rl", "eval"])
 def test_several_processes_need_a_launcher_that_starts_several(section):
     """accelerate's simple launcher runs one process for single.yaml whatever --num_processes says."""
     assert config.distributed_type(config.ACCELERATE_DIR / "single.yaml") == "NO"
@@ -111,6 +111,38 @@ def test_several_processes_need_a_launcher_that_starts_several(section):
         config.load("tiny", **{f"{section}.num_processes": 2})
     assert config.load("tiny", **{f"{section}.num_processes": 2, f"{section}.accelerate_config": "multi_cpu"})
     assert config.load("qwen7b", **{f"{section}.num_processes": 1}).sft.accelerate_config == "zero3"
+
+
+def test_evaluation_takes_no_deepspeed_config_and_its_processes_do_not_change_its_episodes():
+    """Evaluation holds a whole model per process; the process count says where episodes are played, so a
+    cache made on one process stays valid on four (evaluate.episode_settings)."""
+    from paper_lib import evaluate
+
+    with pytest.raises(config.ConfigError, match=r"eval.accelerate_config 'zero3' is DeepSpeed.*multi_gpu"):
+        config.load("tiny", eval__accelerate_config="zero3")
+    with pytest.raises(config.ConfigError, match=r"launches several \(multi_cpu, multi_gpu\) or"):
+        config.load("tiny", eval__num_processes=4)
+    four = config.load("tiny", eval__num_processes=4, eval__accelerate_config="multi_gpu")
+    assert evaluate.episode_settings(four) == evaluate.episode_settings(config.load("tiny"))
+    assert evaluate.episode_settings(config.load("tiny", eval__max_attempts=3)) != evaluate.episode_settings(four)
+    assert config.load("qwen7b").eval.num_processes == 4 and config.load("smol").eval.num_processes == 1
+
+
+def test_a_launch_of_more_gpu_processes_than_gpus_stops_in_one_line(monkeypatch):
+    import torch
+
+    from paper_lib import launch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(launch.StageError, match=r"eval.num_processes is 4 but this machine shows 2 GPU\(s\).*"
+                                                r"--override eval.num_processes=2"):
+        launch.check_gpu_count(config.load("qwen7b"), "eval")
+    launch.check_gpu_count(config.load("qwen7b", eval__num_processes=2), "eval")
+    launch.check_gpu_count(config.load("tiny"), "sft")  # one process
+    # multi_cpu runs its processes on the CPU whatever GPUs there are
+    launch.check_gpu_count(config.load("tiny", rl__num_processes=4, rl__accelerate_config="multi_cpu"), "rl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    launch.check_gpu_count(config.load("qwen7b"), "eval")  # no CUDA: the processes run on the CPU
 
 
 def test_a_stage_on_another_process_count_than_its_config_stops():

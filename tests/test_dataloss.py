@@ -139,7 +139,7 @@ def test_evaluate_label_is_a_single_safe_name(tmp_path, monkeypatch, capsys):
     (keep / "precious").write_text("x")
     ck = tiny_qwen(tmp_path / "my-ckpt", 0)
     seen = []
-    monkeypatch.setattr(evaluate, "sweep", lambda cfg, force, checkpoints, table_name: seen.append(checkpoints) or _no_table())
+    monkeypatch.setattr(evaluate, "sweep", lambda cfg, force, checkpoints, table_name, here: seen.append(checkpoints) or _no_table())
     for bad in ("../sft", "..", "a/b", ""):
         assert evaluate.main(["--preset", "tiny", "--checkpoint", str(ck), "--label", bad]) == 2
         assert "single name" in capsys.readouterr().err
@@ -208,12 +208,12 @@ def test_a_truncated_sft_checkpoint_stops_ppo_before_the_rl_run_is_touched(tiny_
 def test_ppo_moves_a_run_of_another_spec_aside_and_tolerates_a_truncated_run_spec(tmp_path):
     out = _finished_rl_run(config.load("tiny"))
     (out / "run_spec.json").write_text('{"stage": "r')  # truncated by a kill
-    assert rl_run._prepare_dir(out, {"stage": "rl", "new": True}, force=False)
+    assert rl_run.prepare_run(out, {"stage": "rl", "new": True}, force=False, processes=1)
     stale = list(out.parent.glob("rl.stale-*"))
     assert len(stale) == 1 and (stale[0] / "checkpoint-1" / "value_head.pt").read_text() == "weights"
     assert json.loads((out / "run_spec.json").read_text())["new"] is True
     (out / artifacts.MANIFEST).write_text("{trunc")  # a truncated manifest is "not finished", not a crash
-    assert rl_run._prepare_dir(out, {"stage": "rl", "new": True}, force=False)
+    assert rl_run.prepare_run(out, {"stage": "rl", "new": True}, force=False, processes=1)
 
 
 def test_a_truncated_base_model_stops_sft_before_the_sft_run_is_touched(tiny_base):

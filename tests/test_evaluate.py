@@ -313,3 +313,46 @@ def test_sft_every_applies_to_discovered_checkpoints(tiny_base, monkeypatch, tmp
     assert labels == ["base", "sft-0002", "sft-0003", "sft-0004", "sft-0005"]
     with pytest.raises(config.ConfigError, match="eval.sft_every"):
         evaluate.discover_checkpoints(config.load("tiny", eval__sft_every=-1))
+
+
+def test_a_multi_process_sweep_launches_only_what_is_not_cached(tiny_base, tmp_path, monkeypatch):
+    """eval.num_processes 2: the checkpoints whose episodes are cached are read back; the rest go, in one
+    listing, to one launch of `paper_lib.evaluate --split checkpoints` (here run in this process), and none
+    when nothing is missing. --force sends every checkpoint again."""
+    import shutil
+
+    from paper_lib import config, launch
+
+    monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path / "runs"))
+    small = dict(data__test_size=2, data__sft_size=8, data__loss_set_size=2, eval__max_new_tokens=4,
+                 eval__max_attempts=1)
+    a, b = (Checkpoint(name, "other", 0, shutil.copytree(tiny_base.path, tmp_path / name)) for name in "ab")
+    evaluate.evaluate_checkpoint(config.load("tiny", **small), a)
+    cfg = config.load("tiny", **small, eval__num_processes=2, eval__accelerate_config="multi_cpu")
+    launched = []
+
+    def launch_here(cfg_, module, section, extra=(), **kwargs):
+        command = launch.stage_command(cfg_, module, section, extra)
+        assert command[command.index("--config_file") + 1].endswith("multi_cpu.yaml")
+        assert command[command.index("--num_processes") + 1] == "2"
+        listing = extra[extra.index("--checkpoints") + 1]
+        launched.append(([c.label for c in evaluate.read_checkpoint_list(listing)], "--force" in extra))
+        assert evaluate.main(command[command.index("paper_lib.evaluate") + 1:]) == 0  # the child's command line
+
+    monkeypatch.setattr(launch, "run_stage", launch_here)
+    table = evaluate.sweep(cfg, checkpoints=[a, b], table_name="own/ab")
+    assert launched == [(["b"], False)] and list(table["label"].unique()) == ["a", "b"]
+    assert evaluate.is_evaluated(cfg, b)
+    pd.testing.assert_frame_equal(evaluate.sweep(cfg, checkpoints=[a, b], table_name="own/ab"), table)
+    assert len(launched) == 1, "all cached: no launch"
+    evaluate.sweep(cfg, force=True, checkpoints=[a, b], table_name="own/ab")
+    assert launched[-1] == (["a", "b"], True)
+
+
+def test_a_checkpoint_listing_that_does_not_read_is_one_line(tmp_path):
+    bad = tmp_path / "list.json"
+    bad.write_text('[{"label": "a"}]')
+    with pytest.raises(artifacts.ArtifactError, match=r"list.json is not a list of checkpoints"):
+        evaluate.read_checkpoint_list(bad)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--preset", "tiny", "--split", "checkpoints"])  # deals out --checkpoints only

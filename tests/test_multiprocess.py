@@ -224,3 +224,54 @@ def test_two_process_ppo_resumes_after_sigkill_of_the_group(tiny_base, tmp_path)
     assert sorted(ppo.checkpoints(cfg)) == [1, 2, 3, 4] and artifacts.read_manifest(out) is not None
     assert (out / f"checkpoint-{survived}" / "model.safetensors").stat().st_mtime_ns == stamp, "not redone"
     assert pd.read_csv(out / "metrics.csv")["update"].tolist() == [1, 2, 3, 4], "no update lost or repeated"
+
+
+def _perturbed_copy(source, out):
+    """A copy of a checkpoint with one matrix scaled, so that its episodes differ from the source's."""
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    shutil.copytree(source, out)  # the tokenizer and its chat template
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_sweep_on_two_processes_plays_each_checkpoint_as_one_process_would(tiny_base, tmp_path, monkeypatch):
+    """eval.num_processes 2: the sweep deals the checkpoints out to two processes, each playing whole
+    checkpoints. Under sampled decoding, two passes, every checkpoint's episodes equal a one-process
+    sweep's, draw for draw; a second sweep finds them all cached and launches nothing."""
+    sampled = {"max_new_tokens": 8, "max_attempts": 2, "decoding": "model", "repeats": 2}
+    tables, episodes, launched = {}, {}, {}
+    for name, processes in (("one", {}), ("two", {"num_processes": 2, "accelerate_config": "multi_cpu"})):
+        monkeypatch.setenv("PAPER_RUNS_DIR", str(tmp_path / name))
+        cfg = config.load(_preset(tmp_path, data={"test_size": 4}, eval={**sampled, **processes}))
+        shutil.copytree(tiny_base.path, artifacts.base_model_dir(cfg))
+        shutil.copytree(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-2")
+        _perturbed_copy(tiny_base.path, artifacts.sft_dir(cfg) / "checkpoint-4")
+        tables[name] = evaluate.sweep(cfg)
+        episodes[name] = {c.label: (evaluate.episodes_table(evaluate.episodes_dir(cfg, c)),
+                                    artifacts.read_manifest(evaluate.episodes_dir(cfg, c))["provenance"])
+                          for c in evaluate.discover_checkpoints(cfg)}
+        log = launch.stage_log(cfg, "evaluate")
+        launched[name] = log.read_text() if log.exists() else None
+    assert launched["one"] is None, "one process: played in the notebook's process"
+    shares = assert_two_processes(launched["two"], "eval")
+    assert shares == {0: "2 of 3 checkpoints", 1: "1 of 3 checkpoints"}
+    assert sorted(episodes["two"]) == ["base", "sft-0002", "sft-0004"]
+    for label, (mine, provenance) in episodes["two"].items():
+        theirs = episodes["one"][label][0]
+        assert len(mine) == 2 * 8 and sorted(set(mine["repeat"])) == [0, 1]
+        assert mine.drop(columns="transcript").equals(theirs.drop(columns="transcript")), label
+        assert list(mine["transcript"]) == list(theirs["transcript"]), f"{label}: the same draws"
+        assert provenance["processes"] == 1, "each checkpoint played by one process"
+    text = lambda label: [t["text"] for ts in episodes["two"][label][0]["transcript"] for t in ts]  # noqa: E731
+    assert text("sft-0004") != text("sft-0002"), "the perturbed checkpoint plays otherwise"
+    pd.testing.assert_frame_equal(tables["two"], tables["one"])
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError(f"launched although every checkpoint was cached: {args}")
+
+    monkeypatch.setattr(launch, "run_stage", no_launch)
+    pd.testing.assert_frame_equal(evaluate.sweep(cfg), tables["two"])

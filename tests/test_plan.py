@@ -101,9 +101,10 @@ def test_time_is_scaled_from_the_last_run_here(tmp_path, monkeypatch):
 
     from paper_lib import artifacts
 
-    cfg = config.load("tiny", **{"data.sft_size": 200, "data.test_size": 25, "sft.per_device_batch_size": 10,
-                                 "rl.steps_per_update": 16, "rl.num_updates": 10, "restore.sources": ["base"],
-                                 "restore.keeps": ["target-sigma"], "restore.top_ks": [13], "restore.causal_top_ks": []})
+    settings = {"data.sft_size": 200, "data.test_size": 25, "sft.per_device_batch_size": 10, "rl.steps_per_update": 16,
+                "rl.num_updates": 10, "restore.sources": ["base"], "restore.keeps": ["target-sigma"],
+                "restore.top_ks": [13], "restore.causal_top_ks": []}
+    cfg = config.load("tiny", **settings)
     assert "no measurement" in plan.render(plan.plan(cfg), free=1e12, times=plan.measured_times(cfg, plan.plan(cfg)))
     for d in (artifacts.sft_dir(cfg), artifacts.rl_dir(cfg)):
         d.mkdir(parents=True)
@@ -127,5 +128,13 @@ def test_time_is_scaled_from_the_last_run_here(tmp_path, monkeypatch):
     assert times["eval"].startswith(f"~{10 * p['eval']['checkpoints']:.0f} s, scaled from the last run here "
                                     "(a median 10.0 s a checkpoint over 3")
     assert times["sft"] in plan.render(p, free=1e12, times=times)
+    # 4 processes, each taking whole checkpoints: a quarter of them each, rounded up
+    four = config.load("tiny", **settings, **{"eval.num_processes": 4, "eval.accelerate_config": "multi_cpu"})
+    quarter = plan.measured_times(four, plan.plan(four))["eval"]
+    assert quarter.startswith(f"~{10 * -(-p['eval']['checkpoints'] // 4):.0f} s, scaled") and ", 4 at a time" in quarter
+    # a checkpoint whose hands were split over 2 processes took half of one process's time
+    artifacts.write_manifest(artifacts.eval_dir(cfg) / "b", {"stage": "eval", "data": {"test_size": 10}},
+                             seconds=2.0, processes=2)
+    assert plan.measured_times(cfg, p)["eval"] == times["eval"]
     other = config.load("tiny", **{"model.name": "smol"})  # same runs/tiny, another model
     assert "sft" not in plan.measured_times(other, plan.plan(other))  # another model's SFT says nothing

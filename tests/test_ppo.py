@@ -245,11 +245,18 @@ def starts_with_space(hand, text):
 
 
 def test_a_two_process_config_run_in_one_process_stops_before_training(sft_ready):
-    """Its global batch would be half the one its manifest records."""
+    """Its global batch would be half the one its manifest records. It stops before the RL run on disk, of
+    other settings, is moved aside (a correct launch would have kept it aside, not lost it, but a launch
+    that trains nothing should touch nothing)."""
+    out = artifacts.rl_dir(config.load("tiny"))
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / "model.safetensors").write_text("an earlier run's weights")
+    artifacts.write_manifest(out, {"stage": "rl", "rl": {"num_updates": 1}})
     cfg = config.load("tiny", rl__num_processes=2, rl__accelerate_config="multi_cpu")
     with pytest.raises(launch.StageError, match=r"running 1 process\(es\) but rl.num_processes is 2"):
         ppo.train(cfg, grade=starts_with_space, progress=False)
-    assert not ppo.checkpoints(cfg) and artifacts.read_manifest(artifacts.rl_dir(cfg)) is None
+    assert (out / "checkpoint-1" / "model.safetensors").read_text() == "an earlier run's weights"
+    assert artifacts.read_manifest(out)["rl"] == {"num_updates": 1} and not list(out.parent.glob("rl.stale-*"))
 
 
 def test_ppo_raises_an_easy_reward(sft_ready):

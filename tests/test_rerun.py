@@ -134,7 +134,7 @@ def evaluated(monkeypatch):
     cfg = config.load("tiny")
     played = []
 
-    def play(cfg, checkpoint, hands, state):
+    def play(cfg, checkpoint, hands, state, progress=False):
         played.append(checkpoint)
         return [{"rule": rule, "hand": i, "repeat": 0, "success": i == 0, "attempts": 1}
                 for rule in hands for i in range(2)]

@@ -382,7 +382,7 @@ def test_launch_command_round_trips_the_config_and_names_missing_accelerate_conf
     items = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--override"]
     assert config.load("qwen7b", **launch.parse_overrides(items)) == cfg
     assert sft.launch_command(config.load("tiny"))[1:] == ["-m", "paper_lib.sft", "--preset", "tiny"]
-    with pytest.raises(config.ConfigError, match=r"\['multi_cpu', 'single', 'zero2', 'zero2_offload', 'zero3'\].*zero9"):  # at load time
+    with pytest.raises(config.ConfigError, match=r"\['multi_cpu', 'multi_gpu', 'single', 'zero2', 'zero2_offload', 'zero3'\].*zero9"):  # at load time
         config.load("tiny", sft__accelerate_config="zero9")
 
 
