@@ -352,10 +352,9 @@ def _check_processes(cfg: Config) -> None:
     recorded as the run of num_processes."""
     for section in ("sft", "rl", "eval"):
         settings = getattr(cfg, section)
-        launcher = ACCELERATE_DIR / f"{settings.accelerate_config}.yaml"
-        if settings.num_processes > 1 and distributed_type(launcher) == "NO":
-            several = [p.stem for p in sorted(ACCELERATE_DIR.glob("*.yaml")) if distributed_type(p) != "NO"
-                       and (section != "eval" or zero_stage(p) is None)]
+        if settings.num_processes > 1 and launcher(settings.accelerate_config).distributed_type == "NO":
+            several = [p.stem for p in sorted(ACCELERATE_DIR.glob("*.yaml")) if launcher(p).distributed_type != "NO"
+                       and (section != "eval" or launcher(p).zero_stage is None)]
             raise ConfigError(f"{section}.num_processes is {settings.num_processes} but {section}.accelerate_config "
                               f"{settings.accelerate_config!r} runs one process (distributed_type NO); name one that "
                               f"launches several ({', '.join(several)}) or set {section}.num_processes to 1")
@@ -402,26 +401,38 @@ def _check_range(where: str, value: Any) -> None:
         choices = sorted(p.stem for p in FILE_CHOICES[where].glob("*.yaml"))
         if value not in choices:
             raise ConfigError(f"{where} must be one of {choices} (files in {FILE_CHOICES[where]}), got {value!r}")
-        if where == "rl.accelerate_config" and zero_stage(FILE_CHOICES[where] / f"{value}.yaml") == 3:
+        if where == "rl.accelerate_config" and launcher(value).zero_stage == 3:
             raise ConfigError(f"rl.accelerate_config {value!r} is ZeRO-3, which PPO cannot save: its checkpoints "
                               "take the policy's weights from one process; use zero2 or zero2_offload")
-        if where == "eval.accelerate_config" and zero_stage(FILE_CHOICES[where] / f"{value}.yaml") is not None:
+        if where == "eval.accelerate_config" and launcher(value).zero_stage is not None:
             raise ConfigError(f"eval.accelerate_config {value!r} is DeepSpeed, which evaluation does not use: each "
                               "process holds a whole model; use multi_gpu (or single for one process)")
 
 
-def distributed_type(accelerate_config: str | os.PathLike) -> str:
-    """An accelerate config file's distributed_type, upper case ("NO" where it names none)."""
-    raw = yaml.safe_load(Path(accelerate_config).read_text()) or {}
-    return str(raw.get("distributed_type", "NO")).upper()
+@dataclass(frozen=True)
+class Launcher:
+    """What an accelerate config file asks of a launch: the keys the project reads, parsed in one place."""
+
+    distributed_type: str  # upper case; "NO" where the file names none
+    zero_stage: int | None  # None without DeepSpeed
+    offload_optimizer: bool  # DeepSpeed keeps the optimizer state on the CPU
+    use_cpu: bool
+    num_processes: int  # the file's own count; a launch's --num_processes overrides it
 
 
-def zero_stage(accelerate_config: str | os.PathLike) -> int | None:
-    """The DeepSpeed ZeRO stage an accelerate config file asks for; None without DeepSpeed."""
-    raw = yaml.safe_load(Path(accelerate_config).read_text()) or {}
-    if raw.get("distributed_type") != "DEEPSPEED":
-        return None
-    return int((raw.get("deepspeed_config") or {}).get("zero_stage", 0))
+def launcher(accelerate_config: str | os.PathLike) -> Launcher:
+    """The Launcher of configs/accelerate/<name>.yaml, or of an accelerate YAML given by path."""
+    path = Path(accelerate_config)
+    if path.suffix not in (".yaml", ".yml"):
+        path = ACCELERATE_DIR / f"{accelerate_config}.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    kind = str(raw.get("distributed_type", "NO")).upper()
+    deepspeed = (raw.get("deepspeed_config") or {}) if kind == "DEEPSPEED" else None
+    return Launcher(distributed_type=kind,
+                    zero_stage=None if deepspeed is None else int(deepspeed.get("zero_stage", 0)),
+                    offload_optimizer=deepspeed is not None
+                    and deepspeed.get("offload_optimizer_device", "none") not in ("none", None),
+                    use_cpu=bool(raw.get("use_cpu", False)), num_processes=int(raw.get("num_processes", 1)))
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

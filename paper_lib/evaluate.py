@@ -155,17 +155,17 @@ def _spec(cfg: Config, checkpoint: Checkpoint, hands: dict[str, list[cards.Hand]
             "code": artifacts.code_hash("evaluate")}
 
 
-def is_evaluated(cfg: Config, checkpoint: Checkpoint, hands: dict[str, list[cards.Hand]] | None = None) -> bool:
-    """Whether a checkpoint's cached episodes are those evaluate_checkpoint would play now (on `hands`, the
-    held-out hands by default), and read back."""
+def cached_episodes(cfg: Config, checkpoint: Checkpoint,
+                    hands: dict[str, list[cards.Hand]] | None = None) -> pd.DataFrame | None:
+    """A checkpoint's cached episodes where they are those evaluate_checkpoint would play now (on `hands`, the
+    held-out hands by default) and read back; else None. Read only: nothing is moved or played."""
     out = episodes_dir(cfg, checkpoint)
     if not artifacts.manifest_matches(out, _spec(cfg, checkpoint, held_out_hands(cfg) if hands is None else hands)):
-        return False
+        return None
     try:
-        episodes_table(out)
+        return episodes_table(out)
     except artifacts.ArtifactError:
-        return False
-    return True
+        return None
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Checkpoint, force: bool = False,
@@ -274,13 +274,17 @@ def sweep(cfg: Config, force: bool = False, checkpoints: list[Checkpoint] | None
     the checkpoints not yet evaluated are played first in an accelerate launch of that many processes
     (evaluate_in_processes); here=True plays them in this process (or this launch) instead."""
     checkpoints = discover_checkpoints(cfg) if checkpoints is None else checkpoints
+    summaries: dict[Checkpoint, list[dict]] = {}  # those read while looking for what to launch: read once
     if not here and cfg.eval.num_processes > 1:
         hands = held_out_hands(cfg)
-        evaluate_in_processes(cfg, [c for c in checkpoints if force or not is_evaluated(cfg, c, hands)], force)
+        for checkpoint in [] if force else checkpoints:
+            if (episodes := cached_episodes(cfg, checkpoint, hands)) is not None:
+                summaries[checkpoint] = summarize(checkpoint, episodes)
+        evaluate_in_processes(cfg, [c for c in checkpoints if c not in summaries], force)
         force = False  # played just now
     rows = []
     for checkpoint in checkpoints:
-        rows += summarize(checkpoint, evaluate_checkpoint(cfg, checkpoint, force=force))
+        rows += summaries.get(checkpoint) or summarize(checkpoint, evaluate_checkpoint(cfg, checkpoint, force=force))
     table = pd.DataFrame(rows)
     artifacts.write_table(table, artifacts.eval_table(cfg, table_name))
     return table

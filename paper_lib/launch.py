@@ -209,8 +209,8 @@ def check_gpu_count(cfg: Config, section: str) -> None:
     import torch
 
     settings = getattr(cfg, section)
-    acc = yaml.safe_load((ACCELERATE_DIR / f"{settings.accelerate_config}.yaml").read_text()) or {}
-    if settings.num_processes <= 1 or acc.get("use_cpu") or not torch.cuda.is_available():
+    if settings.num_processes <= 1 or config_lib.launcher(settings.accelerate_config).use_cpu \
+            or not torch.cuda.is_available():
         return
     gpus = torch.cuda.device_count()
     if settings.num_processes > gpus:
@@ -243,7 +243,7 @@ def stage_command(cfg: Config, module: str, section: str, extra: Sequence[str] =
         args += ["--preset", str(preset_file)]
     args += list(extra)
     if use_accelerate is None:
-        use_accelerate = settings.num_processes > 1 or config_lib.distributed_type(acc_path) != "NO"
+        use_accelerate = settings.num_processes > 1 or config_lib.launcher(acc_path).distributed_type != "NO"
     if not use_accelerate:
         return [sys.executable, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(acc_path),

@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from . import artifacts, config
 from .config import Config
@@ -90,15 +89,6 @@ def params_of(s: Shape) -> int:
     return s.params or count_params(s)
 
 
-def zero_settings(accelerate_config: str) -> tuple[int, bool, int]:
-    """(ZeRO stage (0 = none), optimizer offloaded, processes) from configs/accelerate/<name>.yaml."""
-    path = config.ACCELERATE_DIR / f"{accelerate_config}.yaml"
-    raw = yaml.safe_load(path.read_text()) or {}
-    ds = raw.get("deepspeed_config") or {}
-    return config.zero_stage(path) or 0, ds.get("offload_optimizer_device", "none") not in ("none", None), \
-        int(raw.get("num_processes", 1))
-
-
 TRANSIENT = ("activations", "step gradients", "kv cache")  # never held at once: peak() takes the largest
 
 
@@ -159,14 +149,16 @@ def plan(cfg: Config) -> dict:
     stages = {}
     steps = sft_steps(cfg)
     n_sft = steps // cfg.sft.save_steps + (1 if steps % cfg.sft.save_steps else 0)
-    zs, off, _ = zero_settings(cfg.sft.accelerate_config)
+    sft_launcher = config.launcher(cfg.sft.accelerate_config)
+    zs, off = sft_launcher.zero_stage or 0, sft_launcher.offload_optimizer
     weights_only, latest = checkpoint_bytes(params, saved_bytes(cfg, zs))
     stages["sft"] = {"checkpoints": n_sft, "disk": (n_sft - 1) * weights_only + latest,
                      "memory": gpu_memory(params, shape, zs, off, cfg.sft.num_processes, cfg.sft.per_device_batch_size,
                                           cfg.sft.max_length, cfg.sft.gradient_checkpointing),
                      "zero": (zs, off), "setting": "sft.save_steps"}
     n_rl = cfg.rl.num_updates // cfg.rl.save_every + (1 if cfg.rl.num_updates % cfg.rl.save_every else 0)
-    zr, offr, _ = zero_settings(cfg.rl.accelerate_config)
+    rl_launcher = config.launcher(cfg.rl.accelerate_config)
+    zr, offr = rl_launcher.zero_stage or 0, rl_launcher.offload_optimizer
     weights_only, latest = checkpoint_bytes(params, saved_bytes(cfg, zr))
     head = 4 * shape.hidden
     stages["rl"] = {"checkpoints": n_rl, "disk": (n_rl - 1) * (weights_only + head) + latest + head,

@@ -1,11 +1,14 @@
 """Figures: one function per paper figure (added by the stage that makes it) and one `save_figure`.
 
 Plotting reads tables only, so a figure can be restyled without recomputing anything. Every saved
-figure gets a png, a pdf and a JSON sidecar saying what made it.
+figure gets a png, a pdf and a JSON sidecar saying what made it; one drawn with other settings before is
+kept under earlier/<its config hash>/.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,10 @@ import seaborn as sns
 from . import artifacts
 from .config import Config
 
+log = logging.getLogger(__name__)
 RULE_COLORS = {"id": "#1f77b4", "ood": "#d62728"}
+FIGURE_FILES = (".png", ".pdf", ".json", ".csv")  # what save_figure writes for one figure
+EARLIER = "earlier"  # figures/<preset>/earlier/<config hash>/: figures of other settings, never overwritten
 
 
 def style() -> None:
@@ -32,6 +38,7 @@ def save_figure(fig: plt.Figure, name: str, cfg: Config, notebook: str,
     enough to commit beside it; returns the png path."""
     out = artifacts.figures_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    keep_earlier_figure(out, name, cfg.section_hash())
     png = out / f"{name}.png"
     fig.savefig(png, dpi=150, bbox_inches="tight")
     fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
@@ -43,7 +50,7 @@ def save_figure(fig: plt.Figure, name: str, cfg: Config, notebook: str,
         "figure": name,
         "notebook": notebook,
         "preset": cfg.preset,
-        "config_hash": cfg.section_hash(),
+        "config_hash": cfg.section_hash(),  # keep_earlier_figure tells settings apart by it
         "code_version": artifacts.git_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sources": [str(s) for s in sources or []],
@@ -51,6 +58,30 @@ def save_figure(fig: plt.Figure, name: str, cfg: Config, notebook: str,
     }
     (out / f"{name}.json").write_text(json.dumps(sidecar, indent=2, default=str))
     return png
+
+
+def keep_earlier_figure(out: Path, name: str, config_hash: str) -> Path | None:
+    """Move figure `name` (its png, pdf, sidecar and csv) to out/earlier/<its config hash>/ when its sidecar
+    names other settings than `config_hash`, so that re-running a notebook with a changed parameter keeps
+    the figure the earlier settings drew; returns where it went. A figure of the same settings is redrawn
+    in place (as is a copy of those settings already kept, which the move replaces)."""
+    present = [out / f"{name}{ext}" for ext in FIGURE_FILES if (out / f"{name}{ext}").exists()]
+    if not present:
+        return None
+    try:
+        earlier = str(json.loads((out / f"{name}.json").read_text())["config_hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = ""
+    if earlier == config_hash:
+        return None
+    if not earlier.isalnum():  # no sidecar, or not one of ours: named by the figure's file time instead
+        earlier = time.strftime("%Y%m%d-%H%M%S", time.localtime(present[0].stat().st_mtime))
+    kept = out / EARLIER / earlier
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in present:
+        os.replace(path, kept / path.name)
+    log.warning("%s was drawn with other settings (config %s): kept in %s", out / name, earlier, kept)
+    return kept
 
 
 def solutions_per_hand(table: pd.DataFrame) -> plt.Figure:

@@ -84,6 +84,39 @@ def test_save_figure_writes_the_table_it_shows_beside_it():
     assert not list(png.parent.glob("*.tmp-*"))
 
 
+def test_a_figure_of_other_settings_is_kept_not_overwritten(caplog):
+    """Re-running a notebook with a changed parameter keeps the figure the earlier settings drew (png, pdf,
+    sidecar, csv) under earlier/<their config hash>/; the same settings redraw in place."""
+    import pandas as pd
+
+    def draw(cfg, level, data=None):
+        fig, ax = plt.subplots()
+        ax.axhline(level)
+        png = plots.save_figure(fig, "fig1_success", cfg, notebook="04_eval", data=data)
+        plt.close(fig)
+        return png
+
+    first, second = config.load("tiny"), config.load("tiny", eval__max_attempts=2)
+    png = draw(first, 0.25, data=pd.DataFrame({"success_rate": [0.25]}))
+    drawn_first = png.read_bytes()
+    assert draw(first, 0.25) == png and not (png.parent / plots.EARLIER).exists(), "same settings: in place"
+    draw(first, 0.25, data=pd.DataFrame({"success_rate": [0.25]}))
+    with caplog.at_level("WARNING"):
+        draw(second, 0.75)
+    kept = png.parent / plots.EARLIER / first.section_hash()
+    assert kept.name in caplog.text
+    assert (kept / png.name).read_bytes() == drawn_first
+    assert json.loads((kept / "fig1_success.json").read_text())["config_hash"] == first.section_hash()
+    assert pd.read_csv(kept / "fig1_success.csv")["success_rate"].tolist() == [0.25]
+    assert sorted(p.name for p in kept.iterdir()) == ["fig1_success.csv", "fig1_success.json", "fig1_success.pdf",
+                                                      "fig1_success.png"]
+    assert json.loads(png.with_suffix(".json").read_text())["config_hash"] == second.section_hash()
+    assert not png.with_suffix(".csv").exists(), "no csv of the earlier settings beside the new figure"
+    png.with_suffix(".json").unlink()  # a figure without its sidecar is kept too, named by its file time
+    draw(first, 0.25)
+    assert len(list((png.parent / plots.EARLIER).iterdir())) == 2
+
+
 # ------------------------------------------------------------------------- cache keys from the imports
 STAGE_MODULES = {"data": "data", "sft": "sft", "ppo": "ppo", "evaluation": "evaluate", "spectra": "spectra",
                  "restore": "restore"}

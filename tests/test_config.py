@@ -105,7 +105,7 @@ def test_section_hash_tracks_only_the_named_sections():
 @pytest.mark.parametrize("section", ["sft", "rl", "eval"])
 def test_several_processes_need_a_launcher_that_starts_several(section):
     """accelerate's simple launcher runs one process for single.yaml whatever --num_processes says."""
-    assert config.distributed_type(config.ACCELERATE_DIR / "single.yaml") == "NO"
+    assert config.launcher("single").distributed_type == "NO"
     with pytest.raises(config.ConfigError, match=rf"{section}.num_processes is 2 but {section}.accelerate_config "
                                                  r"'single' runs one process .*multi_cpu"):
         config.load("tiny", **{f"{section}.num_processes": 2})
@@ -155,11 +155,21 @@ def test_a_stage_on_another_process_count_than_its_config_stops():
         launch.check_process_count(SimpleNamespace(num_processes=1), "rl", 4)
 
 
+def test_a_launcher_reads_what_its_accelerate_file_asks(tmp_path):
+    """config.launcher: the one reader of configs/accelerate/*.yaml (by name) or of a user's file (by path)."""
+    assert config.launcher("zero2_offload") == config.Launcher("DEEPSPEED", 2, True, False, 4)
+    assert config.launcher("zero2").offload_optimizer is False
+    assert config.launcher("multi_cpu") == config.Launcher("MULTI_GPU", None, False, True, 2)
+    own = tmp_path / "own.yaml"
+    own.write_text("distributed_type: deepspeed\ndeepspeed_config:\n  offload_optimizer_device: cpu\n")
+    assert config.launcher(own) == config.Launcher("DEEPSPEED", 0, True, False, 1)
+    own.write_text("")
+    assert config.launcher(own) == config.Launcher("NO", None, False, False, 1)
+
+
 def test_ppo_refuses_a_zero3_accelerate_config():
     """ZeRO-3 partitions the weights, and a PPO checkpoint takes them from one process."""
-    assert config.zero_stage(config.ACCELERATE_DIR / "zero2.yaml") == 2
-    assert config.zero_stage(config.ACCELERATE_DIR / "zero3.yaml") == 3
-    assert config.zero_stage(config.ACCELERATE_DIR / "single.yaml") is None
+    assert [config.launcher(name).zero_stage for name in ("zero2", "zero3", "single")] == [2, 3, None]
     with pytest.raises(config.ConfigError, match="ZeRO-3"):
         config.load("tiny", rl__accelerate_config="zero3")
     assert config.load("tiny", sft__accelerate_config="zero3").sft.accelerate_config == "zero3"

@@ -342,9 +342,13 @@ def test_a_multi_process_sweep_launches_only_what_is_not_cached(tiny_base, tmp_p
     monkeypatch.setattr(launch, "run_stage", launch_here)
     table = evaluate.sweep(cfg, checkpoints=[a, b], table_name="own/ab")
     assert launched == [(["b"], False)] and list(table["label"].unique()) == ["a", "b"]
-    assert evaluate.is_evaluated(cfg, b)
+    assert evaluate.cached_episodes(cfg, b) is not None
+    reads = []
+    read = evaluate.episodes_table
+    monkeypatch.setattr(evaluate, "episodes_table", lambda out: reads.append(out.name) or read(out))
     pd.testing.assert_frame_equal(evaluate.sweep(cfg, checkpoints=[a, b], table_name="own/ab"), table)
     assert len(launched) == 1, "all cached: no launch"
+    assert sorted(reads) == ["a", "b"], "each cache read once: the look for what to launch is the read it tabulates"
     evaluate.sweep(cfg, force=True, checkpoints=[a, b], table_name="own/ab")
     assert launched[-1] == (["a", "b"], True)
 
