@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from . import artifacts, config
 from .config import Config
 

@@ -38,7 +38,8 @@ def save_figure(fig: plt.Figure, name: str, cfg: Config, notebook: str,
     enough to commit beside it; returns the png path."""
     out = artifacts.figures_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    keep_earlier_figure(out, name, cfg.section_hash())
+    config_hash = cfg.section_hash()
+    keep_earlier_figure(out, name, config_hash)
     png = out / f"{name}.png"
     fig.savefig(png, dpi=150, bbox_inches="tight")
     fig.savefig(out / f"{name}.pdf", bbox_inches="tight")
@@ -50,7 +51,7 @@ def save_figure(fig: plt.Figure, name: str, cfg: Config, notebook: str,
         "figure": name,
         "notebook": notebook,
         "preset": cfg.preset,
-        "config_hash": cfg.section_hash(),  # keep_earlier_figure tells settings apart by it
+        "config_hash": config_hash,  # keep_earlier_figure tells settings apart by it
         "code_version": artifacts.git_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sources": [str(s) for s in sources or []],
